@@ -1,0 +1,32 @@
+"""llava_cot_jax: LLaVA-CoT (Llama-3.2-Vision with staged reasoning) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llava_cot_jax",
+    version="0.1.0",
+    description="LLaVA-CoT in JAX/Flax NNX: Mllama port, HF<->Orbax conversion, SFT and stage-level beam search",
+    packages=find_packages(include=["llava_cot_jax", "llava_cot_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "transformers>=4.45",
+        "pillow",
+        "tensorflow-datasets",
+        "ml-collections",
+        "safetensors",
+        "numpy",
+        "tqdm",
+        "absl-py",
+    ],
+    extras_require={
+        # torch is pinned: an unpinned torch pulls a multi-GB CUDA build (see DESIGN.md).
+        "test": ["pytest", "torch==2.13.0", "tokenizers", "quicktok-v1", "tiktoken"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)
