@@ -9,6 +9,7 @@ primitives the sampler composes: `encode_images` (vision tower + projector, once
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -100,4 +101,4 @@ class MllamaForConditionalGeneration(nnx.Module):
 def count_params(model_or_state) -> int:
   """Number of parameters of a model (concrete or abstract, e.g. from nnx.eval_shape)."""
   state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-  return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(state))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
