@@ -1,0 +1,27 @@
+"""Converts an HF Llama-3.2-Vision (Mllama) checkpoint directory into a llava_cot_jax Orbax checkpoint.
+
+  python tools/convert_hf_to_orbax.py --hf_dir DIR --out DIR [--dtype bfloat16] [--overwrite]
+
+Reads the safetensors shards with numpy, one tensor at a time (no torch), and copies the tokenizer and
+processor files so the result loads by path (`llava_cot_jax.checkpoint.load_model(DIR)`).
+"""
+
+from absl import app, flags
+
+from llava_cot_jax.checkpoint import convert_hf_to_orbax
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + *.safetensors).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Parameter dtype to store (default: as stored in the HF checkpoint).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+
+
+def main(argv):
+  del argv
+  out = convert_hf_to_orbax(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
