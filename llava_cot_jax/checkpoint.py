@@ -31,6 +31,8 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "generation_config.json")
 
 Params = dict[tuple[str, ...], np.ndarray]
+# Arrays are written in chunks of at most this size, so the writer's buffers stay small next to the model.
+_CHUNK_BYTES = 32 * 2**20
 
 
 @contextlib.contextmanager
@@ -84,10 +86,20 @@ def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
 def save_checkpoint(out_dir: str, config: MllamaConfig, params: Params, side_files_from: str | None = None,
                     overwrite: bool = False) -> str:
   """Writes config + parameters (numpy or jax arrays) as an Orbax checkpoint directory, atomically."""
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  # The save is synchronous and nothing mutates the arrays meanwhile, so Orbax's defensive copy of every
+  # host array (a second copy of the whole model) is not needed; a bounded write window keeps
+  # TensorStore's own buffers small.
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=0.25, use_ocdbt=False)
+  params = {path: np.asarray(value) for path, value in params.items()}
   with atomic_directory(out_dir, overwrite) as tmp:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(tmp, PARAMS_DIR), _nested(params))
+    tree = _nested(params)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), tree)
+    with ocp.Checkpointer(handler) as checkpointer:
+      checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(config.to_json())
     if side_files_from:
@@ -103,26 +115,38 @@ def load_config(ckpt_dir: str) -> MllamaConfig:
     return MllamaConfig.from_json(f.read())
 
 
-def load_params(ckpt_dir: str) -> tuple[MllamaConfig, Params]:
-  """Reads a checkpoint's parameters as host numpy arrays, checked against the config's shapes."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _param_reader(ckpt_dir: str):
+  """(config, read(paths) -> {path: numpy array}) for a checkpoint, after checking its parameter set and
+  shapes against the config. Reading a subset restores only those arrays (Orbax partial restore)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = load_config(ckpt_dir)
   expected = hf_params.abstract_params(config)
   path = os.path.join(ckpt_dir, PARAMS_DIR)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    meta = checkpointer.metadata(path).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  params = _flat(tree)
-  missing = sorted("/".join(p) for p in set(expected) - set(params))
-  unexpected = sorted("/".join(p) for p in set(params) - set(expected))
-  wrong = [f"{'/'.join(p)}: expected {expected[p][0]}, found {params[p].shape}"
-           for p in expected if p in params and tuple(params[p].shape) != expected[p][0]]
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    stored = {p: tuple(m.shape) for p, m in _flat(checkpointer.metadata(path).item_metadata.tree).items()}
+  missing = sorted("/".join(p) for p in set(expected) - set(stored))
+  unexpected = sorted("/".join(p) for p in set(stored) - set(expected))
+  wrong = [f"{'/'.join(p)}: expected {expected[p][0]}, found {stored[p]}"
+           for p in expected if p in stored and stored[p] != expected[p][0]]
   if missing or unexpected or wrong:
     raise hf_params.CheckpointError(f"checkpoint {ckpt_dir} does not match its config: missing {missing}, "
                                     f"unexpected {unexpected}, shape mismatches {wrong}")
-  return config, params
+
+  def read(paths) -> Params:
+    item = _nested({p: 0 for p in paths})
+    restore_args = _nested({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                    partial_restore=True))
+    return _flat(tree)
+
+  return config, read, list(expected)
+
+
+def load_params(ckpt_dir: str) -> tuple[MllamaConfig, Params]:
+  """Reads a checkpoint's parameters as host numpy arrays, checked against the config's shapes."""
+  config, read, paths = _param_reader(ckpt_dir)
+  return config, read(paths)
 
 
 def load_model(ckpt_dir: str, dtype: str | None = None, compute_dtype: str | None = None):
@@ -152,7 +176,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None, ove
   into preallocated arrays, so peak memory is about one copy of the weights."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   config = MllamaConfig.from_hf_config(hf_dir)
-  stored_dtype = _stored_dtype(hf_dir)
+  stored_dtype = hf_params.stored_dtype(hf_dir)
   config = config.replace(param_dtype=dtype or stored_dtype, dtype=dtype or stored_dtype)
   total = sum(os.path.getsize(f) for f in hf_params.safetensors_files(hf_dir))
   with tqdm(total=total, unit="B", unit_scale=True, desc="reading HF tensors", disable=not progress) as bar:
@@ -160,60 +184,53 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None, ove
   return save_checkpoint(out_dir, config, params, side_files_from=hf_dir, overwrite=overwrite)
 
 
-def _stored_dtype(hf_dir: str) -> str:
-  """The dtype the HF checkpoint stores its weights in (from its first tensor's header)."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  first = hf_params.safetensors_files(hf_dir)[0]
-  try:
-    with safe_open(first, framework="numpy") as f:
-      name = next(iter(f.keys()))
-      code = f.get_slice(name).get_dtype()
-  except Exception as e:
-    raise hf_params.CheckpointError(f"cannot read {first}: {e} (truncated or corrupt safetensors file?)") from e
-  names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-  if code not in names:
-    raise hf_params.CheckpointError(f"{first}: unsupported tensor dtype {code}")
-  return names[code]
-
-
 def export_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
                  progress: bool = True) -> str:
   """Our checkpoint -> HF directory: sharded safetensors with the Hub key names, an index, config.json and
-  the tokenizer/processor files, loadable by transformers' `from_pretrained`."""
+  the tokenizer/processor files, loadable by transformers' `from_pretrained`.
+
+  Streams one parameter at a time (tensors are emitted parameter by parameter, so a stacked parameter is
+  read once and dropped once all its layers are out): memory holds one shard plus one parameter."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  config, params = load_params(ckpt_dir)
-  table = hf_params.hf_table(config)
-  sizes = {}
-  for name, entry in table.items():
-    value = params[entry.path]
-    sizes[name] = value.nbytes // (value.shape[0] if entry.index is not None else 1)
-  shards, current, current_bytes = [], [], 0
-  for name in table:
-    if current and current_bytes + sizes[name] > max_shard_bytes:
-      shards.append(current)
-      current, current_bytes = [], 0
-    current.append(name)
-    current_bytes += sizes[name]
-  shards.append(current)
+  config, read, _ = _param_reader(ckpt_dir)
+  by_param: dict[tuple[str, ...], list[str]] = {}
+  for name, entry in hf_params.hf_table(config).items():
+    by_param.setdefault(entry.path, []).append(name)
+  shapes = hf_params.abstract_params(config)
+  itemsize = np.dtype(config.param_dtype).itemsize
+  total = sum(int(np.prod(shape)) * itemsize for shape, _ in shapes.values())
 
-  tensors = hf_params.hf_tensors(params, config)
-  weight_map = {}
-  with atomic_directory(out_dir, overwrite) as tmp, tqdm(total=sum(sizes.values()), unit="B", unit_scale=True,
+  weight_map, shard_files = {}, []
+  with atomic_directory(out_dir, overwrite) as tmp, tqdm(total=total, unit="B", unit_scale=True,
                                                           desc="writing safetensors", disable=not progress) as bar:
-    for k, names in enumerate(shards):
-      file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-      shard = {}
-      for name in names:
-        got_name, value = next(tensors)
-        assert got_name == name, (got_name, name)
-        shard[name] = value
-        weight_map[name] = file
-        bar.update(value.nbytes)
+    shard, shard_bytes = {}, 0
+
+    def flush():
+      nonlocal shard, shard_bytes
+      file = f"shard-{len(shard_files):05d}.safetensors"
       save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
-      del shard
+      shard_files.append(file)
+      weight_map.update({n: file for n in shard})
+      shard, shard_bytes = {}, 0
+
+    for path, names in by_param.items():
+      value = read([path])[path]
+      for name, tensor in hf_params.hf_tensors({path: value}, config, names):
+        if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+          flush()
+        shard[name] = tensor
+        shard_bytes += tensor.nbytes
+        bar.update(tensor.nbytes)
+      del value
+    flush()
+    # transformers' naming: model-00001-of-0000N.safetensors
+    renames = {f: f"model-{k + 1:05d}-of-{len(shard_files):05d}.safetensors" for k, f in enumerate(shard_files)}
+    for old, new in renames.items():
+      os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2)
+      json.dump({"metadata": {"total_size": total}, "weight_map": {n: renames[f] for n, f in weight_map.items()}},
+                f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config.to_hf_dict(), f, indent=2)
     copy_side_files(ckpt_dir, tmp)

@@ -160,20 +160,65 @@ def safetensors_files(hf_dir: str) -> list[str]:
   return [os.path.join(hf_dir, f) for f in files]
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+  """(tensor entries of a safetensors file, offset of its data section), checked against the file size."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise CheckpointError(f"cannot read {path}: file too short for a safetensors header (truncated?)")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+      raise CheckpointError(f"cannot read {path}: header of {n} bytes exceeds the file (truncated or corrupt?)")
+    try:
+      header = json.loads(f.read(n))
+    except ValueError as e:
+      raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from e
+  header.pop("__metadata__", None)
+  data_size = size - 8 - n
+  for name, info in header.items():
+    end = info["data_offsets"][1]
+    if end > data_size:
+      raise CheckpointError(f"cannot read {path}: tensor {name} ends at byte {end} but the data section has "
+                            f"{data_size} bytes (truncated or corrupt safetensors file?)")
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+  return header, 8 + n
+
+
+def stored_dtype(hf_dir: str) -> str:
+  """The dtype a checkpoint stores its weights in (that of its first tensor)."""
+  header, _ = read_safetensors_header(safetensors_files(hf_dir)[0])
+  return _SAFETENSORS_DTYPES[next(iter(header.values()))["dtype"]]
+
+
 def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, str, np.ndarray]]:
-  """Yields (file, name as stored, numpy array), one tensor at a time, so memory holds one tensor."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  """Yields (file, name as stored, numpy array), one tensor at a time.
+
+  Each tensor is read with a plain file read rather than through a memory map, so resident memory holds
+  the converted weights plus one tensor, not also the pages of the shard being read."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top  (registers bfloat16 with numpy)
+  del ml_dtypes
   for path in safetensors_files(hf_dir):
     if not os.path.exists(path):
       raise CheckpointError(f"shard {path} listed in the index is missing")
-    try:
-      with safe_open(path, framework="numpy") as f:
-        for name in f.keys():
-          yield path, name, f.get_tensor(name)
-    except CheckpointError:
-      raise
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-      raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupt safetensors file?)") from e
+    header, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+      for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        if (end - begin) != dtype.itemsize * int(np.prod(info["shape"], dtype=np.int64)):
+          raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']} "
+                                f"{info['dtype']} (corrupt header?)")
+        f.seek(data_start + begin)
+        array = np.empty(info["shape"], dtype)
+        if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - begin:
+          raise CheckpointError(f"cannot read {path}: tensor {name} is cut short (truncated file?)")
+        yield path, name, array
 
 
 def load_hf_params(hf_dir: str, config: MllamaConfig, dtype=None, progress=None) -> dict[tuple[str, ...], np.ndarray]:
@@ -220,9 +265,12 @@ def load_hf_params(hf_dir: str, config: MllamaConfig, dtype=None, progress=None)
   return out
 
 
-def hf_tensors(params: dict[tuple[str, ...], np.ndarray], config: MllamaConfig) -> Iterator[tuple[str, np.ndarray]]:
-  """Our parameters -> (Hub name, HF-layout array), in table order."""
-  for name, entry in hf_table(config).items():
+def hf_tensors(params: dict[tuple[str, ...], np.ndarray], config: MllamaConfig,
+               names=None) -> Iterator[tuple[str, np.ndarray]]:
+  """Our parameters -> (Hub name, HF-layout array), for `names` (default: the whole table, in order)."""
+  table = hf_table(config)
+  for name in names if names is not None else table:
+    entry = table[name]
     value = params[entry.path]
     if entry.index is not None:
       value = value[entry.index]
