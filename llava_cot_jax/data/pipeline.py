@@ -1,0 +1,360 @@
+"""The Grain training input pipeline: records → decoded, tiled, tokenised, padded batches.
+
+    source (TFDS ArrayRecord or JSONL, random access)
+      → this process's shard (every process_count-th record from process_index)
+      → shuffle (seeded, reshuffled every epoch) → repeat
+      → encode: decode image, tile (MllamaImageProcessor), chat template + assistant-only labels
+      → batch, padding the sequence to the smallest bucket that fits (a few shapes → a few compiles)
+      → read threads, optionally worker processes (grain mp_prefetch)
+
+Iterating `build_dataset(...)` gives a `grain.DatasetIterator`; its `get_state()` / `set_state()` make a resumed
+run see exactly the batches an uninterrupted one would (for a fixed source, config and process layout).
+`make_global_batch` turns each process's batch into global `jax.Array`s.
+
+Batch fields (per-process batch B, sequence bucket L, images I = max_images, tiles T = max_image_tiles):
+    input_ids, attention_mask, labels        [B, L] int32 (labels -100 off the assistant answer and on padding)
+    pixel_values                             [B, I, T, 3, H, W] float32, or uint8 with pixel_dtype="uint8"
+                                             (then normalise on the device with image.normalize_on_device)
+    aspect_ratio_ids                         [B, I] int32
+    aspect_ratio_mask                        [B, I, T] int32
+    cross_attention_mask                     [B, L, I, T] int32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from llava_cot_jax.data import chat, sources, tfds_builder
+from llava_cot_jax.data.image import MllamaImageProcessor, choose_canvas, fit_size, to_rgb
+
+logger = logging.getLogger(__name__)
+
+BATCH_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "pixel_values",
+    "aspect_ratio_ids",
+    "aspect_ratio_mask",
+    "cross_attention_mask",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int  # per process; the global batch is batch_size * process_count
+    seq_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
+    max_images: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None repeats forever (the trainer stops at its step count)
+    drop_remainder: bool = True  # keeps every batch the same size (no extra compile for a ragged last batch)
+    even_shards: bool = True  # every process gets floor(n / process_count) records (keeps hosts in step)
+    pixel_dtype: Literal["float32", "uint8"] = "float32"
+    overlong: Literal["truncate", "error"] = "truncate"
+    jpeg_draft: bool = False  # decode big JPEGs at reduced scale (faster; pixels differ slightly from full decode)
+    bos: str = "once"  # see chat.encode_training_example
+    read_threads: int = 2  # threads per process (or per worker) running the encode step
+    prefetch_buffer_size: int = 8
+    worker_count: int = 0  # worker processes (grain mp_prefetch); 0 encodes in this process's threads
+    worker_buffer_size: int = 2
+
+    def __post_init__(self):
+        if self.max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
+            raise ValueError(f"seq_buckets must be non-empty and strictly increasing, got {self.seq_buckets}")
+        if self.pixel_dtype not in ("float32", "uint8"):
+            raise ValueError(f"pixel_dtype must be 'float32' or 'uint8', got {self.pixel_dtype!r}")
+        if self.overlong not in ("truncate", "error"):
+            raise ValueError(f"overlong must be 'truncate' or 'error', got {self.overlong!r}")
+
+
+def _text(value: Any) -> str:
+    """TFDS returns text fields as bytes, the JSONL source as str."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def decode_image(data: bytes, processor: MllamaImageProcessor, draft: bool = False) -> Image.Image:
+    """Encoded bytes → RGB PIL image. With `draft`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
+    still at least as large as the size the processor will resize it to, which skips most of the decode work."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if draft and image.format == "JPEG":
+            width, height = image.size
+            tile = processor.tile_size
+            rows, cols = choose_canvas(height, width, processor.max_image_tiles, tile)
+            target_h, target_w = fit_size(height, width, rows * tile, cols * tile, tile)
+            image.draft("RGB", (target_w, target_h))
+        image.load()
+    except Exception as err:  # PIL raises many types for bad data; name the problem, not just the type
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {type(err).__name__}: {err}") from err
+    return to_rgb(image)
+
+
+class ExampleEncoder:
+    """One record ({id, image bytes, conversations JSON}) → unpadded numpy arrays for one sample.
+
+    Picklable (it is shipped to grain worker processes) and stateless between calls.
+    """
+
+    def __init__(self, tokenizer, image_processor: MllamaImageProcessor, config: PipelineConfig):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        sample_id = _text(record["id"])
+        try:
+            return self._encode(record, sample_id)
+        except Exception as err:
+            raise ValueError(f"sample {sample_id!r}: {err}") from err
+
+    def _encode(self, record, sample_id: str) -> dict[str, np.ndarray]:
+        config, processor = self.config, self.image_processor
+        conversations = json.loads(_text(record["conversations"]))
+        image_bytes = record["image"]
+        if isinstance(image_bytes, np.ndarray):
+            image_bytes = image_bytes.item()
+        num_tiles = None
+        if image_bytes:
+            image = decode_image(image_bytes, processor, draft=config.jpeg_draft)
+            processed = processor([image], return_uint8=config.pixel_dtype == "uint8")
+            num_tiles = processed["num_tiles"][0]
+            # One sample of one image: take the processor's arrays as they are (a tile set is ~15 MB in float32,
+            # so copies cost), then pad the image axis to max_images.
+            pad_images = config.max_images - 1
+            pixel_values = _pad_axis0(processed["pixel_values"][0], pad_images)
+            aspect_ratio_ids = _pad_axis0(processed["aspect_ratio_ids"][0].astype(np.int32), pad_images)
+            aspect_ratio_mask = _pad_axis0(processed["aspect_ratio_mask"][0].astype(np.int32), pad_images)
+        else:
+            tiles = (config.max_images, processor.max_image_tiles)
+            pixel_dtype = np.uint8 if config.pixel_dtype == "uint8" else np.float32
+            pixel_values = np.zeros(tiles + (3, processor.tile_size, processor.tile_size), pixel_dtype)
+            aspect_ratio_ids = np.zeros(config.max_images, np.int32)
+            aspect_ratio_mask = np.zeros(tiles, np.int32)
+        # Mllama marks the first tile of every image slot, padding slots included.
+        aspect_ratio_mask[:, 0] = 1
+        encoded = chat.encode_training_example(
+            self.tokenizer,
+            conversations,
+            has_image=bool(image_bytes),
+            num_tiles=num_tiles,
+            max_images=config.max_images,
+            max_tiles=processor.max_image_tiles,
+            bos=config.bos,
+        )
+        input_ids, labels, cross_mask = encoded["input_ids"], encoded["labels"], encoded["cross_attention_mask"]
+        limit = config.seq_buckets[-1]
+        if len(input_ids) > limit:
+            message = f"{len(input_ids)} tokens exceed the largest sequence bucket ({limit})"
+            if config.overlong == "error":
+                raise ValueError(message)
+            logger.warning("sample %r: %s; truncated", sample_id, message)
+            input_ids, labels, cross_mask = input_ids[:limit], labels[:limit], cross_mask[:limit]
+        return {
+            "input_ids": input_ids.astype(np.int32),
+            "labels": labels.astype(np.int32),
+            "cross_attention_mask": cross_mask.astype(np.int32),
+            "pixel_values": pixel_values,
+            "aspect_ratio_ids": aspect_ratio_ids,
+            "aspect_ratio_mask": aspect_ratio_mask,
+        }
+
+
+def _pad_axis0(array: np.ndarray, extra: int) -> np.ndarray:
+    if extra == 0:
+        return array
+    return np.concatenate([array, np.zeros((extra,) + array.shape[1:], array.dtype)])
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length."""
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+class PadBatch:
+    """Stacks encoded samples, padding the sequence axis to the smallest bucket that fits the longest one."""
+
+    def __init__(self, buckets: Sequence[int], pad_id: int):
+        self.buckets = tuple(buckets)
+        self.pad_id = int(pad_id)
+
+    def __call__(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        length = bucket_length(max(len(s["input_ids"]) for s in samples), self.buckets)
+        batch = len(samples)
+        input_ids = np.full((batch, length), self.pad_id, np.int32)
+        labels = np.full((batch, length), chat.IGNORE_INDEX, np.int32)
+        attention_mask = np.zeros((batch, length), np.int32)
+        cross_shape = samples[0]["cross_attention_mask"].shape[1:]
+        cross_mask = np.zeros((batch, length) + cross_shape, np.int32)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            input_ids[row, :n] = sample["input_ids"]
+            labels[row, :n] = sample["labels"]
+            attention_mask[row, :n] = 1
+            cross_mask[row, :n] = sample["cross_attention_mask"]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": np.stack([s["pixel_values"] for s in samples]),
+            "aspect_ratio_ids": np.stack([s["aspect_ratio_ids"] for s in samples]),
+            "aspect_ratio_mask": np.stack([s["aspect_ratio_mask"] for s in samples]),
+            "cross_attention_mask": cross_mask,
+        }
+
+
+def shard_for_process(
+    dataset: grain.MapDataset, process_index: int, process_count: int, even: bool = True
+) -> grain.MapDataset:
+    """Records process_index, process_index + process_count, ... With `even`, every process gets the same number
+    (floor(n / process_count)), dropping at most process_count - 1 records per epoch (logged), so hosts stay in
+    step; without it, shards differ by at most one record and together cover every record exactly once."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    shard = dataset[process_index::process_count]
+    if even:
+        per_process = len(dataset) // process_count
+        dropped = len(dataset) - per_process * process_count
+        if dropped:
+            logger.warning(
+                "%d records not divisible over %d processes: %d records per epoch left out (even_shards=True)",
+                len(dataset),
+                process_count,
+                dropped,
+            )
+        shard = shard[:per_process]
+    return shard
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only needed to ask for the process layout
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def record_dataset(
+    source, config: PipelineConfig, *, process_index: int | None = None, process_count: int | None = None
+) -> grain.MapDataset:
+    """The records this process reads, in order: its shard, shuffled per epoch, repeated `num_epochs` times."""
+    process_index, process_count = _process_layout(process_index, process_count)
+    if len(source) == 0:
+        raise ValueError(f"empty source {source!r}")
+    dataset = shard_for_process(grain.MapDataset.source(source), process_index, process_count, config.even_shards)
+    if len(dataset) == 0:
+        raise ValueError(f"process {process_index} of {process_count} got no records from {len(source)}")
+    if config.shuffle:
+        # repeat() passes indices past the first epoch through, and shuffle derives each epoch's seed from them.
+        dataset = dataset.shuffle(seed=config.seed)
+    return dataset.repeat(config.num_epochs)
+
+
+def build_dataset(
+    source,
+    tokenizer,
+    image_processor: MllamaImageProcessor,
+    config: PipelineConfig,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """The per-process pipeline over a random-access `source` (see `open_source`). Iterate it for batches.
+
+    `process_index` / `process_count` default to jax's (a test can pass them to simulate several hosts).
+    """
+    dataset = record_dataset(source, config, process_index=process_index, process_count=process_count)
+    dataset = dataset.map(ExampleEncoder(tokenizer, image_processor, config))
+    dataset = dataset.batch(
+        config.batch_size,
+        drop_remainder=config.drop_remainder,
+        batch_fn=PadBatch(config.seq_buckets, tokenizer.pad_token_id),
+    )
+    iter_dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer_size)
+    )
+    if config.worker_count > 0:
+        _ensure_absl_flags_parsed()
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size
+            )
+        )
+    return iter_dataset
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; a program that never ran absl.app (a test, a notebook) has not
+    parsed them, and grain then fails. Mark them parsed, with their defaults, only in that case."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def open_source(path: str | os.PathLike, image_root: str | os.PathLike | None = None, split: str = "train"):
+    """A prepared TFDS dataset directory (…/llava_cot/1.0.0), or a JSONL file with its `image_root` (validated,
+    bad samples skipped and reported)."""
+    path = Path(path)
+    if path.is_dir():
+        return tfds_builder.load_tfds_source(path, split=split)
+    if image_root is None:
+        raise ValueError(f"{path} is not a TFDS dataset directory; a JSONL source also needs image_root")
+    return sources.JsonlSource(path, image_root)  # logs its validation summary when it skipped anything
+
+
+def pad_sequence_axis(batch: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Pads a batch's sequence axis (axis 1 of the text fields) further, to `length`."""
+    fill = {"input_ids": pad_id, "labels": chat.IGNORE_INDEX, "attention_mask": 0, "cross_attention_mask": 0}
+    padded = dict(batch)
+    for key, value in fill.items():
+        extra = length - batch[key].shape[1]
+        if extra < 0:
+            raise ValueError(f"{key} is longer ({batch[key].shape[1]}) than the requested length {length}")
+        widths = [(0, 0), (0, extra)] + [(0, 0)] * (batch[key].ndim - 2)
+        padded[key] = np.pad(batch[key], widths, constant_values=value)
+    return padded
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding, pad_id: int | None = None) -> dict[str, Any]:
+    """Assembles each process's batch into global `jax.Array`s with the leading (batch) axis split by `sharding`.
+
+    `sharding` is one `jax.sharding.Sharding` for every field (e.g. `NamedSharding(mesh, P(("data", "fsdp")))`,
+    which shards axis 0 and replicates the rest) or a mapping field → sharding. Processes pick their sequence
+    bucket independently, so with several processes the lengths are agreed first (one tiny all-gather) and shorter
+    batches padded with `pad_id` (required then); every process must use the same per-process batch size.
+    """
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if pad_id is None:
+            raise ValueError("pad_id is required with several processes (sequence lengths may differ per process)")
+        length = int(np.max(multihost_utils.process_allgather(np.int32(local_batch["input_ids"].shape[1]))))
+        local_batch = pad_sequence_axis(local_batch, length, pad_id)
+
+    def sharding_of(key):
+        return sharding[key] if isinstance(sharding, Mapping) else sharding
+
+    return {key: jax.make_array_from_process_local_data(sharding_of(key), value) for key, value in local_batch.items()}
