@@ -26,9 +26,17 @@ from llava_cot_jax.models.mllama import params as hf_params
 CONFIG_FILE = "llava_cot_config.json"
 PARAMS_DIR = "params"
 # Files a checkpoint directory may carry besides the weights: tokenizer, image processor, chat template.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-              "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
-              "generation_config.json")
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 Params = dict[tuple[str, ...], np.ndarray]
 # Arrays are written in chunks of at most this size, so the writer's buffers stay small next to the model.
@@ -37,201 +45,221 @@ _CHUNK_BYTES = 32 * 2**20
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temporary directory next to `out_dir` that becomes `out_dir` only if the block succeeds."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-  try:
-    yield tmp
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    """Yields a temporary directory next to `out_dir` that becomes `out_dir` only if the block succeeds."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _nested(params: Params) -> dict:
-  tree: dict = {}
-  for path, value in params.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
+    tree: dict = {}
+    for path, value in params.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
 
 
 def _flat(tree: dict, prefix=()) -> Params:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
 
 
 def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
-  copied = []
-  for name in SIDE_FILES:
-    if os.path.exists(os.path.join(src_dir, name)):
-      shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
-      copied.append(name)
-  return copied
+    copied = []
+    for name in SIDE_FILES:
+        if os.path.exists(os.path.join(src_dir, name)):
+            shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
 
 
-def save_checkpoint(out_dir: str, config: MllamaConfig, params: Params, side_files_from: str | None = None,
-                    overwrite: bool = False) -> str:
-  """Writes config + parameters (numpy or jax arrays) as an Orbax checkpoint directory, atomically."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  # The save is synchronous and nothing mutates the arrays meanwhile, so Orbax's defensive copy of every
-  # host array (a second copy of the whole model) is not needed; a bounded write window keeps
-  # TensorStore's own buffers small.
-  registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=0.25, use_ocdbt=False)
-  params = {path: np.asarray(value) for path, value in params.items()}
-  with atomic_directory(out_dir, overwrite) as tmp:
-    tree = _nested(params)
-    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), tree)
-    with ocp.Checkpointer(handler) as checkpointer:
-      checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      f.write(config.to_json())
-    if side_files_from:
-      copy_side_files(side_files_from, tmp)
-  return out_dir
+def save_checkpoint(
+    out_dir: str, config: MllamaConfig, params: Params, side_files_from: str | None = None, overwrite: bool = False
+) -> str:
+    """Writes config + parameters (numpy or jax arrays) as an Orbax checkpoint directory, atomically."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    # The save is synchronous and nothing mutates the arrays meanwhile, so Orbax's defensive copy of every
+    # host array (a second copy of the whole model) is not needed; a bounded write window keeps
+    # TensorStore's own buffers small.
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+    )
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=0.25, use_ocdbt=False)
+    params = {path: np.asarray(value) for path, value in params.items()}
+    with atomic_directory(out_dir, overwrite) as tmp:
+        tree = _nested(params)
+        save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), tree)
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            f.write(config.to_json())
+        if side_files_from:
+            copy_side_files(side_files_from, tmp)
+    return out_dir
 
 
 def load_config(ckpt_dir: str) -> MllamaConfig:
-  path = os.path.join(ckpt_dir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{ckpt_dir} is not a llava_cot_jax checkpoint: {CONFIG_FILE} is missing")
-  with open(path) as f:
-    return MllamaConfig.from_json(f.read())
+    path = os.path.join(ckpt_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{ckpt_dir} is not a llava_cot_jax checkpoint: {CONFIG_FILE} is missing")
+    with open(path) as f:
+        return MllamaConfig.from_json(f.read())
 
 
 def _param_reader(ckpt_dir: str):
-  """(config, read(paths) -> {path: numpy array}) for a checkpoint, after checking its parameter set and
-  shapes against the config. Reading a subset restores only those arrays (Orbax partial restore)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  config = load_config(ckpt_dir)
-  expected = hf_params.abstract_params(config)
-  path = os.path.join(ckpt_dir, PARAMS_DIR)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-    stored = {p: tuple(m.shape) for p, m in _flat(checkpointer.metadata(path).item_metadata.tree).items()}
-  missing = sorted("/".join(p) for p in set(expected) - set(stored))
-  unexpected = sorted("/".join(p) for p in set(stored) - set(expected))
-  wrong = [f"{'/'.join(p)}: expected {expected[p][0]}, found {stored[p]}"
-           for p in expected if p in stored and stored[p] != expected[p][0]]
-  if missing or unexpected or wrong:
-    raise hf_params.CheckpointError(f"checkpoint {ckpt_dir} does not match its config: missing {missing}, "
-                                    f"unexpected {unexpected}, shape mismatches {wrong}")
+    """(config, read(paths) -> {path: numpy array}) for a checkpoint, after checking its parameter set and
+    shapes against the config. Reading a subset restores only those arrays (Orbax partial restore)."""
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  def read(paths) -> Params:
-    item = _nested({p: 0 for p in paths})
-    restore_args = _nested({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+    config = load_config(ckpt_dir)
+    expected = hf_params.abstract_params(config)
+    path = os.path.join(ckpt_dir, PARAMS_DIR)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-      tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                    partial_restore=True))
-    return _flat(tree)
+        stored = {p: tuple(m.shape) for p, m in _flat(checkpointer.metadata(path).item_metadata.tree).items()}
+    missing = sorted("/".join(p) for p in set(expected) - set(stored))
+    unexpected = sorted("/".join(p) for p in set(stored) - set(expected))
+    wrong = [
+        f"{'/'.join(p)}: expected {expected[p][0]}, found {stored[p]}"
+        for p in expected
+        if p in stored and stored[p] != expected[p][0]
+    ]
+    if missing or unexpected or wrong:
+        raise hf_params.CheckpointError(
+            f"checkpoint {ckpt_dir} does not match its config: missing {missing}, "
+            f"unexpected {unexpected}, shape mismatches {wrong}"
+        )
 
-  return config, read, list(expected)
+    def read(paths) -> Params:
+        item = _nested({p: 0 for p in paths})
+        restore_args = _nested({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            tree = checkpointer.restore(
+                path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+            )
+        return _flat(tree)
+
+    return config, read, list(expected)
 
 
 def load_params(ckpt_dir: str) -> tuple[MllamaConfig, Params]:
-  """Reads a checkpoint's parameters as host numpy arrays, checked against the config's shapes."""
-  config, read, paths = _param_reader(ckpt_dir)
-  return config, read(paths)
+    """Reads a checkpoint's parameters as host numpy arrays, checked against the config's shapes."""
+    config, read, paths = _param_reader(ckpt_dir)
+    return config, read(paths)
 
 
 def load_model(ckpt_dir: str, dtype: str | None = None, compute_dtype: str | None = None):
-  """Builds the model from a converted checkpoint; `dtype` overrides the stored parameter dtype."""
-  config, params = load_params(ckpt_dir)
-  if dtype is not None:
-    config = config.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
-  elif compute_dtype is not None:
-    config = config.replace(dtype=compute_dtype)
-  return hf_params.model_from_params(config, params)
+    """Builds the model from a converted checkpoint; `dtype` overrides the stored parameter dtype."""
+    config, params = load_params(ckpt_dir)
+    if dtype is not None:
+        config = config.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
+    elif compute_dtype is not None:
+        config = config.replace(dtype=compute_dtype)
+    return hf_params.model_from_params(config, params)
 
 
 def save_model(out_dir: str, model, side_files_from: str | None = None, overwrite: bool = False) -> str:
-  """Writes a model's parameters and config (e.g. after fine-tuning) as a checkpoint directory."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  params = {tuple(str(k) for k in path): np.asarray(var[...]) for path, var in flat}
-  return save_checkpoint(out_dir, model.config, params, side_files_from, overwrite)
+    """Writes a model's parameters and config (e.g. after fine-tuning) as a checkpoint directory."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    params = {tuple(str(k) for k in path): np.asarray(var[...]) for path, var in flat}
+    return save_checkpoint(out_dir, model.config, params, side_files_from, overwrite)
 
 
 # ------------------------------------------------------------------------------------- HF <-> Orbax
 
 
-def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool = False,
-                        progress: bool = True) -> str:
-  """HF checkpoint directory -> our checkpoint directory. Reads one tensor at a time (numpy, no torch)
-  into preallocated arrays, so peak memory is about one copy of the weights."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  config = MllamaConfig.from_hf_config(hf_dir)
-  stored_dtype = hf_params.stored_dtype(hf_dir)
-  config = config.replace(param_dtype=dtype or stored_dtype, dtype=dtype or stored_dtype)
-  total = sum(os.path.getsize(f) for f in hf_params.safetensors_files(hf_dir))
-  with tqdm(total=total, unit="B", unit_scale=True, desc="reading HF tensors", disable=not progress) as bar:
-    params = hf_params.load_hf_params(hf_dir, config, progress=bar.update)
-  return save_checkpoint(out_dir, config, params, side_files_from=hf_dir, overwrite=overwrite)
+def convert_hf_to_orbax(
+    hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool = False, progress: bool = True
+) -> str:
+    """HF checkpoint directory -> our checkpoint directory. Reads one tensor at a time (numpy, no torch)
+    into preallocated arrays, so peak memory is about one copy of the weights."""
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+    config = MllamaConfig.from_hf_config(hf_dir)
+    stored_dtype = hf_params.stored_dtype(hf_dir)
+    config = config.replace(param_dtype=dtype or stored_dtype, dtype=dtype or stored_dtype)
+    total = sum(os.path.getsize(f) for f in hf_params.safetensors_files(hf_dir))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading HF tensors", disable=not progress) as bar:
+        params = hf_params.load_hf_params(hf_dir, config, progress=bar.update)
+    return save_checkpoint(out_dir, config, params, side_files_from=hf_dir, overwrite=overwrite)
 
 
-def export_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
-                 progress: bool = True) -> str:
-  """Our checkpoint -> HF directory: sharded safetensors with the Hub key names, an index, config.json and
-  the tokenizer/processor files, loadable by transformers' `from_pretrained`.
+def export_to_hf(
+    ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, progress: bool = True
+) -> str:
+    """Our checkpoint -> HF directory: sharded safetensors with the Hub key names, an index, config.json and
+    the tokenizer/processor files, loadable by transformers' `from_pretrained`.
 
-  Streams one parameter at a time (tensors are emitted parameter by parameter, so a stacked parameter is
-  read once and dropped once all its layers are out): memory holds one shard plus one parameter."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  config, read, _ = _param_reader(ckpt_dir)
-  by_param: dict[tuple[str, ...], list[str]] = {}
-  for name, entry in hf_params.hf_table(config).items():
-    by_param.setdefault(entry.path, []).append(name)
-  shapes = hf_params.abstract_params(config)
-  itemsize = np.dtype(config.param_dtype).itemsize
-  total = sum(int(np.prod(shape)) * itemsize for shape, _ in shapes.values())
+    Streams one parameter at a time (tensors are emitted parameter by parameter, so a stacked parameter is
+    read once and dropped once all its layers are out): memory holds one shard plus one parameter."""
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  weight_map, shard_files = {}, []
-  with atomic_directory(out_dir, overwrite) as tmp, tqdm(total=total, unit="B", unit_scale=True,
-                                                          desc="writing safetensors", disable=not progress) as bar:
-    shard, shard_bytes = {}, 0
+    config, read, _ = _param_reader(ckpt_dir)
+    by_param: dict[tuple[str, ...], list[str]] = {}
+    for name, entry in hf_params.hf_table(config).items():
+        by_param.setdefault(entry.path, []).append(name)
+    shapes = hf_params.abstract_params(config)
+    itemsize = np.dtype(config.param_dtype).itemsize
+    total = sum(int(np.prod(shape)) * itemsize for shape, _ in shapes.values())
 
-    def flush():
-      nonlocal shard, shard_bytes
-      file = f"shard-{len(shard_files):05d}.safetensors"
-      save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
-      shard_files.append(file)
-      weight_map.update({n: file for n in shard})
-      shard, shard_bytes = {}, 0
+    weight_map, shard_files = {}, []
+    with (
+        atomic_directory(out_dir, overwrite) as tmp,
+        tqdm(total=total, unit="B", unit_scale=True, desc="writing safetensors", disable=not progress) as bar,
+    ):
+        shard, shard_bytes = {}, 0
 
-    for path, names in by_param.items():
-      value = read([path])[path]
-      for name, tensor in hf_params.hf_tensors({path: value}, config, names):
-        if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
-          flush()
-        shard[name] = tensor
-        shard_bytes += tensor.nbytes
-        bar.update(tensor.nbytes)
-      del value
-    flush()
-    # transformers' naming: model-00001-of-0000N.safetensors
-    renames = {f: f"model-{k + 1:05d}-of-{len(shard_files):05d}.safetensors" for k, f in enumerate(shard_files)}
-    for old, new in renames.items():
-      os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": {n: renames[f] for n, f in weight_map.items()}},
-                f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config.to_hf_dict(), f, indent=2)
-    copy_side_files(ckpt_dir, tmp)
-  return out_dir
+        def flush():
+            nonlocal shard, shard_bytes
+            file = f"shard-{len(shard_files):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
+            shard_files.append(file)
+            weight_map.update({n: file for n in shard})
+            shard, shard_bytes = {}, 0
+
+        for path, names in by_param.items():
+            value = read([path])[path]
+            for name, tensor in hf_params.hf_tensors({path: value}, config, names):
+                if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+                    flush()
+                shard[name] = tensor
+                shard_bytes += tensor.nbytes
+                bar.update(tensor.nbytes)
+            del value
+        flush()
+        # transformers' naming: model-00001-of-0000N.safetensors
+        renames = {f: f"model-{k + 1:05d}-of-{len(shard_files):05d}.safetensors" for k, f in enumerate(shard_files)}
+        for old, new in renames.items():
+            os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump(
+                {"metadata": {"total_size": total}, "weight_map": {n: renames[f] for n, f in weight_map.items()}},
+                f,
+                indent=2,
+            )
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config.to_hf_dict(), f, indent=2)
+        copy_side_files(ckpt_dir, tmp)
+    return out_dir

@@ -15,80 +15,88 @@ from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration, co
 
 @pytest.fixture(scope="module")
 def model():
-  return MllamaForConditionalGeneration(MllamaConfig.tiny(), rngs=nnx.Rngs(3))
+    return MllamaForConditionalGeneration(MllamaConfig.tiny(), rngs=nnx.Rngs(3))
 
 
 def _perturb_gates(model):
-  """Random init leaves cross-attention gates at zero; give them weight so the test sees the image."""
-  cross = model.language_model.cross_layers
-  cross.cross_attn_attn_gate[...] = jnp.full_like(cross.cross_attn_attn_gate[...], 0.8)
-  cross.cross_attn_mlp_gate[...] = jnp.full_like(cross.cross_attn_mlp_gate[...], -0.6)
+    """Random init leaves cross-attention gates at zero; give them weight so the test sees the image."""
+    cross = model.language_model.cross_layers
+    cross.cross_attn_attn_gate[...] = jnp.full_like(cross.cross_attn_attn_gate[...], 0.8)
+    cross.cross_attn_mlp_gate[...] = jnp.full_like(cross.cross_attn_mlp_gate[...], -0.6)
 
 
 def test_prefill_then_decode_matches_full_forward(model):
-  """Left-padded rows: prefill a prompt into the cache, then feed the rest one token at a time."""
-  _perturb_gates(model)
-  cfg = model.config
-  rng = np.random.default_rng(0)
-  inputs = random_inputs(cfg, rng, 2, 12, [1, 1], [[2], [4]])
-  ids, cross = inputs["input_ids"], inputs["cross_attention_mask"]
-  # Row 1 is left-padded by 3 slots.
-  pad = 3
-  mask = np.ones_like(ids)
-  mask[1, :pad] = 0
-  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    """Left-padded rows: prefill a prompt into the cache, then feed the rest one token at a time."""
+    _perturb_gates(model)
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    inputs = random_inputs(cfg, rng, 2, 12, [1, 1], [[2], [4]])
+    ids, cross = inputs["input_ids"], inputs["cross_attention_mask"]
+    # Row 1 is left-padded by 3 slots.
+    pad = 3
+    mask = np.ones_like(ids)
+    mask[1, :pad] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
-  full = model(ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-               aspect_ratio_ids=inputs["aspect_ratio_ids"], aspect_ratio_mask=inputs["aspect_ratio_mask"],
-               cross_attention_mask=cross, position_ids=positions).logits
+    full = model(
+        ids,
+        attention_mask=mask,
+        pixel_values=inputs["pixel_values"],
+        aspect_ratio_ids=inputs["aspect_ratio_ids"],
+        aspect_ratio_mask=inputs["aspect_ratio_mask"],
+        cross_attention_mask=cross,
+        position_ids=positions,
+    ).logits
 
-  vision = model.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
-  cross_kv = model.cross_kv(vision)
-  max_len, prompt = 16, 8
-  cache = model.init_cache(2, max_len)
-  key_valid = np.zeros((2, max_len), bool)
-  key_valid[:, :prompt] = mask[:, :prompt]
-  step = jax.jit(model.forward_cached)
-  logits, cache = step(ids[:, :prompt], positions[:, :prompt], cache, 0, key_valid, cross_kv, cross[:, :prompt])
-  got = [logits]
-  for t in range(prompt, ids.shape[1]):
-    key_valid[:, t] = True
-    logits, cache = step(ids[:, t:t + 1], positions[:, t:t + 1], cache, t, key_valid, cross_kv, cross[:, t:t + 1])
-    got.append(logits)
-  got = np.concatenate([np.asarray(g) for g in got], axis=1)
-  valid = mask.astype(bool)
-  np.testing.assert_allclose(got[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
+    vision = model.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    cross_kv = model.cross_kv(vision)
+    max_len, prompt = 16, 8
+    cache = model.init_cache(2, max_len)
+    key_valid = np.zeros((2, max_len), bool)
+    key_valid[:, :prompt] = mask[:, :prompt]
+    step = jax.jit(model.forward_cached)
+    logits, cache = step(ids[:, :prompt], positions[:, :prompt], cache, 0, key_valid, cross_kv, cross[:, :prompt])
+    got = [logits]
+    for t in range(prompt, ids.shape[1]):
+        key_valid[:, t] = True
+        logits, cache = step(
+            ids[:, t : t + 1], positions[:, t : t + 1], cache, t, key_valid, cross_kv, cross[:, t : t + 1]
+        )
+        got.append(logits)
+    got = np.concatenate([np.asarray(g) for g in got], axis=1)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
 
 
 def test_text_only_cache_skips_cross_layers(model):
-  ids = np.arange(1, 7)[None]
-  full = model(ids).logits
-  cache = model.init_cache(1, 8)
-  valid = np.zeros((1, 8), bool)
-  valid[:, :6] = True
-  logits, _ = model.forward_cached(ids, np.arange(6)[None], cache, 0, valid)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(full), atol=1e-5)
+    ids = np.arange(1, 7)[None]
+    full = model(ids).logits
+    cache = model.init_cache(1, 8)
+    valid = np.zeros((1, 8), bool)
+    valid[:, :6] = True
+    logits, _ = model.forward_cached(ids, np.arange(6)[None], cache, 0, valid)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full), atol=1e-5)
 
 
 def _hf_param_count(config: MllamaConfig) -> int:
-  with torch.device("meta"):
-    model = transformers.MllamaForConditionalGeneration(hf_config(config))
-  return sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        model = transformers.MllamaForConditionalGeneration(hf_config(config))
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("preset, expected", [("llama_11b", 10_670_220_835), ("llama_90b", None)])
 def test_full_size_presets_build_abstractly(preset, expected):
-  config = getattr(MllamaConfig, preset)(param_dtype="bfloat16")
-  abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
-  ours = count_params(abstract)
-  assert ours == _hf_param_count(config)
-  if expected is not None:
-    assert ours == expected
-  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
-  assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.bfloat16 for x in leaves)
+    config = getattr(MllamaConfig, preset)(param_dtype="bfloat16")
+    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    ours = count_params(abstract)
+    assert ours == _hf_param_count(config)
+    if expected is not None:
+        assert ours == expected
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.bfloat16 for x in leaves)
 
 
 def test_every_parameter_has_logical_axes(model):
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    names = var.get_metadata().get("out_sharding")
-    assert names is not None and len(names) == var[...].ndim, (path, names)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var[...].ndim, (path, names)

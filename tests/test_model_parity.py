@@ -17,37 +17,38 @@ FP32_TOL = 1e-4
 
 
 def _config(kv_heads=2, cross_layers=(3,), layers=5):
-  cfg = MllamaConfig.tiny()
-  text = dataclasses.replace(cfg.text, num_key_value_heads=kv_heads, cross_attention_layers=cross_layers,
-                             num_hidden_layers=layers)
-  return cfg.replace(text=text)
+    cfg = MllamaConfig.tiny()
+    text = dataclasses.replace(
+        cfg.text, num_key_value_heads=kv_heads, cross_attention_layers=cross_layers, num_hidden_layers=layers
+    )
+    return cfg.replace(text=text)
 
 
 @nnx.jit
 def _logits(model, inputs):
-  return model(**inputs).logits
+    return model(**inputs).logits
 
 
 class Pair:
-  """A transformers model and the same weights loaded through our HF loader."""
+    """A transformers model and the same weights loaded through our HF loader."""
 
-  def __init__(self, config, tmp_path, dtype="float32"):
-    self.config = config
-    self.hf = build_hf_model(config, seed=1)
-    path = save_hf_checkpoint(self.hf, config, str(tmp_path / "hf"))
-    self.ours = from_hf(path, dtype=dtype)
+    def __init__(self, config, tmp_path, dtype="float32"):
+        self.config = config
+        self.hf = build_hf_model(config, seed=1)
+        path = save_hf_checkpoint(self.hf, config, str(tmp_path / "hf"))
+        self.ours = from_hf(path, dtype=dtype)
 
-  def max_diff(self, inputs, valid=None):
-    ref = hf_logits(self.hf, inputs)
-    ours = np.asarray(_logits(self.ours, {k: v for k, v in inputs.items() if v is not None}))
-    assert ours.shape == ref.shape
-    diff = np.abs(ours - ref)
-    return float(diff[valid].max() if valid is not None else diff.max()), float(np.abs(ref).max())
+    def max_diff(self, inputs, valid=None):
+        ref = hf_logits(self.hf, inputs)
+        ours = np.asarray(_logits(self.ours, {k: v for k, v in inputs.items() if v is not None}))
+        assert ours.shape == ref.shape
+        diff = np.abs(ours - ref)
+        return float(diff[valid].max() if valid is not None else diff.max()), float(np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-  return Pair(_config(), tmp_path_factory.mktemp("pair"))
+    return Pair(_config(), tmp_path_factory.mktemp("pair"))
 
 
 CASES = {
@@ -62,62 +63,62 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32_parity(pair, case):
-  batch, seq, images, tiles, pad = CASES[case]
-  inputs = random_inputs(pair.config, np.random.default_rng(7), batch, seq, images, tiles, pad_right=pad)
-  diff, scale = pair.max_diff(inputs, valid=inputs["attention_mask"].astype(bool))
-  assert scale > 0.1  # logits are not trivially small
-  assert diff <= FP32_TOL, f"{case}: max |dlogits| {diff:.2e}"
+    batch, seq, images, tiles, pad = CASES[case]
+    inputs = random_inputs(pair.config, np.random.default_rng(7), batch, seq, images, tiles, pad_right=pad)
+    diff, scale = pair.max_diff(inputs, valid=inputs["attention_mask"].astype(bool))
+    assert scale > 0.1  # logits are not trivially small
+    assert diff <= FP32_TOL, f"{case}: max |dlogits| {diff:.2e}"
 
 
 def test_text_only_skips_cross_attention(pair):
-  inputs = random_inputs(pair.config, np.random.default_rng(3), 2, 9, [0, 0], [[], []])
-  text_only = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-  diff, _ = pair.max_diff(text_only)
-  assert diff <= FP32_TOL
+    inputs = random_inputs(pair.config, np.random.default_rng(3), 2, 9, [0, 0], [[], []])
+    text_only = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    diff, _ = pair.max_diff(text_only)
+    assert diff <= FP32_TOL
 
 
 def test_images_change_the_logits(pair):
-  """Guards the parity tests against a silently ignored vision path."""
-  inputs = random_inputs(pair.config, np.random.default_rng(5), 1, 10, [1], [[4]])
-  with_image = np.asarray(_logits(pair.ours, inputs))
-  inputs["pixel_values"] = inputs["pixel_values"] * 0.5
-  assert np.abs(with_image - np.asarray(_logits(pair.ours, inputs))).max() > 1e-3
+    """Guards the parity tests against a silently ignored vision path."""
+    inputs = random_inputs(pair.config, np.random.default_rng(5), 1, 10, [1], [[4]])
+    with_image = np.asarray(_logits(pair.ours, inputs))
+    inputs["pixel_values"] = inputs["pixel_values"] * 0.5
+    assert np.abs(with_image - np.asarray(_logits(pair.ours, inputs))).max() > 1e-3
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])  # GQA ratios 1 and 4 (the shared fixture covers 2)
 def test_gqa_ratios(kv_heads, tmp_path):
-  p = Pair(_config(kv_heads=kv_heads), tmp_path)
-  inputs = random_inputs(p.config, np.random.default_rng(11), 2, 10, [1, 1], [[2], [4]], pad_right=[0, 2])
-  diff, _ = p.max_diff(inputs, valid=inputs["attention_mask"].astype(bool))
-  assert diff <= FP32_TOL
+    p = Pair(_config(kv_heads=kv_heads), tmp_path)
+    inputs = random_inputs(p.config, np.random.default_rng(11), 2, 10, [1, 1], [[2], [4]], pad_right=[0, 2])
+    diff, _ = p.max_diff(inputs, valid=inputs["attention_mask"].astype(bool))
+    assert diff <= FP32_TOL
 
 
 def test_irregular_cross_layer_pattern(tmp_path):
-  config = _config(cross_layers=(0, 2, 3), layers=6)
-  assert layer_schedule(config.text)[0] == "irregular"
-  p = Pair(config, tmp_path)
-  inputs = random_inputs(p.config, np.random.default_rng(2), 1, 10, [1], [[3]])
-  diff, _ = p.max_diff(inputs)
-  assert diff <= FP32_TOL
+    config = _config(cross_layers=(0, 2, 3), layers=6)
+    assert layer_schedule(config.text)[0] == "irregular"
+    p = Pair(config, tmp_path)
+    inputs = random_inputs(p.config, np.random.default_rng(2), 1, 10, [1], [[3]])
+    diff, _ = p.max_diff(inputs)
+    assert diff <= FP32_TOL
 
 
 def test_periodic_schedule_of_the_real_models():
-  assert layer_schedule(MllamaConfig.llama_11b().text) == ("periodic", 3, 5, 8)
-  assert layer_schedule(MllamaConfig.llama_90b().text) == ("periodic", 3, 5, 20)
+    assert layer_schedule(MllamaConfig.llama_11b().text) == ("periodic", 3, 5, 8)
+    assert layer_schedule(MllamaConfig.llama_90b().text) == ("periodic", 3, 5, 20)
 
 
 def test_bf16_parity(pair, tmp_path):
-  """bf16 weights and activations against the fp32 reference.
+    """bf16 weights and activations against the fp32 reference.
 
-  bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per op); through ~10 layers of matmuls with
-  fp32 accumulation the logits drift by a few percent of their scale, so we bound the error relative to
-  the logit scale at 5% and require the argmax to agree on most positions."""
-  path = save_hf_checkpoint(pair.hf, pair.config, str(tmp_path / "hf"))
-  bf16 = from_hf(path, dtype="bfloat16")
-  inputs = random_inputs(pair.config, np.random.default_rng(9), 2, 12, [1, 1], [[4], [2]])
-  ref = hf_logits(pair.hf, inputs)
-  ours = np.asarray(_logits(bf16, inputs)).astype(np.float32)
-  assert jax.tree.leaves(nnx.state(bf16, nnx.Param))[0].dtype == jnp.bfloat16
-  rel = np.abs(ours - ref).max() / np.abs(ref).max()
-  assert rel < 0.05, rel
-  assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per op); through ~10 layers of matmuls with
+    fp32 accumulation the logits drift by a few percent of their scale, so we bound the error relative to
+    the logit scale at 5% and require the argmax to agree on most positions."""
+    path = save_hf_checkpoint(pair.hf, pair.config, str(tmp_path / "hf"))
+    bf16 = from_hf(path, dtype="bfloat16")
+    inputs = random_inputs(pair.config, np.random.default_rng(9), 2, 12, [1, 1], [[4], [2]])
+    ref = hf_logits(pair.hf, inputs)
+    ours = np.asarray(_logits(bf16, inputs)).astype(np.float32)
+    assert jax.tree.leaves(nnx.state(bf16, nnx.Param))[0].dtype == jnp.bfloat16
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel < 0.05, rel
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

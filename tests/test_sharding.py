@@ -14,14 +14,14 @@ from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 
 
 def test_every_logical_axis_has_a_rule():
-  abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(MllamaConfig.llama_11b(), rngs=nnx.Rngs(0)))
-  for _, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-    sharding.logical_to_spec(var.get_metadata()["out_sharding"])  # raises on an axis without a rule
+    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(MllamaConfig.llama_11b(), rngs=nnx.Rngs(0)))
+    for _, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        sharding.logical_to_spec(var.get_metadata()["out_sharding"])  # raises on an axis without a rule
 
 
 def test_mesh_errors_say_what_does_not_fit():
-  with pytest.raises(ValueError, match="needs 4 devices, have 1"):
-    sharding.make_mesh(data=2, fsdp=2, tensor=1)
+    with pytest.raises(ValueError, match="needs 4 devices, have 1"):
+        sharding.make_mesh(data=2, fsdp=2, tensor=1)
 
 
 SCRIPT = textwrap.dedent("""
@@ -67,7 +67,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_forward_matches_single_device():
-  tests = os.path.dirname(os.path.abspath(__file__))
-  result = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests)], capture_output=True, text=True,
-                          timeout=600)
-  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(tests=tests)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -12,16 +12,20 @@ from llava_cot_jax.checkpoint import convert_hf_to_orbax
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + *.safetensors).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                           "Parameter dtype to store (default: as stored in the HF checkpoint).")
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16", "float16"],
+    "Parameter dtype to store (default: as stored in the HF checkpoint).",
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 
 def main(argv):
-  del argv
-  out = convert_hf_to_orbax(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
-  print(f"wrote {out}")
+    del argv
+    out = convert_hf_to_orbax(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

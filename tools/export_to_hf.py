@@ -17,11 +17,12 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists."
 
 
 def main(argv):
-  del argv
-  out = export_to_hf(_CKPT.value, _OUT.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
-                     overwrite=_OVERWRITE.value)
-  print(f"wrote {out}")
+    del argv
+    out = export_to_hf(
+        _CKPT.value, _OUT.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30), overwrite=_OVERWRITE.value
+    )
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

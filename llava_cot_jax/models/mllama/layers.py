@@ -18,155 +18,155 @@ MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 def param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], dtype, init: str = "normal") -> nnx.Param:
-  """A weight with logical axis names. Random init is for tests and from-scratch runs; real runs load weights."""
-  assert len(shape) == len(axes), (shape, axes)
-  if init == "normal":
-    value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
-  elif init == "ones":
-    value = jnp.ones(shape, jnp.float32)
-  elif init == "zeros":
-    value = jnp.zeros(shape, jnp.float32)
-  else:
-    raise ValueError(init)
-  return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+    """A weight with logical axis names. Random init is for tests and from-scratch runs; real runs load weights."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        raise ValueError(init)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """Llama RMSNorm: statistics in fp32, the scale applied in the activation dtype."""
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return normed.astype(x.dtype) * scale.astype(x.dtype)
+    """Llama RMSNorm: statistics in fp32, the scale applied in the activation dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, axis: str = "norm"):
+        self.scale = param(rngs, (dim,), (axis,), dtype, init="ones")
+        self.eps = eps
 
-  def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, axis: str = "norm"):
-    self.scale = param(rngs, (dim,), (axis,), dtype, init="ones")
-    self.eps = eps
-
-  def __call__(self, x):
-    return rms_norm(x, self.scale[...], self.eps)
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm with fp32 statistics (the vision tower's norm)."""
+    """LayerNorm with fp32 statistics (the vision tower's norm)."""
 
-  def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs):
-    self.scale = param(rngs, (dim,), ("norm",), dtype, init="ones")
-    self.bias = param(rngs, (dim,), ("norm",), dtype, init="zeros")
-    self.eps = eps
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("norm",), dtype, init="ones")
+        self.bias = param(rngs, (dim,), ("norm",), dtype, init="zeros")
+        self.eps = eps
 
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    normed = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-    return normed * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return normed * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
-  """Grouped-query attention with an fp32 softmax.
+    """Grouped-query attention with an fp32 softmax.
 
-  q: [B, S, H, D]; k, v: [B, T, K, D] with H a multiple of K (query head h reads kv head h // (H // K),
-  the reference's repeat_kv layout); bias: additive, broadcastable to [B, K, H // K, S, T].
-  Returns [B, S, H, D].
-  """
-  b, s, h, d = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-  if bias is not None:
-    scores = scores + bias
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, h, d)
+    q: [B, S, H, D]; k, v: [B, T, K, D] with H a multiple of K (query head h reads kv head h // (H // K),
+    the reference's repeat_kv layout); bias: additive, broadcastable to [B, K, H // K, S, T].
+    Returns [B, S, H, D].
+    """
+    b, s, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, s, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    if bias is not None:
+        scores = scores + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: tuple[float, float, float, int] | None) -> np.ndarray:
-  """RoPE inverse frequencies with Llama-3's wavelength-dependent scaling (applied at every position)."""
-  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-  inv_freq = inv_freq.astype(np.float32)
-  if scaling is None:
-    return inv_freq
-  factor, low_freq_factor, high_freq_factor, original_context = scaling
-  low_freq_wavelen = original_context / low_freq_factor
-  high_freq_wavelen = original_context / high_freq_factor
-  wavelen = 2 * np.pi / inv_freq
-  # Long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated smoothly.
-  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-  smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    """RoPE inverse frequencies with Llama-3's wavelength-dependent scaling (applied at every position)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    factor, low_freq_factor, high_freq_factor, original_context = scaling
+    low_freq_wavelen = original_context / low_freq_factor
+    high_freq_wavelen = original_context / high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated smoothly.
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables [B, S, head_dim] for integer positions [B, S], computed in fp32."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    """cos/sin tables [B, S, head_dim] for integer positions [B, S], computed in fp32."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates [B, S, H, D] by the half-split convention of the HF Llama weights."""
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    """Rotates [B, S, H, D] by the half-split convention of the HF Llama weights."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 class GatedMLP(nnx.Module):
-  """Llama SwiGLU feed-forward."""
+    """Llama SwiGLU feed-forward."""
 
-  def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs):
-    self.gate_proj = param(rngs, (dim, hidden), ("embed", "mlp"), dtype)
-    self.up_proj = param(rngs, (dim, hidden), ("embed", "mlp"), dtype)
-    self.down_proj = param(rngs, (hidden, dim), ("mlp", "embed"), dtype)
+    def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs):
+        self.gate_proj = param(rngs, (dim, hidden), ("embed", "mlp"), dtype)
+        self.up_proj = param(rngs, (dim, hidden), ("embed", "mlp"), dtype)
+        self.down_proj = param(rngs, (hidden, dim), ("mlp", "embed"), dtype)
 
-  def __call__(self, x):
-    gate = x @ self.gate_proj[...].astype(x.dtype)
-    up = x @ self.up_proj[...].astype(x.dtype)
-    return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(x.dtype)
+    def __call__(self, x):
+        gate = x @ self.gate_proj[...].astype(x.dtype)
+        up = x @ self.up_proj[...].astype(x.dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(x.dtype)
 
 
 def remat_policy(name: str):
-  """Maps the config's `remat` name to a jax.checkpoint policy (None: no rematerialisation)."""
-  policies = {
-      "none": None,
-      "full": jax.checkpoint_policies.nothing_saveable,
-      "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-  }
-  if name not in policies:
-    raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(policies)}")
-  return policies[name]
+    """Maps the config's `remat` name to a jax.checkpoint policy (None: no rematerialisation)."""
+    policies = {
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    }
+    if name not in policies:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(policies)}")
+    return policies[name]
 
 
 def maybe_remat(fn, name: str):
-  policy = remat_policy(name)
-  return fn if name == "none" else jax.checkpoint(fn, policy=policy)
+    policy = remat_policy(name)
+    return fn if name == "none" else jax.checkpoint(fn, policy=policy)
 
 
 def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs):
-  """Creates `num_layers` copies of a layer with parameters stacked on a leading "layers" axis."""
+    """Creates `num_layers` copies of a layer with parameters stacked on a leading "layers" axis."""
 
-  @nnx.split_rngs(splits=num_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-  def create(layer_rngs):
-    return make_layer(layer_rngs)
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(layer_rngs):
+        return make_layer(layer_rngs)
 
-  return create(rngs)
+    return create(rngs)
 
 
-def scan_layers(stacked: nnx.Module, body, carry, xs=None, start: int = 0, stop: int | None = None,
-                remat: str = "none"):
-  """Runs `body(layer, carry, x) -> (carry, y)` over layers [start, stop) of a stacked module with lax.scan,
-  so compile time does not grow with depth; `remat` names the activation-checkpointing policy per layer."""
-  graphdef, params = nnx.split(stacked)
-  params = jax.tree.map(lambda a: a[start:stop], params)
-  if jax.tree.leaves(params) and jax.tree.leaves(params)[0].shape[0] == 0:
-    return carry, None
+def scan_layers(
+    stacked: nnx.Module, body, carry, xs=None, start: int = 0, stop: int | None = None, remat: str = "none"
+):
+    """Runs `body(layer, carry, x) -> (carry, y)` over layers [start, stop) of a stacked module with lax.scan,
+    so compile time does not grow with depth; `remat` names the activation-checkpointing policy per layer."""
+    graphdef, params = nnx.split(stacked)
+    params = jax.tree.map(lambda a: a[start:stop], params)
+    if jax.tree.leaves(params) and jax.tree.leaves(params)[0].shape[0] == 0:
+        return carry, None
 
-  def step(c, layer_and_x):
-    layer_params, x = layer_and_x
-    return body(nnx.merge(graphdef, layer_params), c, x)
+    def step(c, layer_and_x):
+        layer_params, x = layer_and_x
+        return body(nnx.merge(graphdef, layer_params), c, x)
 
-  return jax.lax.scan(maybe_remat(step, remat), carry, (params, xs))
+    return jax.lax.scan(maybe_remat(step, remat), carry, (params, xs))

@@ -24,81 +24,108 @@ from llava_cot_jax.models.mllama.vision import VisionModel
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class MllamaOutput:
-  logits: jax.Array  # [B, S, vocab] float32
+    logits: jax.Array  # [B, S, vocab] float32
 
 
 class MllamaForConditionalGeneration(nnx.Module):
+    def __init__(self, config: MllamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdt = config.jnp_param_dtype
+        self.vision_model = VisionModel(config.vision, pdt, rngs)
+        self.multi_modal_projector = param(
+            rngs, (config.vision.vision_output_dim, config.text.hidden_size), ("vision_out", "embed"), pdt
+        )
+        self.multi_modal_projector_bias = param(rngs, (config.text.hidden_size,), ("embed",), pdt, init="zeros")
+        self.language_model = TextModel(config.text, pdt, rngs, remat=config.remat)
 
-  def __init__(self, config: MllamaConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    pdt = config.jnp_param_dtype
-    self.vision_model = VisionModel(config.vision, pdt, rngs)
-    self.multi_modal_projector = param(rngs, (config.vision.vision_output_dim, config.text.hidden_size),
-                                       ("vision_out", "embed"), pdt)
-    self.multi_modal_projector_bias = param(rngs, (config.text.hidden_size,), ("embed",), pdt, init="zeros")
-    self.language_model = TextModel(config.text, pdt, rngs, remat=config.remat)
+    # ------------------------------------------------------------------------------------------ inference
 
-  # ------------------------------------------------------------------------------------------ inference
+    def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> jax.Array:
+        """[B, I, T, 3, H, W] pixels -> projected vision tokens [B, I * T * num_patches, text hidden]."""
+        dt = self.config.jnp_dtype
+        features = self.vision_model(
+            jnp.asarray(pixel_values),
+            jnp.asarray(aspect_ratio_ids),
+            jnp.asarray(aspect_ratio_mask),
+            dt,
+            self.config.remat,
+        )
+        projected = features @ self.multi_modal_projector[...].astype(dt) + self.multi_modal_projector_bias[...].astype(
+            dt
+        )
+        return projected.reshape(projected.shape[0], -1, projected.shape[-1])
 
-  def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> jax.Array:
-    """[B, I, T, 3, H, W] pixels -> projected vision tokens [B, I * T * num_patches, text hidden]."""
-    dt = self.config.jnp_dtype
-    features = self.vision_model(jnp.asarray(pixel_values), jnp.asarray(aspect_ratio_ids),
-                                 jnp.asarray(aspect_ratio_mask), dt, self.config.remat)
-    projected = features @ self.multi_modal_projector[...].astype(dt) + self.multi_modal_projector_bias[...].astype(dt)
-    return projected.reshape(projected.shape[0], -1, projected.shape[-1])
+    def cross_kv(self, vision_states: jax.Array) -> dict:
+        """{'k', 'v'}: [num_cross_layers, B, N_vision, kv_heads, head_dim]; rows (axis 1) can be gathered freely."""
+        return self.language_model.cross_kv(vision_states)
 
-  def cross_kv(self, vision_states: jax.Array) -> dict:
-    """{'k', 'v'}: [num_cross_layers, B, N_vision, kv_heads, head_dim]; rows (axis 1) can be gathered freely."""
-    return self.language_model.cross_kv(vision_states)
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+        """An empty self-attention KV cache {'k', 'v'}: [num_self_layers, B, max_len, kv_heads, head_dim]."""
+        t = self.config.text
+        shape = (len(t.self_attention_layers), batch_size, max_len, t.num_key_value_heads, t.head_dim)
+        dtype = dtype or self.config.jnp_dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
-    """An empty self-attention KV cache {'k', 'v'}: [num_self_layers, B, max_len, kv_heads, head_dim]."""
-    t = self.config.text
-    shape = (len(t.self_attention_layers), batch_size, max_len, t.num_key_value_heads, t.head_dim)
-    dtype = dtype or self.config.jnp_dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    def forward_cached(
+        self, input_ids, positions, cache, cache_index, key_valid, cross_kv=None, cross_attention_mask=None
+    ):
+        """Runs S new tokens per row against the cache; returns (logits [B, S, V] fp32, new cache).
 
-  def forward_cached(self, input_ids, positions, cache, cache_index, key_valid, cross_kv=None,
-                     cross_attention_mask=None):
-    """Runs S new tokens per row against the cache; returns (logits [B, S, V] fp32, new cache).
+        The tokens are written at slots [cache_index, cache_index + S) of every row; `key_valid` [B, max_len]
+        marks slots holding real tokens (including the new ones). Causality is by slot. Without `cross_kv`
+        the cross-attention layers are skipped, as the reference does for text-only input."""
+        return self.language_model(
+            jnp.asarray(input_ids),
+            jnp.asarray(positions),
+            jnp.asarray(key_valid),
+            self.config.jnp_dtype,
+            cache=cache,
+            cache_index=cache_index,
+            cross_kv=cross_kv,
+            cross_attention_mask=None if cross_attention_mask is None else jnp.asarray(cross_attention_mask),
+            num_vision_tokens_per_tile=self.config.vision.num_patches,
+        )
 
-    The tokens are written at slots [cache_index, cache_index + S) of every row; `key_valid` [B, max_len]
-    marks slots holding real tokens (including the new ones). Causality is by slot. Without `cross_kv`
-    the cross-attention layers are skipped, as the reference does for text-only input."""
-    return self.language_model(
-        jnp.asarray(input_ids), jnp.asarray(positions), jnp.asarray(key_valid), self.config.jnp_dtype,
-        cache=cache, cache_index=cache_index, cross_kv=cross_kv,
-        cross_attention_mask=None if cross_attention_mask is None else jnp.asarray(cross_attention_mask),
-        num_vision_tokens_per_tile=self.config.vision.num_patches)
+    # ---------------------------------------------------------------------------------------- full forward
 
-  # ---------------------------------------------------------------------------------------- full forward
-
-  def __call__(self, input_ids, attention_mask=None, pixel_values=None, aspect_ratio_ids=None,
-               aspect_ratio_mask=None, cross_attention_mask=None, position_ids=None,
-               cross_attention_states=None) -> MllamaOutput:
-    """The forward pass of transformers' MllamaForConditionalGeneration (keyword-compatible)."""
-    input_ids = jnp.asarray(input_ids)
-    b, s = input_ids.shape
-    if pixel_values is not None and cross_attention_states is not None:
-      raise ValueError("pass either pixel_values or cross_attention_states, not both")
-    if pixel_values is not None:
-      if aspect_ratio_ids is None:
-        raise ValueError("aspect_ratio_ids is required with pixel_values")
-      if aspect_ratio_mask is None:
-        aspect_ratio_mask = jnp.ones(jnp.shape(pixel_values)[:3], jnp.int32)
-      cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-    cross_kv = None if cross_attention_states is None else self.cross_kv(cross_attention_states)
-    key_valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-    positions = jnp.broadcast_to(jnp.arange(s), (b, s)) if position_ids is None else jnp.asarray(position_ids)
-    logits, _ = self.language_model(
-        input_ids, positions, key_valid, self.config.jnp_dtype, cross_kv=cross_kv,
-        cross_attention_mask=None if cross_attention_mask is None else jnp.asarray(cross_attention_mask),
-        num_vision_tokens_per_tile=self.config.vision.num_patches)
-    return MllamaOutput(logits=logits)
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        aspect_ratio_ids=None,
+        aspect_ratio_mask=None,
+        cross_attention_mask=None,
+        position_ids=None,
+        cross_attention_states=None,
+    ) -> MllamaOutput:
+        """The forward pass of transformers' MllamaForConditionalGeneration (keyword-compatible)."""
+        input_ids = jnp.asarray(input_ids)
+        b, s = input_ids.shape
+        if pixel_values is not None and cross_attention_states is not None:
+            raise ValueError("pass either pixel_values or cross_attention_states, not both")
+        if pixel_values is not None:
+            if aspect_ratio_ids is None:
+                raise ValueError("aspect_ratio_ids is required with pixel_values")
+            if aspect_ratio_mask is None:
+                aspect_ratio_mask = jnp.ones(jnp.shape(pixel_values)[:3], jnp.int32)
+            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        cross_kv = None if cross_attention_states is None else self.cross_kv(cross_attention_states)
+        key_valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        positions = jnp.broadcast_to(jnp.arange(s), (b, s)) if position_ids is None else jnp.asarray(position_ids)
+        logits, _ = self.language_model(
+            input_ids,
+            positions,
+            key_valid,
+            self.config.jnp_dtype,
+            cross_kv=cross_kv,
+            cross_attention_mask=None if cross_attention_mask is None else jnp.asarray(cross_attention_mask),
+            num_vision_tokens_per_tile=self.config.vision.num_patches,
+        )
+        return MllamaOutput(logits=logits)
 
 
 def count_params(model_or_state) -> int:
-  """Number of parameters of a model (concrete or abstract, e.g. from nnx.eval_shape)."""
-  state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+    """Number of parameters of a model (concrete or abstract, e.g. from nnx.eval_shape)."""
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

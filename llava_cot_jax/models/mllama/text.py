@@ -19,215 +19,247 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_cot_jax.models.mllama.config import TextConfig
-from llava_cot_jax.models.mllama.layers import (MASK_VALUE, GatedMLP, RMSNorm, apply_rope, attention, llama3_inv_freq,
-                                                maybe_remat, param, rms_norm, rope_cos_sin, stack_layers)
+from llava_cot_jax.models.mllama.layers import (
+    MASK_VALUE,
+    GatedMLP,
+    RMSNorm,
+    apply_rope,
+    attention,
+    llama3_inv_freq,
+    maybe_remat,
+    param,
+    rms_norm,
+    rope_cos_sin,
+    stack_layers,
+)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecoderInputs:
-  """Per-call tensors every layer needs, computed once per forward pass."""
-  cos: jax.Array  # [B, S, head_dim]
-  sin: jax.Array
-  self_bias: jax.Array  # [B, 1, 1, S, T] additive self-attention mask
-  cache_index: jax.Array  # int32 scalar: cache slot of the first new token
-  cross_bias: jax.Array | None  # [B, 1, 1, S, N_vision] or None (attend to every vision token)
-  cross_rows: jax.Array | None  # [B, S, 1]: 0 where a token sees no image tile (gates the cross MLP)
+    """Per-call tensors every layer needs, computed once per forward pass."""
+
+    cos: jax.Array  # [B, S, head_dim]
+    sin: jax.Array
+    self_bias: jax.Array  # [B, 1, 1, S, T] additive self-attention mask
+    cache_index: jax.Array  # int32 scalar: cache slot of the first new token
+    cross_bias: jax.Array | None  # [B, 1, 1, S, N_vision] or None (attend to every vision token)
+    cross_rows: jax.Array | None  # [B, S, 1]: 0 where a token sees no image tile (gates the cross MLP)
 
 
 class SelfAttentionLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
+        self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
+        self.k_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
+        self.mlp = GatedMLP(d, cfg.intermediate_size, dtype, rngs)
 
-  def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
-    d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
-    self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
-    self.k_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
-    self.v_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
-    self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype)
-    self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
-    self.mlp = GatedMLP(d, cfg.intermediate_size, dtype, rngs)
-
-  def __call__(self, x, inputs: DecoderInputs, cache_kv):
-    """cache_kv: None, or this layer's (k, v) cache [B, T, K, hd]. Returns (x, updated (k, v) or None)."""
-    dt = x.dtype
-    h = self.input_layernorm(x)
-    q = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dt)), inputs.cos, inputs.sin)
-    k = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.k_proj[...].astype(dt)), inputs.cos, inputs.sin)
-    v = jnp.einsum("bsd,dhk->bshk", h, self.v_proj[...].astype(dt))
-    if cache_kv is not None:
-      start = (0, inputs.cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
-      v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
-      cache_kv = (k, v)
-    out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
-    x = x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
-    return x + self.mlp(self.post_attention_layernorm(x)), cache_kv
+    def __call__(self, x, inputs: DecoderInputs, cache_kv):
+        """cache_kv: None, or this layer's (k, v) cache [B, T, K, hd]. Returns (x, updated (k, v) or None)."""
+        dt = x.dtype
+        h = self.input_layernorm(x)
+        q = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dt)), inputs.cos, inputs.sin)
+        k = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.k_proj[...].astype(dt)), inputs.cos, inputs.sin)
+        v = jnp.einsum("bsd,dhk->bshk", h, self.v_proj[...].astype(dt))
+        if cache_kv is not None:
+            start = (0, inputs.cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
+            cache_kv = (k, v)
+        out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
+        x = x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        return x + self.mlp(self.post_attention_layernorm(x)), cache_kv
 
 
 class CrossAttentionLayer(nnx.Module):
-  """Attends to the projected vision tokens; q/k RMS-normalised per head; tanh-gated branches."""
+    """Attends to the projected vision tokens; q/k RMS-normalised per head; tanh-gated branches."""
 
-  def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
-    d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    self.eps = cfg.rms_norm_eps
-    self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
-    self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
-    self.k_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
-    self.v_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
-    self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype)
-    self.q_norm = param(rngs, (hd,), ("head_dim",), dtype, init="ones")
-    self.k_norm = param(rngs, (hd,), ("head_dim",), dtype, init="ones")
-    self.cross_attn_attn_gate = param(rngs, (1,), (None,), dtype, init="zeros")
-    self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
-    self.mlp = GatedMLP(d, cfg.intermediate_size, dtype, rngs)
-    self.cross_attn_mlp_gate = param(rngs, (1,), (None,), dtype, init="zeros")
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
+        self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
+        self.k_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        self.q_norm = param(rngs, (hd,), ("head_dim",), dtype, init="ones")
+        self.k_norm = param(rngs, (hd,), ("head_dim",), dtype, init="ones")
+        self.cross_attn_attn_gate = param(rngs, (1,), (None,), dtype, init="zeros")
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
+        self.mlp = GatedMLP(d, cfg.intermediate_size, dtype, rngs)
+        self.cross_attn_mlp_gate = param(rngs, (1,), (None,), dtype, init="zeros")
 
-  def kv(self, vision_states: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys/values of the vision tokens [B, N, D] -> ([B, N, K, hd], [B, N, K, hd]); computed once per image."""
-    dt = vision_states.dtype
-    k = jnp.einsum("bnd,dhk->bnhk", vision_states, self.k_proj[...].astype(dt))
-    v = jnp.einsum("bnd,dhk->bnhk", vision_states, self.v_proj[...].astype(dt))
-    return rms_norm(k, self.k_norm[...], self.eps), v
+    def kv(self, vision_states: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys/values of the vision tokens [B, N, D] -> ([B, N, K, hd], [B, N, K, hd]); computed once per image."""
+        dt = vision_states.dtype
+        k = jnp.einsum("bnd,dhk->bnhk", vision_states, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bnd,dhk->bnhk", vision_states, self.v_proj[...].astype(dt))
+        return rms_norm(k, self.k_norm[...], self.eps), v
 
-  def __call__(self, x, inputs: DecoderInputs, kv):
-    dt = x.dtype
-    h = self.input_layernorm(x)
-    q = rms_norm(jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dt)), self.q_norm[...], self.eps)
-    out = attention(q, kv[0].astype(dt), kv[1].astype(dt), inputs.cross_bias, dt)
-    out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
-    x = x + jnp.tanh(self.cross_attn_attn_gate[...].astype(dt)) * out
-    out = self.mlp(self.post_attention_layernorm(x))
-    if inputs.cross_rows is not None:
-      out = out * inputs.cross_rows.astype(dt)
-    return x + jnp.tanh(self.cross_attn_mlp_gate[...].astype(dt)) * out
+    def __call__(self, x, inputs: DecoderInputs, kv):
+        dt = x.dtype
+        h = self.input_layernorm(x)
+        q = rms_norm(jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dt)), self.q_norm[...], self.eps)
+        out = attention(q, kv[0].astype(dt), kv[1].astype(dt), inputs.cross_bias, dt)
+        out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        x = x + jnp.tanh(self.cross_attn_attn_gate[...].astype(dt)) * out
+        out = self.mlp(self.post_attention_layernorm(x))
+        if inputs.cross_rows is not None:
+            out = out * inputs.cross_rows.astype(dt)
+        return x + jnp.tanh(self.cross_attn_mlp_gate[...].astype(dt)) * out
 
 
 def layer_schedule(cfg: TextConfig):
-  """("periodic", before, period, blocks) when the stack is `blocks` repeats of [self x before, cross,
-  self x (period - before - 1)]; otherwise ("irregular", runs) with runs a list of ("self", start, stop)
-  ranges over the self stack and ("cross", index) entries, in layer order."""
-  cross, n = cfg.cross_attention_layers, cfg.num_hidden_layers
-  if cross:
-    before = cross[0]
-    period = cross[1] - cross[0] if len(cross) > 1 else n
-    if before < period and n == len(cross) * period and all(c == before + i * period for i, c in enumerate(cross)):
-      return ("periodic", before, period, len(cross))
-  runs, self_index, run_start = [], 0, 0
-  for layer in range(n):
-    if layer in cross:
-      if self_index > run_start:
+    """("periodic", before, period, blocks) when the stack is `blocks` repeats of [self x before, cross,
+    self x (period - before - 1)]; otherwise ("irregular", runs) with runs a list of ("self", start, stop)
+    ranges over the self stack and ("cross", index) entries, in layer order."""
+    cross, n = cfg.cross_attention_layers, cfg.num_hidden_layers
+    if cross:
+        before = cross[0]
+        period = cross[1] - cross[0] if len(cross) > 1 else n
+        if before < period and n == len(cross) * period and all(c == before + i * period for i, c in enumerate(cross)):
+            return ("periodic", before, period, len(cross))
+    runs, self_index, run_start = [], 0, 0
+    for layer in range(n):
+        if layer in cross:
+            if self_index > run_start:
+                runs.append(("self", run_start, self_index))
+            runs.append(("cross", cross.index(layer)))
+            run_start = self_index
+        else:
+            self_index += 1
+    if self_index > run_start:
         runs.append(("self", run_start, self_index))
-      runs.append(("cross", cross.index(layer)))
-      run_start = self_index
-    else:
-      self_index += 1
-  if self_index > run_start:
-    runs.append(("self", run_start, self_index))
-  return ("irregular", runs)
+    return ("irregular", runs)
 
 
 class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs, remat: str = "none"):
+        self.cfg, self.remat = cfg, remat
+        d = cfg.hidden_size
+        self.embed_tokens = param(rngs, (cfg.embedding_rows, d), ("vocab", "embed"), dtype)
+        self.self_layers = stack_layers(
+            lambda r: SelfAttentionLayer(cfg, dtype, r), len(cfg.self_attention_layers), rngs
+        )
+        self.cross_layers = (
+            stack_layers(lambda r: CrossAttentionLayer(cfg, dtype, r), len(cfg.cross_attention_layers), rngs)
+            if cfg.cross_attention_layers
+            else None
+        )
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
+        self.lm_head = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), dtype)
 
-  def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs, remat: str = "none"):
-    self.cfg, self.remat = cfg, remat
-    d = cfg.hidden_size
-    self.embed_tokens = param(rngs, (cfg.embedding_rows, d), ("vocab", "embed"), dtype)
-    self.self_layers = stack_layers(lambda r: SelfAttentionLayer(cfg, dtype, r), len(cfg.self_attention_layers), rngs)
-    self.cross_layers = (stack_layers(lambda r: CrossAttentionLayer(cfg, dtype, r), len(cfg.cross_attention_layers),
-                                      rngs) if cfg.cross_attention_layers else None)
-    self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
-    self.lm_head = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), dtype)
+    def cross_kv(self, vision_states: jax.Array) -> dict:
+        """Keys/values of every cross-attention layer: {'k', 'v'} of [layers, B, N, K, hd]."""
+        graphdef, params = nnx.split(self.cross_layers)
+        k, v = jax.vmap(lambda p: nnx.merge(graphdef, p).kv(vision_states))(params)
+        return {"k": k, "v": v}
 
-  def cross_kv(self, vision_states: jax.Array) -> dict:
-    """Keys/values of every cross-attention layer: {'k', 'v'} of [layers, B, N, K, hd]."""
-    graphdef, params = nnx.split(self.cross_layers)
-    k, v = jax.vmap(lambda p: nnx.merge(graphdef, p).kv(vision_states))(params)
-    return {"k": k, "v": v}
+    def __call__(
+        self,
+        input_ids,
+        positions,
+        key_valid,
+        dtype,
+        *,
+        cache=None,
+        cache_index=None,
+        cross_kv=None,
+        cross_attention_mask=None,
+        num_vision_tokens_per_tile: int = 0,
+    ):
+        """input_ids, positions: [B, S]; key_valid: [B, T] (T = S without a cache, the cache length with one).
+        Returns (logits [B, S, V] fp32, updated cache or None)."""
+        b, s = input_ids.shape
+        cache_index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        query_slot = cache_index + jnp.arange(s)
+        causal = jnp.arange(key_valid.shape[1])[None, :] <= query_slot[:, None]
+        allowed = causal[None] & key_valid[:, None, :].astype(bool)
+        inv_freq = llama3_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_llama3_scaling)
+        cos, sin = rope_cos_sin(positions, inv_freq, dtype)
+        cross_bias = cross_rows = None
+        if cross_kv is not None and cross_attention_mask is not None:
+            cross_bias, cross_rows = cross_attention_bias(cross_attention_mask, num_vision_tokens_per_tile)
+        inputs = DecoderInputs(
+            cos=cos,
+            sin=sin,
+            self_bias=jnp.where(allowed, 0.0, MASK_VALUE)[:, None, None],
+            cache_index=cache_index,
+            cross_bias=cross_bias,
+            cross_rows=cross_rows,
+        )
 
-  def __call__(self, input_ids, positions, key_valid, dtype, *, cache=None, cache_index=None, cross_kv=None,
-               cross_attention_mask=None, num_vision_tokens_per_tile: int = 0):
-    """input_ids, positions: [B, S]; key_valid: [B, T] (T = S without a cache, the cache length with one).
-    Returns (logits [B, S, V] fp32, updated cache or None)."""
-    b, s = input_ids.shape
-    cache_index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-    query_slot = cache_index + jnp.arange(s)
-    causal = jnp.arange(key_valid.shape[1])[None, :] <= query_slot[:, None]
-    allowed = causal[None] & key_valid[:, None, :].astype(bool)
-    inv_freq = llama3_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_llama3_scaling)
-    cos, sin = rope_cos_sin(positions, inv_freq, dtype)
-    cross_bias = cross_rows = None
-    if cross_kv is not None and cross_attention_mask is not None:
-      cross_bias, cross_rows = cross_attention_bias(cross_attention_mask, num_vision_tokens_per_tile)
-    inputs = DecoderInputs(cos=cos, sin=sin, self_bias=jnp.where(allowed, 0.0, MASK_VALUE)[:, None, None],
-                           cache_index=cache_index, cross_bias=cross_bias, cross_rows=cross_rows)
+        x = self.embed_tokens[...][input_ids].astype(dtype)
+        x, cache = self._layers(x, inputs, cache, cross_kv)
+        x = self.norm(x)
+        return jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32), cache
 
-    x = self.embed_tokens[...][input_ids].astype(dtype)
-    x, cache = self._layers(x, inputs, cache, cross_kv)
-    x = self.norm(x)
-    return jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32), cache
+    def _layers(self, x, inputs: DecoderInputs, cache, cross_kv):
+        self_graph, self_params = nnx.split(self.self_layers)
+        cross_graph, cross_params = nnx.split(self.cross_layers) if self.cross_layers is not None else (None, None)
+        num_self = len(self.cfg.self_attention_layers)
+        layer_ids = jnp.arange(num_self, dtype=jnp.int32)
 
-  def _layers(self, x, inputs: DecoderInputs, cache, cross_kv):
-    self_graph, self_params = nnx.split(self.self_layers)
-    cross_graph, cross_params = nnx.split(self.cross_layers) if self.cross_layers is not None else (None, None)
-    num_self = len(self.cfg.self_attention_layers)
-    layer_ids = jnp.arange(num_self, dtype=jnp.int32)
+        def self_step(carry, xs):
+            h, kv_cache = carry
+            layer_params, layer_id = xs
+            layer = nnx.merge(self_graph, layer_params)
+            if kv_cache is None:
+                h, _ = layer(h, inputs, None)
+                return (h, None), None
+            own = (kv_cache["k"][layer_id], kv_cache["v"][layer_id])
+            h, (k, v) = layer(h, inputs, own)
+            kv_cache = {"k": kv_cache["k"].at[layer_id].set(k), "v": kv_cache["v"].at[layer_id].set(v)}
+            return (h, kv_cache), None
 
-    def self_step(carry, xs):
-      h, kv_cache = carry
-      layer_params, layer_id = xs
-      layer = nnx.merge(self_graph, layer_params)
-      if kv_cache is None:
-        h, _ = layer(h, inputs, None)
-        return (h, None), None
-      own = (kv_cache["k"][layer_id], kv_cache["v"][layer_id])
-      h, (k, v) = layer(h, inputs, own)
-      kv_cache = {"k": kv_cache["k"].at[layer_id].set(k), "v": kv_cache["v"].at[layer_id].set(v)}
-      return (h, kv_cache), None
+        self_step = maybe_remat(self_step, self.remat)
+        cross_step = maybe_remat(lambda h, p, kv: nnx.merge(cross_graph, p)(h, inputs, kv), self.remat)
 
-    self_step = maybe_remat(self_step, self.remat)
-    cross_step = maybe_remat(lambda h, p, kv: nnx.merge(cross_graph, p)(h, inputs, kv), self.remat)
+        def run_self(h, kv_cache, params, ids):
+            if ids.shape[0] == 0:
+                return h, kv_cache
+            return jax.lax.scan(self_step, (h, kv_cache), (params, ids))[0]
 
-    def run_self(h, kv_cache, params, ids):
-      if ids.shape[0] == 0:
-        return h, kv_cache
-      return jax.lax.scan(self_step, (h, kv_cache), (params, ids))[0]
+        take = lambda tree, sl: jax.tree.map(lambda a: a[sl], tree)
+        schedule = layer_schedule(self.cfg)
+        if schedule[0] == "periodic":
+            _, before, period, blocks = schedule
+            per_block = period - 1
+            block_self = jax.tree.map(lambda a: a.reshape(blocks, per_block, *a.shape[1:]), self_params)
 
-    take = lambda tree, sl: jax.tree.map(lambda a: a[sl], tree)
-    schedule = layer_schedule(self.cfg)
-    if schedule[0] == "periodic":
-      _, before, period, blocks = schedule
-      per_block = period - 1
-      block_self = jax.tree.map(lambda a: a.reshape(blocks, per_block, *a.shape[1:]), self_params)
+            def block(carry, xs):
+                h, kv_cache = carry
+                self_p, cross_p, ids, kv = xs
+                h, kv_cache = run_self(h, kv_cache, take(self_p, slice(0, before)), ids[:before])
+                if cross_kv is not None:
+                    h = cross_step(h, cross_p, (kv["k"], kv["v"]))
+                h, kv_cache = run_self(h, kv_cache, take(self_p, slice(before, None)), ids[before:])
+                return (h, kv_cache), None
 
-      def block(carry, xs):
-        h, kv_cache = carry
-        self_p, cross_p, ids, kv = xs
-        h, kv_cache = run_self(h, kv_cache, take(self_p, slice(0, before)), ids[:before])
-        if cross_kv is not None:
-          h = cross_step(h, cross_p, (kv["k"], kv["v"]))
-        h, kv_cache = run_self(h, kv_cache, take(self_p, slice(before, None)), ids[before:])
-        return (h, kv_cache), None
+            xs = (block_self, cross_params, layer_ids.reshape(blocks, per_block), cross_kv)
+            return jax.lax.scan(block, (x, cache), xs)[0]
 
-      xs = (block_self, cross_params, layer_ids.reshape(blocks, per_block), cross_kv)
-      return jax.lax.scan(block, (x, cache), xs)[0]
-
-    for run in schedule[1]:
-      if run[0] == "self":
-        x, cache = run_self(x, cache, take(self_params, slice(run[1], run[2])), layer_ids[run[1]:run[2]])
-      elif cross_kv is not None:
-        x = cross_step(x, take(cross_params, run[1]), (cross_kv["k"][run[1]], cross_kv["v"][run[1]]))
-    return x, cache
+        for run in schedule[1]:
+            if run[0] == "self":
+                x, cache = run_self(x, cache, take(self_params, slice(run[1], run[2])), layer_ids[run[1] : run[2]])
+            elif cross_kv is not None:
+                x = cross_step(x, take(cross_params, run[1]), (cross_kv["k"][run[1]], cross_kv["v"][run[1]]))
+        return x, cache
 
 
 def cross_attention_bias(cross_attention_mask: jax.Array, tokens_per_tile: int):
-  """[B, S, images, tiles] 0/1 mask -> (additive bias [B, 1, 1, S, images * tiles * tokens], row gate [B, S, 1]).
+    """[B, S, images, tiles] 0/1 mask -> (additive bias [B, 1, 1, S, images * tiles * tokens], row gate [B, S, 1]).
 
-  A text token that sees no tile at all gets a zero bias (it attends uniformly to every vision token) and
-  its cross-attention MLP output is zeroed, which is what the reference computes.
-  """
-  b, s = cross_attention_mask.shape[:2]
-  tiles = cross_attention_mask.reshape(b, s, -1).astype(bool)
-  rows = jnp.any(tiles, axis=-1, keepdims=True)
-  bias = jnp.where(tiles | ~rows, 0.0, MASK_VALUE)
-  bias = jnp.broadcast_to(bias[..., None], (*bias.shape, tokens_per_tile)).reshape(b, s, -1)
-  return bias[:, None, None], rows
+    A text token that sees no tile at all gets a zero bias (it attends uniformly to every vision token) and
+    its cross-attention MLP output is zeroed, which is what the reference computes.
+    """
+    b, s = cross_attention_mask.shape[:2]
+    tiles = cross_attention_mask.reshape(b, s, -1).astype(bool)
+    rows = jnp.any(tiles, axis=-1, keepdims=True)
+    bias = jnp.where(tiles | ~rows, 0.0, MASK_VALUE)
+    bias = jnp.broadcast_to(bias[..., None], (*bias.shape, tokens_per_tile)).reshape(b, s, -1)
+    return bias[:, None, None], rows
