@@ -230,15 +230,23 @@ class MllamaImageProcessor:
         tiles = canvas.reshape(rows, self.tile_size, cols, self.tile_size, 3).transpose(0, 2, 4, 1, 3)
         return np.ascontiguousarray(tiles.reshape(rows * cols, 3, self.tile_size, self.tile_size)), (rows, cols)
 
-    def normalize(self, uint8_pixels: np.ndarray) -> np.ndarray:
-        """Rescale and normalise uint8 pixels [..., 3, H, W] to float32 (numpy twin of normalize_on_device)."""
-        pixels = uint8_pixels.astype(np.float32)
+    def normalize(self, uint8_pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rescale and normalise uint8 pixels [..., 3, H, W] to float32 (numpy twin of normalize_on_device).
+
+        Works in place on one float32 array (`out` if given, e.g. a slot of the batch array, else a new one), so a
+        4-tile sample makes no full-size temporaries. Same float32 operations in the same order as
+        `(x * rescale - mean) / std`, so the result is bit-identical to that expression.
+        """
+        if out is None:
+            pixels = uint8_pixels.astype(np.float32)
+        else:
+            pixels = out
+            pixels[...] = uint8_pixels
         if self.do_rescale:
-            pixels = pixels * np.float32(self.rescale_factor)
+            pixels *= np.float32(self.rescale_factor)
         if self.do_normalize:
-            mean = np.asarray(self.image_mean, np.float32)[:, None, None]
-            std = np.asarray(self.image_std, np.float32)[:, None, None]
-            pixels = (pixels - mean) / std
+            pixels -= np.asarray(self.image_mean, np.float32)[:, None, None]
+            pixels /= np.asarray(self.image_std, np.float32)[:, None, None]
         return pixels
 
     def __call__(self, images, return_uint8: bool = False) -> dict:
@@ -264,7 +272,10 @@ class MllamaImageProcessor:
             sample_tiles = []
             for i, image in enumerate(sample):
                 tiles, grid = self.tile_image(image, where=f"image {i} of sample {b}")
-                pixel_values[b, i, : len(tiles)] = tiles if return_uint8 else self.normalize(tiles)
+                if return_uint8:
+                    pixel_values[b, i, : len(tiles)] = tiles
+                else:
+                    self.normalize(tiles, out=pixel_values[b, i, : len(tiles)])
                 aspect_ratio_ids[b, i] = grids.index(grid) + 1
                 aspect_ratio_mask[b, i, : len(tiles)] = 1
                 sample_tiles.append(len(tiles))
