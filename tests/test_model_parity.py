@@ -110,9 +110,11 @@ def test_periodic_schedule_of_the_real_models():
 def test_bf16_parity(pair, tmp_path):
     """bf16 weights and activations against the fp32 reference.
 
-    bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per op); through ~10 layers of matmuls with
-    fp32 accumulation the logits drift by a few percent of their scale, so we bound the error relative to
-    the logit scale at 5% and require the argmax to agree on most positions."""
+    bf16 keeps 8 significand bits: each rounding of weights and activations is off by up to 2^-9 ~ 2e-3
+    relative. Roughly a dozen roundings compound along the path to a logit (weights, each residual add,
+    norm outputs, attention probabilities), so errors of ~1% of the logit scale are expected; measured
+    0.6-1.0% on every parity case (benchmarks/parity_table.py). The bound is 3% of the largest |logit|,
+    3x that, and the argmax must agree on at least 90% of positions."""
     path = save_hf_checkpoint(pair.hf, pair.config, str(tmp_path / "hf"))
     bf16 = from_hf(path, dtype="bfloat16")
     inputs = random_inputs(pair.config, np.random.default_rng(9), 2, 12, [1, 1], [[4], [2]])
@@ -120,5 +122,5 @@ def test_bf16_parity(pair, tmp_path):
     ours = np.asarray(_logits(bf16, inputs)).astype(np.float32)
     assert jax.tree.leaves(nnx.state(bf16, nnx.Param))[0].dtype == jnp.bfloat16
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
-    assert rel < 0.05, rel
+    assert rel < 0.03, rel
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
