@@ -40,7 +40,7 @@ SIDE_FILES = (
 
 Params = dict[tuple[str, ...], np.ndarray]
 # Arrays are written in chunks of at most this size, so the writer's buffers stay small next to the model.
-_CHUNK_BYTES = 32 * 2**20
+_CHUNK_BYTES = 8 * 2**20
 
 
 @contextlib.contextmanager
@@ -104,7 +104,7 @@ def save_checkpoint(
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
     )
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=0.25, use_ocdbt=False)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=0.05, use_ocdbt=False)
     params = {path: np.asarray(value) for path, value in params.items()}
     with atomic_directory(out_dir, overwrite) as tmp:
         tree = _nested(params)
