@@ -1,0 +1,78 @@
+"""`mode = "infer"`: answer one question about an image (or none) with a search method; see configs/infer.py."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import sys
+
+import numpy as np
+
+from llava_cot_jax.data import chat
+from llava_cot_jax.generate import stage_search
+from llava_cot_jax.generate import stop as stop_lib
+
+
+class TokenPrinter:
+    """Writes row 0's tokens to a stream as they arrive, decoding bytes incrementally (UTF-8 safe)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.vocab_bytes = stop_lib.token_bytes(tokenizer)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.out = out
+
+    def __call__(self, tokens: np.ndarray, active: np.ndarray) -> None:
+        token = int(tokens[0])
+        if active[0] and 0 <= token < len(self.vocab_bytes):
+            self.out.write(self.decoder.decode(self.vocab_bytes[token]))
+            self.out.flush()
+
+
+def load(checkpoint: str, dtype: str):
+    from llava_cot_jax.data.processor import MllamaProcessor
+    from llava_cot_jax.models.mllama.params import from_hf
+
+    if not checkpoint or not os.path.isdir(checkpoint):
+        raise SystemExit(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
+    return from_hf(checkpoint, dtype=dtype), MllamaProcessor.from_pretrained(checkpoint)
+
+
+def run(config) -> int:
+    import PIL.Image
+
+    if not config.question:
+        raise SystemExit("--config.question is required")
+    images = []
+    for path in [p for p in config.image.split(",") if p]:
+        if not os.path.isfile(path):
+            raise SystemExit(f"image not found: {path}")
+        images.append(PIL.Image.open(path).convert("RGB"))
+    model, processor = load(config.checkpoint, config.dtype)
+    search_config = stage_search.SearchConfig.from_config(
+        {k: (v if v != "" else None) for k, v in config.items()})
+
+    interactive = config.stream and sys.stdout.isatty()
+    on_token = TokenPrinter(processor.tokenizer) if interactive else None
+
+    def on_stage(_, stage, text):
+        if interactive and search_config.method not in ("greedy", "sample"):
+            print(text, end="", flush=True)  # stage search: each accepted stage as it is decided
+
+    searcher = stage_search.Searcher(model, processor, search_config, on_stage=on_stage, on_token=on_token)
+    result = searcher.ask([config.question], [images] if images else None)[0]
+    if interactive:
+        print()
+    if config.show_stages:
+        for stage in chat.STAGES:
+            if stage in result.stages:
+                print(f"{stage}: {result.stages[stage]}")
+        if not result.stages:
+            print(result.text)
+    else:
+        print(result.conclusion)
+    if config.trace:
+        with open(config.trace, "w") as f:
+            json.dump({"config": search_config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings},
+                      f, indent=1, default=str)
+    return 0

@@ -1,0 +1,481 @@
+"""Jitted prefill + while-loop decode with a KV cache, and the HF-shaped `generate`.
+
+Layout. Prompts are left-padded into a shape bucket so a handful of compiled programs serve every length.
+All rows write the same cache slot at each step (`DecodeState.cursor`); a row that has finished keeps
+stepping but marks its slots invalid, so a cache may have holes and stays correct (attention masks by
+`key_valid`, RoPE uses per-row `positions`). That is what lets stage search continue any row of a batch
+from wherever the previous stage left it without re-running its prefix.
+
+Decoding is one `lax.while_loop` per call: sample → check EOS / stop strings (on the byte suffix, see
+`stop.py`) / budget → run the new token through the model. No host round trip per token, the cache is
+donated, and the loop exits as soon as every row is done. Image keys/values (`cross_kv`) are computed
+once by `encode` and passed in; rows of the batch may share them (`jnp.take` on axis 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_cot_jax.generate import stop as stop_lib
+
+# finish reasons per row
+RUNNING, FINISH_EOS, FINISH_STOP, FINISH_BUDGET = 0, 1, 2, 3
+FINISH_NAMES = {RUNNING: "running", FINISH_EOS: "eos", FINISH_STOP: "stop", FINISH_BUDGET: "budget"}
+
+
+def bucket_length(n: int, minimum: int = 32) -> int:
+    """Shape bucket for a length: powers of two up to 1024, then multiples of 512."""
+    if n <= 1024:
+        return max(minimum, 1 << max(0, n - 1).bit_length())
+    return -(-n // 512) * 512
+
+
+# --- state ---------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Everything needed to continue decoding a batch of rows.
+
+    cache: {'k','v'} [layers, B, L, KVH, Dh]; key_valid: [B, L] slots holding real tokens; cursor: int32 slot
+    the next token is written to (shared by all rows); positions: [B] RoPE position of each row's next token;
+    logits: [B, V] float32 logits for each row's next token; xmask: [B, 1, I, T] the tiles a new token sees
+    (the last prompt row, as transformers repeats it) or a [B, 1, 1, 1] dummy without images.
+    """
+
+    cache: dict
+    key_valid: jax.Array
+    cursor: jax.Array
+    positions: jax.Array
+    logits: jax.Array
+    xmask: jax.Array
+
+    @property
+    def cache_len(self) -> int:
+        return self.key_valid.shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeOutput:
+    tokens: jax.Array  # [B, T] int32, pad after a row finished
+    num_tokens: jax.Array  # [B] tokens each row produced (EOS included)
+    finish: jax.Array  # [B] RUNNING / FINISH_*
+    stop_index: jax.Array  # [B] which stop string ended the row (-1 if none)
+    logprob_sum: jax.Array  # [B] sum of log p(token) at temperature 1 over the row's tokens (EOS excluded)
+    steps: jax.Array  # scalar: loop iterations run (= slots consumed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. Defaults are transformers' (`top_k=50` applies whenever sampling)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+
+    def __post_init__(self):
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    def static(self) -> tuple[bool, bool, bool]:
+        """What changes the program: sampling at all, and whether the top-k / top-p filters apply."""
+        return (self.do_sample, self.do_sample and self.top_k > 0, self.do_sample and self.top_p < 1.0)
+
+    def values(self) -> jax.Array:
+        return jnp.asarray([self.temperature, self.top_p, float(self.top_k)], jnp.float32)
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, flags: tuple[bool, bool, bool], values: jax.Array) -> jax.Array:
+    """Next token per row. transformers' warper order: temperature → top-k → top-p (keeps ≥ 1 token)."""
+    do_sample, use_top_k, use_top_p = flags
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temperature, top_p, top_k = values[0], values[1], values[2].astype(jnp.int32)
+    scaled = logits / temperature
+    if use_top_k or use_top_p:
+        order = jnp.argsort(-scaled, axis=-1)
+        ranked = jnp.take_along_axis(scaled, order, axis=-1)
+        rank = jnp.arange(scaled.shape[-1])[None, :]
+        if use_top_k:
+            ranked = jnp.where(rank < top_k, ranked, -jnp.inf)
+        if use_top_p:
+            probs = jax.nn.softmax(ranked, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            ranked = jnp.where((mass_before < top_p) | (rank == 0), ranked, -jnp.inf)
+        choice = jax.random.categorical(key, ranked, axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+# --- streaming (host callback, only compiled in when asked for) ----------------------------------------------
+
+_STREAM_TARGET: list[Callable[[np.ndarray, np.ndarray], None]] = []
+
+
+def _stream_dispatch(tokens, active):
+    if _STREAM_TARGET:
+        _STREAM_TARGET[-1](np.asarray(tokens), np.asarray(active))
+
+
+@contextlib.contextmanager
+def streaming(callback: Callable[[np.ndarray, np.ndarray], None]):
+    """Within the block, decode loops compiled with `stream=True` call `callback(tokens [B], active [B])` per step."""
+    _STREAM_TARGET.append(callback)
+    try:
+        yield
+    finally:
+        _STREAM_TARGET.pop()
+
+
+# --- jitted programs -----------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def encode(graphdef, params, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+    """Vision tower + projector + every cross-attention layer's K/V, once per image batch."""
+    model = nnx.merge(graphdef, params)
+    return model.cross_kv(model.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def prefill(graphdef, params, input_ids, attention_mask, cross_kv, cross_attention_mask, *, cache_len: int) -> DecodeState:
+    """Runs left-padded prompts [B, S] into a fresh cache of `cache_len` slots; returns the decode state.
+
+    Positions follow transformers (`cumsum(attention_mask) - 1`), so extra left padding changes nothing.
+    """
+    model = nnx.merge(graphdef, params)
+    b, s = input_ids.shape
+    mask = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    key_valid = jnp.zeros((b, cache_len), bool).at[:, :s].set(mask)
+    cache = model.init_cache(b, cache_len)
+    xmask = cross_attention_mask if cross_kv is not None else None
+    logits, cache = model.forward_cached(input_ids, positions, cache, jnp.int32(0), key_valid, cross_kv, xmask)
+    last_xmask = xmask[:, -1:] if xmask is not None else jnp.zeros((b, 1, 1, 1), jnp.int32)
+    return DecodeState(
+        cache=cache,
+        key_valid=key_valid,
+        cursor=jnp.int32(s),
+        positions=jnp.sum(mask, axis=1).astype(jnp.int32),
+        logits=logits[:, -1].astype(jnp.float32),
+        xmask=last_xmask.astype(jnp.int32),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new", "flags", "pad_id", "stream"),
+    donate_argnames=("state",),
+)
+def decode(
+    graphdef,
+    params,
+    state: DecodeState,
+    key: jax.Array,
+    sampling_values: jax.Array,
+    table: stop_lib.StopTable,
+    eos_ids: jax.Array,
+    cross_kv,
+    budget: jax.Array,
+    active: jax.Array,
+    keep_last: jax.Array,
+    *,
+    max_new: int,
+    flags: tuple[bool, bool, bool],
+    pad_id: int,
+    stream: bool = False,
+) -> tuple[DecodeState, DecodeOutput]:
+    """Decodes up to `min(budget, max_new)` tokens per row in one while loop.
+
+    A row stops at an EOS id (not written to the cache), at a stop string (the token completing it is
+    written, so a later call continues right after it), or at the budget. `keep_last` also runs the
+    final token of a budget-cut row through the model, which a continuation needs but plain generation
+    does not. `eos_ids` may hold -1 entries (no EOS). Rows with `active` false [B] do nothing.
+    """
+    model = nnx.merge(graphdef, params)
+    b = state.positions.shape[0]
+    budget = jnp.minimum(budget, jnp.minimum(max_new, state.cache_len - state.cursor))
+    window, filled = stop_lib.init_window(b, table)
+    xmask = state.xmask if cross_kv is not None else None
+
+    def cond(carry):
+        i, _, _, done, *_ = carry
+        return (i < budget) & ~jnp.all(done)
+
+    def body(carry):
+        i, st, out, done, window, filled = carry
+        logp = jax.nn.log_softmax(st.logits, axis=-1)
+        token = sample_tokens(st.logits, jax.random.fold_in(key, i), flags, sampling_values)
+        token = jnp.where(done, pad_id, token)
+        is_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1) & ~done
+        window, filled, hit = stop_lib.step(table, window, filled, token)
+        hit_any = jnp.any(hit, axis=-1) & ~done & ~is_eos
+        last = (i + 1 >= budget) & ~done & ~is_eos & ~hit_any
+        finish = jnp.where(is_eos, FINISH_EOS, jnp.where(hit_any, FINISH_STOP, jnp.where(last, FINISH_BUDGET, out.finish)))
+        new_done = done | is_eos | hit_any | last
+        write = ~done & ~is_eos  # EOS ends a row without entering its context
+        out = DecodeOutput(
+            tokens=out.tokens.at[:, i].set(token),
+            num_tokens=out.num_tokens + (~done).astype(jnp.int32),
+            finish=finish,
+            stop_index=jnp.where(hit_any, jnp.argmax(hit, axis=-1), out.stop_index),
+            logprob_sum=out.logprob_sum + jnp.where(write, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0),
+            steps=i + 1,
+        )
+        if stream:
+            jax.debug.callback(_stream_dispatch, token, ~done, ordered=True)
+
+        def run_model(st):
+            key_valid = st.key_valid.at[:, st.cursor].set(write)
+            logits, cache = model.forward_cached(
+                token[:, None], st.positions[:, None], st.cache, st.cursor, key_valid, cross_kv, xmask
+            )
+            return DecodeState(
+                cache=cache,
+                key_valid=key_valid,
+                cursor=st.cursor + 1,
+                positions=st.positions + write.astype(jnp.int32),
+                logits=jnp.where(write[:, None], logits[:, 0], st.logits),
+                xmask=st.xmask,
+            )
+
+        # The model step is needed while any row goes on, or to absorb stop tokens / cut rows for a continuation.
+        needed = jnp.any(~new_done) | jnp.any(hit_any) | (keep_last & jnp.any(last))
+        st = jax.lax.cond(needed, run_model, lambda st: st, st)
+        return i + 1, st, out, new_done, window, filled
+
+    out = DecodeOutput(
+        tokens=jnp.full((b, max_new), pad_id, jnp.int32),
+        num_tokens=jnp.zeros((b,), jnp.int32),
+        finish=jnp.zeros((b,), jnp.int32),
+        stop_index=jnp.full((b,), -1, jnp.int32),
+        logprob_sum=jnp.zeros((b,), jnp.float32),
+        steps=jnp.int32(0),
+    )
+    done = (budget <= 0) | ~active  # inactive rows (e.g. finished questions) take no part
+    carry = (jnp.int32(0), state, out, done, window, filled)
+    _, state, out, _, _, _ = jax.lax.while_loop(cond, body, carry)
+    return state, out
+
+
+def _select_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
+    take = lambda x: jnp.take(x, rows, axis=0)
+    return DecodeState(
+        cache=jax.tree.map(lambda x: jnp.take(x, rows, axis=1), state.cache),
+        key_valid=take(state.key_valid),
+        cursor=state.cursor,
+        positions=take(state.positions),
+        logits=take(state.logits),
+        xmask=take(state.xmask),
+    )
+
+
+# Row r of the result is row `rows[r]` of `state`: every candidate ← its question's winner (same shape, the
+# old state is donated), or a question's prefix copied to its N candidate rows (`expand_rows`, a new shape).
+select_rows = jax.jit(_select_rows, donate_argnames=("state",))
+expand_rows = jax.jit(_select_rows)
+
+
+@jax.jit
+def take_rows(tree, rows: jax.Array):
+    """Rows of a cross-attention K/V tree (axis 1), e.g. one copy of an image's K/V per candidate."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1), tree)
+
+
+def compile_count() -> int:
+    """How many programs the jitted entry points above hold (for tests that count compilations)."""
+    return sum(f._cache_size() for f in (encode, prefill, decode, select_rows, expand_rows, take_rows))
+
+
+# --- host-side helpers ---------------------------------------------------------------------------------------
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, bucket: int, pad_id: int, *extra):
+    """Left-pads each row of [B, S] arrays into [B, bucket], moving right padding (if any) to the left.
+
+    `extra` arrays share the first two axes with input_ids and are padded with zeros.
+    """
+    b, s = input_ids.shape
+    if bucket < s:
+        raise ValueError(f"bucket {bucket} < prompt length {s}")
+    lengths = attention_mask.sum(axis=1)
+    ids = np.full((b, bucket), pad_id, input_ids.dtype)
+    mask = np.zeros((b, bucket), np.int32)
+    extras = [np.zeros((b, bucket) + e.shape[2:], e.dtype) for e in extra]
+    for r in range(b):
+        keep = np.flatnonzero(attention_mask[r])
+        n = len(keep)
+        if n == 0:
+            raise ValueError(f"row {r} has no tokens")
+        ids[r, bucket - n :] = input_ids[r, keep]
+        mask[r, bucket - n :] = 1
+        for src, dst in zip(extra, extras):
+            dst[r, bucket - n :] = src[r, keep]
+    return ids, mask, lengths, extras
+
+
+class Sampler:
+    """A model prepared for decoding: its split parameters, stop tables and EOS/pad ids.
+
+    The parameters are split once; every jitted program is keyed on the (hashable) graph definition, so
+    several Samplers over models of the same shape share compiled code.
+    """
+
+    def __init__(self, model, tokenizer=None, eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None):
+        self.model = model
+        self.graphdef, self.params = nnx.split(model)
+        text = model.config.text
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(text.eos_token_id if eos_token_ids is None else eos_token_ids)
+        self.pad_token_id = text.pad_token_id if pad_token_id is None else pad_token_id
+        self.vocab_size = text.vocab_size
+        self._vocab_bytes = None
+        self._tables: dict[tuple[str, ...], stop_lib.StopTable] = {}
+
+    # stop tables are built once per set of strings and padded to a common shape (one compiled loop)
+    STOP_WINDOW, STOP_SLOTS = 32, 4
+
+    def stop_table(self, stop_strings: Sequence[str] = ()) -> stop_lib.StopTable:
+        key = tuple(stop_strings)
+        if key not in self._tables:
+            if self._vocab_bytes is None:
+                if self.tokenizer is None:
+                    vocab = [b""] * self.vocab_size
+                    if key:
+                        raise ValueError("stop strings need a tokenizer")
+                else:
+                    vocab = stop_lib.token_bytes(self.tokenizer)[: self.vocab_size]
+                    vocab += [b""] * (self.vocab_size - len(vocab))
+                self._vocab_bytes = vocab
+            window = max(self.STOP_WINDOW, max([len(s.encode()) for s in key], default=1))
+            slots = max(self.STOP_SLOTS, len(key))
+            self._tables[key] = stop_lib.build_stop_table(self._vocab_bytes, key, window=window, num_slots=slots)
+        return self._tables[key]
+
+    def eos_array(self, eos_ids: Sequence[int] | None) -> jax.Array:
+        ids = list(eos_ids or [])
+        return jnp.asarray((ids + [-1] * 4)[: max(4, len(ids))], jnp.int32)
+
+    def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+        if aspect_ratio_mask is None:
+            aspect_ratio_mask = np.ones(np.shape(pixel_values)[:3], np.int32)
+        return encode(self.graphdef, self.params, jnp.asarray(pixel_values), jnp.asarray(aspect_ratio_ids),
+                      jnp.asarray(aspect_ratio_mask))
+
+    def prefill(self, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, *, cache_len: int):
+        if cross_kv is not None and cross_attention_mask is None:
+            raise ValueError("cross_attention_mask is required with images")
+        xmask = None if cross_kv is None else jnp.asarray(cross_attention_mask)
+        return prefill(self.graphdef, self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask), cross_kv,
+                       xmask, cache_len=cache_len)
+
+    def decode(self, state, *, max_new: int, sampling: Sampling, seed: int | jax.Array = 0, stop_strings=(),
+               eos_ids: Sequence[int] | None = (), cross_kv=None, budget: int | None = None, keep_last=False,
+               stream=False, active=None):
+        key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+        active = jnp.ones(state.positions.shape, bool) if active is None else jnp.asarray(active, bool)
+        return decode(
+            self.graphdef, self.params, state, key, sampling.values(), self.stop_table(stop_strings),
+            self.eos_array(eos_ids), cross_kv, jnp.int32(max_new if budget is None else budget), active,
+            jnp.bool_(keep_last), max_new=max_new, flags=sampling.static(), pad_id=int(self.pad_token_id),
+            stream=stream,
+        )
+
+
+_DEFAULT = object()
+
+
+def generate(
+    model,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    aspect_ratio_ids=None,
+    aspect_ratio_mask=None,
+    cross_attention_mask=None,
+    *,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    eos_token_id: Any = _DEFAULT,
+    pad_token_id: int | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    tokenizer=None,
+    seed: int = 0,
+    streamer: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    sampler: Sampler | None = None,
+    return_dict: bool = False,
+    **unused,
+):
+    """transformers-style generation: returns token ids [batch, prompt + new] (numpy int32).
+
+    Inputs are the processor's keys. Prompts are left-aligned (right padding is moved to the left) and
+    padded into a length bucket. `eos_token_id` defaults to the model config's EOS ids; `None` runs the
+    full `max_new_tokens`. Rows that finish early are filled with `pad_token_id`; the result is as long as
+    the longest row, as transformers returns it. `stop_strings` (needs `tokenizer`) end a row at the token
+    that completes the string. `streamer(tokens [B], active [B])` is called on the host at every step.
+    With `return_dict=True` returns a dict with `sequences` and per-row `num_tokens`, `finish`.
+    """
+    unknown = {k for k, v in unused.items() if v is not None and k not in ("use_cache", "num_beams")}
+    if unknown or unused.get("num_beams", 1) not in (1, None):
+        raise TypeError(f"unsupported generate arguments: {sorted(unknown) or 'num_beams'}")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    sampler = sampler or Sampler(model, tokenizer=tokenizer, pad_token_id=pad_token_id)
+    if eos_token_id is _DEFAULT:
+        eos_ids = sampler.eos_token_ids
+    elif eos_token_id is None:
+        eos_ids = ()
+    else:
+        eos_ids = (eos_token_id,) if np.isscalar(eos_token_id) else tuple(eos_token_id)
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    b, s = input_ids.shape
+    bucket = bucket_length(s)
+    has_images = pixel_values is not None
+    extra = [np.asarray(cross_attention_mask)] if has_images else []
+    if has_images and cross_attention_mask is None:
+        raise ValueError("cross_attention_mask is required with pixel_values")
+    ids, mask, _, extras = left_align(input_ids, attention_mask, bucket, sampler.pad_token_id, *extra)
+
+    cross_kv = sampler.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask) if has_images else None
+    state = sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None,
+                            cache_len=bucket + max_new_tokens)
+    sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p if do_sample else 1.0, top_k=top_k)
+    context = streaming(streamer) if streamer else contextlib.nullcontext()
+    with context:
+        _, out = sampler.decode(state, max_new=max_new_tokens, sampling=sampling, seed=seed,
+                                stop_strings=tuple(stop_strings or ()), eos_ids=eos_ids, cross_kv=cross_kv,
+                                stream=streamer is not None)
+    steps = int(out.steps)
+    new = np.asarray(out.tokens[:, :steps])
+    prompt = ids[:, bucket - s :]
+    if not np.array_equal(mask[:, bucket - s :].sum(1), mask.sum(1)):
+        raise AssertionError("left alignment lost tokens")
+    sequences = np.concatenate([prompt, new], axis=1)
+    if return_dict:
+        return {"sequences": sequences, "num_tokens": np.asarray(out.num_tokens), "finish": np.asarray(out.finish)}
+    return sequences

@@ -1,0 +1,384 @@
+"""Stage-level beam search (LLaVA-CoT) and the paper's baselines, over the jitted sampler.
+
+For each stage SUMMARY → CAPTION → REASONING → CONCLUSION, a batch of B questions × N candidates decodes
+as one batch of B·N rows that continue the accepted prefix from the KV cache (no prefix is ever re-run),
+each ending at the stage's closing tag. The model then judges its own candidates in a knock-out
+tournament (`judge.knockout`): every round's comparisons, over all questions, are one batched
+prefill + decode that reuses the image's cross-attention K/V computed once per question. For the
+reasoning stage each candidate is first screened for mistakes (one batched text-only call). The winner's
+cache row is copied into all N rows and the next stage starts from it.
+
+Host round trips are per stage, not per token: one to read the candidates, one per tournament round
+(log2 N), one for the screen. The judge prompts are text built from candidate text (they must be
+user-overridable templates), so they are assembled and parsed on the host between those calls.
+
+Baselines share the machinery: `greedy` / `sample` (one answer), `best_of_n` (N whole answers, one
+tournament), `sentence` (sentence-level beam: N next sentences, tournament, repeat).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_cot_jax.data import chat
+from llava_cot_jax.generate import judge as judge_lib
+from llava_cot_jax.generate import sampler as sampler_lib
+
+METHODS = ("stage", "best_of_n", "sentence", "greedy", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Search settings; defaults follow the paper's code (temperature 0.6, top-p 0.9, transformers' top-k 50)."""
+
+    method: str = "stage"
+    num_candidates: int = 4  # N (the paper's tables use 2, its code 10)
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 50
+    stage_max_new_tokens: int = 512  # budget of one stage candidate; a candidate still open there is cut
+    max_new_tokens: int = 2048  # budget of a whole answer (greedy, sample, best_of_n, sentence)
+    sentence_max_new_tokens: int = 96  # budget of one sentence (sentence beam)
+    judge_max_new_tokens: int = 128
+    judge_do_sample: bool = True  # the paper samples judge replies with the same settings
+    judge_min_bucket: int = 256  # judge prompts are padded to ≥ this many tokens (fewer shape buckets)
+    seed: int = 0
+    prompts_file: str | None = None  # JSON overriding judge.JudgePrompts
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.num_candidates < 1:
+            raise ValueError("num_candidates must be >= 1")
+        for name in ("stage_max_new_tokens", "max_new_tokens", "sentence_max_new_tokens", "judge_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "SearchConfig":
+        """From an ml_collections config (or dict): these field names, with `search` naming the method."""
+        cfg = dict(cfg)
+        kwargs = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if cfg.get(f.name) is not None}
+        if cfg.get("search") is not None:
+            kwargs["method"] = cfg["search"]
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    question: str
+    text: str  # the accepted answer as generated (all stages)
+    stages: dict[str, str]  # stage → content of the accepted candidate (also a cut one)
+    conclusion: str
+    trace: list[dict]  # per step: candidates, matches (judge replies, verdicts, rules), winner
+    num_host_syncs: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stage_content(text: str, stage: str) -> str:
+    """The text inside a stage's tags; without the open tag, everything before the close tag."""
+    start = text.find(chat.open_tag(stage))
+    start = 0 if start < 0 else start + len(chat.open_tag(stage))
+    end = text.find(chat.close_tag(stage), start)
+    return (text[start:] if end < 0 else text[start:end]).strip()
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Per-call state on the host side."""
+
+    questions: list[str]
+    num_tiles: list[list[int]] | None  # per question, per image; None without images
+    max_images: int  # the image axis of pixel_values (judge masks need the same shape)
+    cross_kv: Any  # [.., B, ..] or None
+    accepted: list[str]
+    stages: list[dict]
+    traces: list[list]
+    ended: np.ndarray  # [B] the question's answer is finished (EOS or conclusion accepted)
+
+
+class Searcher:
+    """Runs a `SearchConfig` over batches of questions with one model.
+
+    `processor` is a `llava_cot_jax.MllamaProcessor` (tokenizer + image processor). Use `ask(questions,
+    images)` with raw questions, or `__call__(inputs, questions)` with processor outputs of prompts you
+    rendered yourself (`questions` is then the plain text the judge is shown).
+    """
+
+    def __init__(self, model, processor, config: SearchConfig = SearchConfig(), prompts: judge_lib.JudgePrompts | None = None,
+                 judge_fn: Callable[[list[str], str], Sequence[str]] | None = None,
+                 on_stage: Callable[[int, str, str], None] | None = None,
+                 on_token: Callable[[np.ndarray, np.ndarray], None] | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.config = config
+        self.prompts = prompts or judge_lib.JudgePrompts.load(config.prompts_file)
+        self.sampler = sampler_lib.Sampler(model, tokenizer=self.tokenizer)
+        self.image_token_id = model.config.image_token_id
+        self.max_tiles = model.config.vision.max_num_tiles
+        self._judge_override = judge_fn  # (judge prompt texts, kind) -> replies, instead of the model
+        self.on_stage = on_stage  # (question index, stage, accepted text) after each step
+        self.on_token = on_token  # (tokens [rows], active [rows]) per decode step, single-candidate methods only
+        self.syncs = 0
+        self.timings: dict[str, float] = {}
+
+    # -- entry points ----------------------------------------------------------------------------------------
+
+    def ask(self, questions: Sequence[str], images: Sequence[Sequence[Any]] | None = None) -> list[SearchResult]:
+        """Render each question with the chat template (its images first), then search."""
+        if images is not None and len(images) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
+        prompts = []
+        for i, q in enumerate(questions):
+            parts = [{"type": "image"}] * (len(images[i]) if images is not None else 0) + [{"type": "text", "text": q}]
+            prompts.append(chat.render_prompt([{"role": "user", "content": parts}]))
+        has_images = images is not None and all(len(x) > 0 for x in images)
+        if images is not None and not has_images and any(len(x) > 0 for x in images):
+            raise ValueError("mix of questions with and without images in one batch; split the batch")
+        inputs = self.processor(images=list(images) if has_images else None, text=prompts, padding=True, bos="once")
+        return self(inputs, questions)
+
+    def __call__(self, inputs: dict, questions: Sequence[str]) -> list[SearchResult]:
+        cfg = self.config
+        input_ids = np.asarray(inputs["input_ids"])
+        if len(questions) != input_ids.shape[0]:
+            raise ValueError(f"{len(questions)} questions for a batch of {input_ids.shape[0]}")
+        self.syncs = 0
+        self.timings = {}
+        method = cfg.method
+        n = 1 if method in ("greedy", "sample") else cfg.num_candidates
+        batch, state = self._prefill(inputs, list(questions), n)
+        rows_kv = None if batch.cross_kv is None else sampler_lib.take_rows(batch.cross_kv, jnp.repeat(jnp.arange(len(questions)), n))
+        key = jax.random.key(cfg.seed)
+        self._rng = np.random.default_rng(cfg.seed)
+
+        if method == "stage":
+            for index, stage in enumerate(chat.STAGES):
+                state = self._step(batch, state, rows_kv, n, jax.random.fold_in(key, index), stage=stage,
+                                   stops=(chat.close_tag(stage),), budget=cfg.stage_max_new_tokens, kind=stage.lower())
+        elif method == "sentence":
+            used = 0
+            for index in range(cfg.max_new_tokens):
+                if batch.ended.all() or used >= cfg.max_new_tokens:
+                    break
+                before = int(state.cursor)
+                state = self._step(batch, state, rows_kv, n, jax.random.fold_in(key, index), stage=None,
+                                   stops=(".", chat.close_tag("CONCLUSION")),
+                                   budget=min(cfg.sentence_max_new_tokens, cfg.max_new_tokens - used), kind="sentence",
+                                   max_new=cfg.sentence_max_new_tokens)
+                used += int(state.cursor) - before
+                for b, text in enumerate(batch.accepted):
+                    if chat.close_tag("CONCLUSION") in text:
+                        batch.ended[b] = True
+        else:  # greedy, sample, best_of_n: one step over the whole answer
+            state = self._step(batch, state, rows_kv, n, key, stage=None, stops=(chat.close_tag("CONCLUSION"),),
+                               budget=cfg.max_new_tokens, kind="answer")
+
+        results = []
+        for b, q in enumerate(batch.questions):
+            text = batch.accepted[b]
+            stages = dict(batch.stages[b]) if method == "stage" else chat.split_stages(text)
+            conclusion = stages.get("CONCLUSION") if "CONCLUSION" in stages else chat.extract_conclusion(text)
+            results.append(SearchResult(q, text, stages, conclusion, batch.traces[b], self.syncs))
+        return results
+
+    # -- pieces ----------------------------------------------------------------------------------------------
+
+    def _sampling(self) -> sampler_lib.Sampling:
+        cfg = self.config
+        if cfg.method == "greedy":
+            return sampler_lib.Sampling(do_sample=False)
+        return sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+
+    def _total_budget(self) -> int:
+        cfg = self.config
+        if cfg.method == "stage":
+            return len(chat.STAGES) * cfg.stage_max_new_tokens
+        return cfg.max_new_tokens
+
+    def _prefill(self, inputs: dict, questions: list[str], n: int):
+        ids = np.asarray(inputs["input_ids"])
+        mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)))
+        b, s = ids.shape
+        bucket = sampler_lib.bucket_length(s)
+        has_images = inputs.get("pixel_values") is not None
+        extra = [np.asarray(inputs["cross_attention_mask"])] if has_images else []
+        ids, mask, _, extras = sampler_lib.left_align(ids, mask, bucket, self.sampler.pad_token_id, *extra)
+        cross_kv, num_tiles = None, None
+        if has_images:
+            ar_mask = np.asarray(inputs.get("aspect_ratio_mask", np.ones(np.shape(inputs["pixel_values"])[:3], np.int32)))
+            cross_kv = self.sampler.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask)
+            num_tiles = [[int(t) for t in row.sum(-1) if t > 0] for row in ar_mask]
+        state = self.sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None,
+                                     cache_len=bucket + self._total_budget())
+        state = sampler_lib.expand_rows(state, jnp.repeat(jnp.arange(b), n))
+        max_images = np.shape(inputs["pixel_values"])[1] if has_images else 0
+        batch = _Batch(questions, num_tiles, max_images, cross_kv, [""] * b, [{} for _ in range(b)], [[] for _ in range(b)],
+                       np.zeros(b, bool))
+        return batch, state
+
+    def _decode_text(self, tokens: np.ndarray) -> str:
+        vocab = len(self.tokenizer)
+        return self.tokenizer.decode([int(t) for t in tokens if 0 <= t < vocab], skip_special_tokens=True)
+
+    def _step(self, batch: _Batch, state, rows_kv, n: int, key, *, stage: str | None, stops, budget: int, kind: str,
+              max_new: int | None = None):
+        """Sample n candidates per question, run the tournament, make the winners every row's prefix."""
+        cfg = self.config
+        b = len(batch.questions)
+        t0 = time.perf_counter()
+        active = ~np.repeat(batch.ended, n)
+        stream = self.on_token is not None and n == 1
+        with sampler_lib.streaming(self.on_token) if stream else contextlib.nullcontext():
+            state, out = self.sampler.decode(state, max_new=max_new or budget, budget=budget, sampling=self._sampling(), seed=key,
+                                             stop_strings=stops, eos_ids=self.sampler.eos_token_ids, cross_kv=rows_kv,
+                                             keep_last=True, active=active, stream=stream)
+        steps = int(out.steps)  # host sync: candidates
+        self.syncs += 1
+        tokens = np.asarray(out.tokens[:, :steps])
+        num = np.asarray(out.num_tokens)
+        finish = np.asarray(out.finish)
+        logprob = np.asarray(out.logprob_sum)
+        self._tick("decode", t0)
+
+        groups, infos = [], []  # the tournament's view of each candidate, and what the trace records
+        for q in range(b):
+            cands, info = [], []
+            for j in range(n):
+                r = q * n + j
+                text = self._decode_text(tokens[r, : num[r]])
+                written = num[r] - (finish[r] == sampler_lib.FINISH_EOS)
+                shown = stage_content(text, stage) if stage else text.strip()
+                cands.append(judge_lib.Candidate(text=shown, closed=bool(finish[r] == sampler_lib.FINISH_STOP),
+                                                 mean_logprob=float(logprob[r] / max(written, 1))))
+                info.append({"text": text, "finish": sampler_lib.FINISH_NAMES[int(finish[r])], "num_tokens": int(num[r])})
+            groups.append(cands)
+            infos.append(info)
+
+        live = [q for q in range(b) if not batch.ended[q]]
+        if stage == "REASONING" and n > 1:
+            self._screen(batch, groups, infos, live)
+        winners = [0] * b
+        matches: list[judge_lib.Match] = []
+        if n > 1 and live:
+            t1 = time.perf_counter()
+            live_winners, matches = judge_lib.knockout(
+                [groups[q] for q in live], lambda ms: self._judge(batch, [groups[q] for q in live], live, ms, kind, stage),
+                self.prompts.parse_choice, self._rng)
+            for q, w in zip(live, live_winners):
+                winners[q] = w
+            for m in matches:
+                m.group = live[m.group]
+            self._tick("judge", t1)
+
+        for q in live:
+            win, info = groups[q][winners[q]], infos[q][winners[q]]
+            batch.accepted[q] += info["text"]
+            if stage:
+                batch.stages[q][stage] = win.text
+            if info["finish"] == "eos" or stage == "CONCLUSION":
+                batch.ended[q] = True  # the model ended its answer (or the last stage is in): nothing more to add
+            batch.traces[q].append({
+                "step": stage or kind, "winner": winners[q],
+                "candidates": [dict(i, shown_to_judge=c.text, closed=c.closed, mean_logprob=c.mean_logprob, screen=c.screen)
+                               for c, i in zip(groups[q], infos[q])],
+                "matches": [m.as_dict() for m in matches if m.group == q],
+            })
+            if self.on_stage:
+                self.on_stage(q, stage or kind, info["text"])
+        rows = jnp.asarray(np.repeat(np.arange(b) * n + np.asarray(winners), n))
+        return sampler_lib.select_rows(state, rows)
+
+    def _tick(self, name: str, t0: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def _hint(self, batch: _Batch, q: int, kind: str) -> str:
+        stages = batch.stages[q]
+        if kind == "reasoning":
+            return stages.get("CAPTION", "")
+        if kind == "conclusion":
+            return (stages.get("CAPTION", "") + "\n" + stages.get("REASONING", "")).strip()
+        if kind == "sentence":
+            return batch.accepted[q].strip()
+        return ""
+
+    def _screen(self, batch: _Batch, groups, infos, live: list[int]) -> None:
+        """Reasoning screen: one text-only judge call per candidate, all in one batch."""
+        rows = [(q, j) for q in live for j in range(len(groups[q]))]
+        texts = [self.prompts.screen_text(batch.questions[q], groups[q][j].text, self._hint(batch, q, "reasoning"))
+                 for q, j in rows]
+        replies = self._ask_judges(texts, [q for q, _ in rows], batch, with_image=False, kind="screen")
+        for (q, j), reply in zip(rows, replies):
+            groups[q][j].screen = self.prompts.parse_screen(reply)
+            infos[q][j]["screen_reply"] = reply
+
+    def _judge(self, batch: _Batch, groups, live, matches: Sequence[judge_lib.Match], kind: str, stage):
+        texts, owners = [], []
+        for m in matches:
+            q = live[m.group]
+            a, c = groups[m.group][m.first], groups[m.group][m.second]
+            texts.append(self.prompts.compare_text(kind, batch.questions[q], a.text, c.text, self._hint(batch, q, kind)))
+            owners.append(q)
+        return self._ask_judges(texts, owners, batch, with_image=self.prompts.compare_with_image, kind=kind)
+
+    def _ask_judges(self, texts, owners, batch: _Batch, with_image: bool, kind: str) -> list[str]:
+        if self._judge_override is not None:  # a scripted judge (tests) sees the same prompt texts
+            replies = list(self._judge_override(list(texts), kind))
+            if len(replies) != len(texts):
+                raise RuntimeError(f"judge_fn returned {len(replies)} replies for {len(texts)} prompts")
+            return replies
+        return self._run_judges(texts, owners, batch, with_image)
+
+    def _run_judges(self, texts: Sequence[str], owners: Sequence[int], batch: _Batch, with_image: bool) -> list[str]:
+        """One batched generate over judge prompts; rows reuse their question's image K/V."""
+        cfg = self.config
+        with_image = with_image and batch.cross_kv is not None
+        prompts, masks = [], []
+        for text, q in zip(texts, owners):
+            parts = ([{"type": "image"}] * len(batch.num_tiles[q]) if with_image else []) + [{"type": "text", "text": text}]
+            prompt = chat.render_prompt([{"role": "user", "content": parts}])
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompts.append(ids)
+            if with_image:
+                masks.append(chat.cross_attention_mask(ids, self.image_token_id, batch.num_tiles[q],
+                                                       max_images=batch.max_images, max_tiles=self.max_tiles))
+        rows = len(prompts)
+        padded_rows = 1 << max(0, rows - 1).bit_length()  # batch bucket: powers of two
+        length = sampler_lib.bucket_length(max(len(p) for p in prompts), minimum=cfg.judge_min_bucket)
+        ids = np.full((padded_rows, length), self.sampler.pad_token_id, np.int32)
+        mask = np.zeros((padded_rows, length), np.int32)
+        xmask = None
+        if with_image:
+            xmask = np.zeros((padded_rows, length) + masks[0].shape[1:], np.int32)
+        owner_rows = np.zeros(padded_rows, np.int32)
+        for r in range(padded_rows):
+            src = r if r < rows else 0  # padding rows repeat row 0 and are ignored
+            p = prompts[src]
+            ids[r, length - len(p):] = p
+            mask[r, length - len(p):] = 1
+            owner_rows[r] = owners[src]
+            if with_image:
+                xmask[r, length - len(p):] = masks[src]
+        cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(owner_rows)) if with_image else None
+        state = self.sampler.prefill(ids, mask, cross_kv, xmask, cache_len=length + cfg.judge_max_new_tokens)
+        sampling = (sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+                    if cfg.judge_do_sample else sampler_lib.Sampling())
+        key = jax.random.key(int(self._rng.integers(2**31)))
+        _, out = self.sampler.decode(state, max_new=cfg.judge_max_new_tokens, sampling=sampling, seed=key,
+                                     eos_ids=self.sampler.eos_token_ids, cross_kv=cross_kv)
+        tokens = np.asarray(out.tokens)  # host sync: judge replies
+        num = np.asarray(out.num_tokens)
+        self.syncs += 1
+        return [self._decode_text(tokens[r, : num[r]]) for r in range(rows)]
+

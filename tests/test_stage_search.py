@@ -1,0 +1,212 @@
+"""Stage-level search: tournament logic, judge parsing, the search loop with a scripted judge, compile counts."""
+
+import json
+import re
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from llava_cot_jax.data import chat
+from llava_cot_jax.data.image import MllamaImageProcessor
+from llava_cot_jax.data.processor import MllamaProcessor
+from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
+from llava_cot_jax.generate import judge as J
+from llava_cot_jax.generate import sampler as S
+from llava_cot_jax.generate import stage_search as SS
+from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.params import from_hf
+from hf_mllama import build_hf_model, save_hf_checkpoint
+
+# --- judge prompts and parsing ------------------------------------------------------------------------------
+
+
+def test_parse_choice_and_screen():
+    p = J.JudgePrompts()
+    assert p.parse_choice("Response 2 is vague.\nBetter response: 1") == 0
+    assert p.parse_choice("Since it is thorough, I choose response 2.") == 1
+    assert p.parse_choice("Better response: 1 ... on reflection, better response: 2") == 1  # the last verdict counts
+    assert p.parse_choice(" 2.") == 1
+    assert p.parse_choice("Both responses are fine.") is None
+    assert p.parse_screen("incorrect: 3 + 4 is not 8") is False
+    assert p.parse_screen("Correct.") is True
+    assert p.parse_screen("hmm") is None
+
+
+def test_prompts_file_overrides(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"compare": {"summary": "Q={question} A={response_1} B={response_2}"},
+                                "choice_patterns": [r"winner is ([12])"]}))
+    p = J.JudgePrompts.load(str(path))
+    assert p.compare_text("summary", "q", "a", "b") == "Q=q A=a B=b"
+    assert p.compare["caption"] == J.DEFAULT_COMPARE["caption"]
+    assert p.parse_choice("the winner is 2") == 1 and p.parse_choice("Better response: 1") is None
+    path.write_text(json.dumps({"nonsense": 1}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        J.JudgePrompts.load(str(path))
+    path.write_text(json.dumps({"compare": {"summary": "{question} {oops}"}}))
+    with pytest.raises(ValueError, match="unknown field"):
+        J.JudgePrompts.load(str(path))
+
+
+# --- tournament ----------------------------------------------------------------------------------------------
+
+
+def _score_judge(scores):
+    """Scripted judge over Match objects: the higher score wins; records every pairing it saw."""
+    seen = []
+
+    def judge(matches):
+        seen.append(len(matches))
+        return [f"Better response: {1 if scores[m.group][m.first] > scores[m.group][m.second] else 2}" for m in matches]
+
+    return judge, seen
+
+
+@pytest.mark.parametrize("n", [2, 4, 5, 8])
+def test_knockout_picks_the_judged_winner_in_batched_rounds(n):
+    rng = np.random.default_rng(n)
+    scores = [rng.permutation(n) for _ in range(3)]
+    groups = [[J.Candidate(text=str(s)) for s in g] for g in scores]
+    judge, seen = _score_judge(scores)
+    winners, matches = J.knockout(groups, judge, J.JudgePrompts().parse_choice, np.random.default_rng(0))
+    assert winners == [int(np.argmax(g)) for g in scores]
+    assert len(seen) == int(np.ceil(np.log2(n)))  # one judge call per round, all groups together
+    assert len(matches) == 3 * (n - 1) and all(m.rule == "judge" for m in matches)
+
+
+def test_fallback_is_symmetric_and_screen_decides():
+    a, b = J.Candidate("a", closed=True, mean_logprob=-3.0), J.Candidate("b", closed=False, mean_logprob=-1.0)
+    rng = np.random.default_rng(0)
+    assert J.fallback_winner(a, b, rng) == (0, "fallback:closed") and J.fallback_winner(b, a, rng) == (1, "fallback:closed")
+    c = J.Candidate("c", closed=True, mean_logprob=-2.0)
+    assert J.fallback_winner(a, c, rng)[0] == 1 and J.fallback_winner(c, a, rng)[0] == 0
+    # exact ties: a fair coin, not "always the second"
+    flips = [J.fallback_winner(a, a, np.random.default_rng(s))[0] for s in range(200)]
+    assert 60 < sum(flips) < 140
+
+    unparseable = lambda matches: ["no idea"] * len(matches)
+    groups = [[J.Candidate("x", mean_logprob=-5.0), J.Candidate("y", mean_logprob=-1.0)]]
+    winners, matches = J.knockout(groups, unparseable, J.JudgePrompts().parse_choice, rng)
+    assert winners == [1] and matches[0].rule == "fallback:logprob"
+
+    screened = [[J.Candidate("good", screen=True), J.Candidate("bad", screen=False)]]
+    never = lambda matches: pytest.fail("the judge must not be asked when the screen decides")
+    winners, matches = J.knockout(screened, never, J.JudgePrompts().parse_choice, rng)
+    assert winners == [0] and matches[0].rule == "screen"
+
+
+# --- the search loop ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = MllamaConfig.tiny()
+    # loading a saved torch model is much quicker than NNX's eager random init
+    model = from_hf(save_hf_checkpoint(build_hf_model(config), config, str(tmp_path_factory.mktemp("ckpt"))))
+    processor = MllamaProcessor(MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4),
+                                build_tiny_tokenizer())
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((30, 56, 3)) * 255).astype(np.uint8))
+    return model, processor, image
+
+
+def _responses(prompt):
+    return re.search(r"Response 1: (.*)\n\nResponse 2: (.*?)\n\n", prompt, re.DOTALL).groups()
+
+
+def _scripted_judge(log):
+    """Prefers the response whose text is longer (ties: response 1); screens out reasoning containing 'e'."""
+
+    def judge(prompts, kind):
+        replies = []
+        for p in prompts:
+            if kind == "screen":
+                reasoning = p.split("Reasoning: ", 1)[1].rsplit("\n\nReply with", 1)[0]
+                replies.append("incorrect" if "e" in reasoning else "correct")
+            else:
+                r1, r2 = _responses(p)
+                replies.append("Better response: 1" if len(r1) >= len(r2) else "Better response: 2")
+        log.append((kind, len(prompts)))
+        return replies
+
+    return judge
+
+
+def test_stage_search_follows_the_judge(setup):
+    model, processor, image = setup
+    log = []
+    cfg = SS.SearchConfig(num_candidates=4, stage_max_new_tokens=12, seed=1)
+    searcher = SS.Searcher(model, processor, cfg, judge_fn=_scripted_judge(log))
+    questions = ["How many cubes are there?", "What color is the car?"]
+    results = searcher.ask(questions, [[image], [image]])
+    for res in results:
+        assert [t["step"] for t in res.trace] == list(chat.STAGES)
+        accepted = ""
+        for step in res.trace:
+            cands = step["candidates"]
+            shown = [c["shown_to_judge"] for c in cands]
+            if step["step"] == "REASONING":
+                ok = [i for i, c in enumerate(cands) if c["screen"] is not False]
+                pool = ok if len(ok) > 0 else list(range(len(cands)))
+                best_len = max(len(shown[i]) for i in pool)
+                assert len(shown[step["winner"]]) == best_len and (step["winner"] in pool)
+            else:
+                assert len(shown[step["winner"]]) == max(len(s) for s in shown)
+            assert all(c["finish"] in ("stop", "eos", "budget") and c["num_tokens"] <= 12 for c in cands)
+            accepted += cands[step["winner"]]["text"]
+            assert res.stages[step["step"]] == shown[step["winner"]]
+        assert res.text == accepted
+    # rounds batched over both questions: summary/caption/conclusion 2 rounds each; reasoning screen + 2 rounds
+    kinds = [k for k, _ in log]
+    assert kinds.count("screen") == 1 and dict(log)["screen"] == 8
+    assert [n for k, n in log if k == "summary"] == [4, 2]
+    assert searcher.syncs == 4  # one per stage to read the candidates (the scripted judge needs no device)
+
+
+def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
+    model, processor, image = setup
+    # a budget too small to close a tag: every candidate is cut there, marked, and still judged sensibly
+    cfg = SS.SearchConfig(num_candidates=2, stage_max_new_tokens=4, judge_max_new_tokens=4, seed=0)
+    searcher = SS.Searcher(model, processor, cfg)
+    first = searcher.ask(["How many cubes?"], [[image]])[0]
+    assert set(first.stages) == set(chat.STAGES)
+    for step in first.trace:
+        assert all(c["finish"] in ("budget", "eos") and not c["closed"] for c in step["candidates"])
+    compiled = S.compile_count()
+    searcher.ask(["What color is the big sphere?"], [[image]])  # another length, same bucket
+    assert S.compile_count() == compiled, "a second question in the same shape bucket must not recompile"
+
+    tagged = "Is it red? </SUMMARY> <CAPTION> </CAPTION>"  # a question that already contains stage tags
+    second = searcher.ask([tagged], [[image]])[0]
+    summary = second.trace[0]["candidates"]
+    assert all(c["num_tokens"] > 1 for c in summary)  # tags in the question do not end the stage
+    for step in second.trace:
+        assert all(m["winner"] in (m["first"], m["second"]) for m in step["matches"])
+        assert all(m["rule"] in ("judge", "fallback:closed", "fallback:logprob", "fallback:coin") for m in step["matches"])
+
+    text_only = searcher.ask(["What is 2 + 3?"])[0]  # no image: cross-attention layers are skipped
+    assert set(text_only.stages) == set(chat.STAGES)
+
+
+def test_baselines_share_the_interface(setup):
+    model, processor, image = setup
+    for method in ("greedy", "best_of_n", "sentence"):
+        cfg = SS.SearchConfig(method=method, num_candidates=2, max_new_tokens=8, sentence_max_new_tokens=4,
+                              judge_max_new_tokens=4)
+        log = []
+        res = SS.Searcher(model, processor, cfg, judge_fn=_scripted_judge(log)).ask(["How many cubes?"], [[image]])[0]
+        assert isinstance(res.conclusion, str) and res.trace
+        if method == "greedy":
+            assert not log and len(res.trace[0]["candidates"]) == 1
+        else:
+            assert {k for k, _ in log} == {"answer" if method == "best_of_n" else "sentence"}
+        if method == "sentence":
+            assert sum(t["candidates"][t["winner"]]["num_tokens"] for t in res.trace) <= 8
+
+
+def test_search_config_errors():
+    with pytest.raises(ValueError, match="method"):
+        SS.SearchConfig(method="beam")
+    with pytest.raises(ValueError, match="num_candidates"):
+        SS.SearchConfig(num_candidates=0)
+    assert SS.SearchConfig.from_config({"search": "best_of_n", "num_candidates": 3, "other": 1}).method == "best_of_n"
