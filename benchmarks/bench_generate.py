@@ -100,7 +100,7 @@ def setup(workdir: str):
     d["vision_config"]["intermediate_layers_indices"] = list(config.vision.intermediate_layers_indices)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(d, f)
-    ours = from_hf(path)
+    ours = from_hf(path, scan_layers=False)
     processor = MllamaProcessor(MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4), tokenizer)
     return config, hf, ours, processor
 

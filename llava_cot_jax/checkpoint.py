@@ -167,9 +167,11 @@ def load_params(ckpt_dir: str) -> tuple[MllamaConfig, Params]:
     return config, read(paths)
 
 
-def load_model(ckpt_dir: str, dtype: str | None = None, compute_dtype: str | None = None):
-    """Builds the model from a converted checkpoint; `dtype` overrides the stored parameter dtype."""
+def load_model(ckpt_dir: str, dtype: str | None = None, compute_dtype: str | None = None, scan_layers: bool = True):
+    """Builds the model from a converted checkpoint; `dtype` overrides the stored parameter dtype;
+    `scan_layers=False` loads the text layers unscanned, as decoding wants them (MllamaConfig.scan_layers)."""
     config, params = load_params(ckpt_dir)
+    config = config.replace(scan_layers=scan_layers)
     if dtype is not None:
         config = config.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
     elif compute_dtype is not None:
@@ -179,11 +181,8 @@ def load_model(ckpt_dir: str, dtype: str | None = None, compute_dtype: str | Non
 
 def save_model(out_dir: str, model, side_files_from: str | None = None, overwrite: bool = False) -> str:
     """Writes a model's parameters and config (e.g. after fine-tuning) as a checkpoint directory."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    params = {tuple(str(k) for k in path): np.asarray(var[...]) for path, var in flat}
-    return save_checkpoint(out_dir, model.config, params, side_files_from, overwrite)
+    params = {path: np.asarray(value) for path, value in hf_params.model_params(model).items()}
+    return save_checkpoint(out_dir, model.config.replace(scan_layers=True), params, side_files_from, overwrite)
 
 
 # ------------------------------------------------------------------------------------- HF <-> Orbax

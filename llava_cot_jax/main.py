@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 # mode → "module:function". Other modes (train, eval, convert, ...) register here.
 MODES = {
     "infer": "llava_cot_jax.generate.cli:run",
+    "demo": "llava_cot_jax.demo:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")
@@ -33,6 +34,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/NAME.py is required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
     sys.exit(dispatch(_CONFIG.value))
 
 

@@ -100,3 +100,27 @@ def test_every_parameter_has_logical_axes(model):
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var[...].ndim, (path, names)
+
+
+@pytest.mark.parametrize("cross_layers, layers", [((3,), 5), ((0, 2, 3), 6)])
+def test_unscanned_layers_compute_the_same(cross_layers, layers):
+    """scan_layers=False (a Python loop over per-layer weights, for decoding) is the same function."""
+    import dataclasses
+
+    from llava_cot_jax.models.mllama.params import model_params, with_scan_layers
+
+    cfg = MllamaConfig.tiny()
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, cross_attention_layers=cross_layers, num_hidden_layers=layers))
+    scanned = MllamaForConditionalGeneration(cfg, rngs=nnx.Rngs(1))
+    _perturb_gates(scanned)
+    looped = with_scan_layers(scanned, False)
+    assert not looped.config.scan_layers and isinstance(looped.language_model.self_layers, nnx.List)
+    inputs = random_inputs(cfg, np.random.default_rng(4), 2, 10, [1, 2], [[3], [1, 2]])
+    forward = nnx.jit(lambda m, x: m(**x).logits)
+    np.testing.assert_allclose(np.asarray(forward(looped, inputs)), np.asarray(forward(scanned, inputs)), atol=1e-6)
+    vision = scanned.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    looped_kv, scanned_kv = looped.cross_kv(vision), scanned.cross_kv(vision)
+    for name in ("k", "v"):  # unscanned: one [1, B, K, N, hd] array per layer; scanned: stacked [layers, ...]
+        np.testing.assert_allclose(np.concatenate(looped_kv[name]), np.asarray(scanned_kv[name]), atol=1e-6)
+    back = model_params(looped)
+    assert all(np.array_equal(np.asarray(v), np.asarray(back[k])) for k, v in model_params(scanned).items())

@@ -30,12 +30,18 @@ class TokenPrinter:
 
 
 def load(checkpoint: str, dtype: str):
+    """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor)."""
+    from llava_cot_jax import checkpoint as ckpt_lib
     from llava_cot_jax.data.processor import MllamaProcessor
     from llava_cot_jax.models.mllama.params import from_hf
 
     if not checkpoint or not os.path.isdir(checkpoint):
         raise SystemExit(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
-    return from_hf(checkpoint, dtype=dtype), MllamaProcessor.from_pretrained(checkpoint)
+    if os.path.exists(os.path.join(checkpoint, ckpt_lib.CONFIG_FILE)):
+        model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False)
+    else:
+        model = from_hf(checkpoint, dtype=dtype, scan_layers=False)
+    return model, MllamaProcessor.from_pretrained(checkpoint)
 
 
 def run(config) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from llava_cot_jax.generate import stop as stop_lib
+from llava_cot_jax.models.mllama.params import with_scan_layers
 
 # finish reasons per row
 RUNNING, FINISH_EOS, FINISH_STOP, FINISH_BUDGET = 0, 1, 2, 3
@@ -47,7 +48,7 @@ def bucket_length(n: int, minimum: int = 32) -> int:
 class DecodeState:
     """Everything needed to continue decoding a batch of rows.
 
-    cache: {'k','v'} [layers, B, L, KVH, Dh]; key_valid: [B, L] slots holding real tokens; cursor: int32 slot
+    cache: {'k','v'} [layers, B, KVH, L, Dh]; key_valid: [B, L] slots holding real tokens; cursor: int32 slot
     the next token is written to (shared by all rows); positions: [B] RoPE position of each row's next token;
     logits: [B, V] float32 logits for each row's next token; xmask: [B, 1, I, T] the tiles a new token sees
     (the last prompt row, as transformers repeats it) or a [B, 1, 1, 1] dummy without images.
@@ -334,10 +335,14 @@ class Sampler:
     """A model prepared for decoding: its split parameters, stop tables and EOS/pad ids.
 
     The parameters are split once; every jitted program is keyed on the (hashable) graph definition, so
-    several Samplers over models of the same shape share compiled code.
+    several Samplers over models of the same shape share compiled code. Decoding runs the text layers as a
+    Python loop over per-layer weights (`scan_layers=False`): a scanned layer's weight slice is copied before
+    every matmul, which triples the bytes a batch-1 decode step reads on CPU. A scanned model is converted
+    (a copy of its weights); load with `scan_layers=False` to avoid the copy.
     """
 
     def __init__(self, model, tokenizer=None, eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None):
+        model = with_scan_layers(model, False)
         self.model = model
         self.graphdef, self.params = nnx.split(model)
         text = model.config.text

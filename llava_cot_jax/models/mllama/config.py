@@ -121,6 +121,10 @@ class MllamaConfig:
     # Activation checkpointing of each scanned layer: "none", "full" (save nothing) or "dots" (save matmul
     # outputs without batch dims, jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims).
     remat: str = "none"
+    # True: the text decoder's layers run as lax.scan over stacked weights (compile time independent of depth;
+    # what training wants). False: a Python loop over per-layer weights. Small-batch decoding wants False on
+    # CPU: XLA copies a scanned layer's weight slice before each matmul, tripling the bytes read per token.
+    scan_layers: bool = True
 
     @property
     def jnp_param_dtype(self):

@@ -66,18 +66,18 @@ class LayerNorm(nnx.Module):
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
     """Grouped-query attention with an fp32 softmax.
 
-    q: [B, S, H, D]; k, v: [B, T, K, D] with H a multiple of K (query head h reads kv head h // (H // K),
-    the reference's repeat_kv layout); bias: additive, broadcastable to [B, K, H // K, S, T].
-    Returns [B, S, H, D].
+    q: [B, S, H, D]; k, v: [B, K, T, D] (heads before tokens, so caches need no transpose per step) with H a
+    multiple of K (query head h reads kv head h // (H // K), the reference's repeat_kv layout); bias:
+    additive, broadcastable to [B, K, H // K, S, T]. Returns [B, S, H, D].
     """
     b, s, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
     if bias is not None:
         scores = scores + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
 
 

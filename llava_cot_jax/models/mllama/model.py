@@ -36,7 +36,7 @@ class MllamaForConditionalGeneration(nnx.Module):
             rngs, (config.vision.vision_output_dim, config.text.hidden_size), ("vision_out", "embed"), pdt
         )
         self.multi_modal_projector_bias = param(rngs, (config.text.hidden_size,), ("embed",), pdt, init="zeros")
-        self.language_model = TextModel(config.text, pdt, rngs, remat=config.remat)
+        self.language_model = TextModel(config.text, pdt, rngs, remat=config.remat, scan_layers=config.scan_layers)
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -56,15 +56,19 @@ class MllamaForConditionalGeneration(nnx.Module):
         return projected.reshape(projected.shape[0], -1, projected.shape[-1])
 
     def cross_kv(self, vision_states: jax.Array) -> dict:
-        """{'k', 'v'}: [num_cross_layers, B, N_vision, kv_heads, head_dim]; rows (axis 1) can be gathered freely."""
+        """{'k', 'v'}: [num_cross_layers, B, kv_heads, N_vision, head_dim]; rows (axis 1) can be gathered freely."""
         return self.language_model.cross_kv(vision_states)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
-        """An empty self-attention KV cache {'k', 'v'}: [num_self_layers, B, max_len, kv_heads, head_dim]."""
+        """An empty self-attention KV cache {'k', 'v'}: [num_self_layers, B, kv_heads, max_len, head_dim] when the
+        layers are scanned; unscanned, a tuple of [1, B, kv_heads, max_len, head_dim] per layer. Rows on axis 1."""
         t = self.config.text
-        shape = (len(t.self_attention_layers), batch_size, max_len, t.num_key_value_heads, t.head_dim)
+        shape = (batch_size, t.num_key_value_heads, max_len, t.head_dim)
         dtype = dtype or self.config.jnp_dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        layers = len(t.self_attention_layers)
+        if self.config.scan_layers:
+            return {"k": jnp.zeros((layers, *shape), dtype), "v": jnp.zeros((layers, *shape), dtype)}
+        return {name: tuple(jnp.zeros((1, *shape), dtype) for _ in range(layers)) for name in ("k", "v")}
 
     def forward_cached(
         self, input_ids, positions, cache, cache_index, key_valid, cross_kv=None, cross_attention_mask=None

@@ -146,7 +146,8 @@ def abstract_params(config: MllamaConfig) -> dict[tuple[str, ...], tuple[tuple[i
     """Shape and dtype of every parameter, by path, without allocating anything."""
     from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
 
-    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    stacked = config.replace(scan_layers=True)  # the on-disk layout is always the stacked one
+    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(stacked, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     return {tuple(str(k) for k in path): (tuple(var.shape), np.dtype(var.dtype)) for path, var in flat}
 
@@ -305,8 +306,17 @@ def hf_tensors(
 # ------------------------------------------------------------------------------------------ model building
 
 
+def _stacked_location(path: tuple) -> tuple[tuple[str, ...], int | None]:
+    """Where a parameter of an unscanned model (`language_model/self_layers/3/q_proj`) lives in the stacked
+    layout (`language_model/self_layers/q_proj`, index 3); stacked paths map to themselves."""
+    if len(path) > 2 and path[1] in ("self_layers", "cross_layers") and isinstance(path[2], int):
+        return tuple(str(k) for k in path[:2] + path[3:]), path[2]
+    return tuple(str(k) for k in path), None
+
+
 def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.ndarray]):
-    """Builds the model around the given parameters (cast to config.param_dtype) without random init."""
+    """Builds the model around parameters in the stacked layout (cast to config.param_dtype), without
+    random init; an unscanned config (`scan_layers=False`) takes each layer's slice."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
 
@@ -314,16 +324,39 @@ def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.nda
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
-        key = tuple(str(k) for k in path)
+        key, index = _stacked_location(path)
         if key not in params:
             raise CheckpointError(f"no value for parameter {'/'.join(key)}")
-        value = params[key]
+        value = params[key] if index is None else params[key][index]
         if tuple(value.shape) != tuple(var.shape):
             raise CheckpointError(
                 f"parameter {'/'.join(key)}: expected shape {tuple(var.shape)}, found {tuple(value.shape)}"
             )
         var.set_value(jnp.asarray(value, dtype=config.jnp_param_dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def model_params(model) -> dict[tuple[str, ...], "jax.Array"]:
+    """A model's parameters in the stacked layout, whether or not its layers are scanned."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    stacked, per_layer = {}, {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key, index = _stacked_location(path)
+        if index is None:
+            stacked[key] = var[...]
+        else:
+            per_layer.setdefault(key, {})[index] = var[...]
+    for key, layers in per_layer.items():
+        stacked[key] = jnp.stack([layers[i] for i in range(len(layers))])
+    return stacked
+
+
+def with_scan_layers(model, scan_layers: bool):
+    """The same weights with the text layers scanned (training) or looped (small-batch decoding); a copy."""
+    if model.config.scan_layers == scan_layers:
+        return model
+    return model_from_params(model.config.replace(scan_layers=scan_layers), model_params(model))
 
 
 def from_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None, **config_overrides):

@@ -5,6 +5,9 @@ cross layers recur with a fixed period (every 5th layer in the 11B and 90B model
 lax.scan over identical blocks [self x k, cross, self x (period - k - 1)], so compile time does not grow
 with depth; any other pattern runs as a short Python loop over scanned runs of self-attention layers.
 
+With `scan_layers=False` the same layer modules are kept as per-layer lists and run in a Python loop
+(for small-batch decoding, see MllamaConfig.scan_layers).
+
 One code path serves the plain forward pass and cached decoding: with a KV cache, keys/values of the new
 tokens are written at slot `cache_index` (the same slot for every row: prompts are left-padded) and
 attention reads the whole cache, masked by slot order and by which slots hold real tokens.
@@ -59,17 +62,23 @@ class SelfAttentionLayer(nnx.Module):
         self.mlp = GatedMLP(d, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, inputs: DecoderInputs, cache_kv):
-        """cache_kv: None, or this layer's (k, v) cache [B, T, K, hd]. Returns (x, updated (k, v) or None)."""
+        """cache_kv: None, or this layer's (k, v) cache [..., B, K, T, hd]. Returns (x, updated (k, v) or None)."""
         dt = x.dtype
         h = self.input_layernorm(x)
         q = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dt)), inputs.cos, inputs.sin)
         k = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.k_proj[...].astype(dt)), inputs.cos, inputs.sin)
-        v = jnp.einsum("bsd,dhk->bshk", h, self.v_proj[...].astype(dt))
+        k = k.transpose(0, 2, 1, 3)
+        v = jnp.einsum("bsd,dhk->bhsk", h, self.v_proj[...].astype(dt))
         if cache_kv is not None:
-            start = (0, inputs.cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
-            cache_kv = (k, v)
+            # The cache may carry leading unit axes ([1, B, K, T, hd] per layer when unscanned): write through
+            # them rather than reshaping, so the update stays in place in the caller's buffer.
+            lead = cache_kv[0].ndim - 4
+            start = (0,) * lead + (0, 0, inputs.cache_index, 0)
+            cache_kv = tuple(
+                jax.lax.dynamic_update_slice(c, new.astype(c.dtype).reshape((1,) * lead + new.shape), start)
+                for c, new in zip(cache_kv, (k, v))
+            )
+            k, v = (c.reshape(c.shape[lead:]) for c in cache_kv)
         out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
         x = x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
         return x + self.mlp(self.post_attention_layernorm(x)), cache_kv
@@ -94,10 +103,10 @@ class CrossAttentionLayer(nnx.Module):
         self.cross_attn_mlp_gate = param(rngs, (1,), (None,), dtype, init="zeros")
 
     def kv(self, vision_states: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys/values of the vision tokens [B, N, D] -> ([B, N, K, hd], [B, N, K, hd]); computed once per image."""
+        """Keys/values of the vision tokens [B, N, D] -> ([B, K, N, hd], [B, K, N, hd]); computed once per image."""
         dt = vision_states.dtype
-        k = jnp.einsum("bnd,dhk->bnhk", vision_states, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bnd,dhk->bnhk", vision_states, self.v_proj[...].astype(dt))
+        k = jnp.einsum("bnd,dhk->bhnk", vision_states, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bnd,dhk->bhnk", vision_states, self.v_proj[...].astype(dt))
         return rms_norm(k, self.k_norm[...], self.eps), v
 
     def __call__(self, x, inputs: DecoderInputs, kv):
@@ -138,23 +147,28 @@ def layer_schedule(cfg: TextConfig):
 
 
 class TextModel(nnx.Module):
-    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs, remat: str = "none"):
-        self.cfg, self.remat = cfg, remat
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs, remat: str = "none", scan_layers: bool = True):
+        self.cfg, self.remat, self.scan_layers = cfg, remat, scan_layers
         d = cfg.hidden_size
         self.embed_tokens = param(rngs, (cfg.embedding_rows, d), ("vocab", "embed"), dtype)
-        self.self_layers = stack_layers(
-            lambda r: SelfAttentionLayer(cfg, dtype, r), len(cfg.self_attention_layers), rngs
-        )
-        self.cross_layers = (
-            stack_layers(lambda r: CrossAttentionLayer(cfg, dtype, r), len(cfg.cross_attention_layers), rngs)
-            if cfg.cross_attention_layers
-            else None
-        )
+
+        def layers(make, count):
+            if scan_layers:
+                return stack_layers(make, count, rngs) if count else None
+            return nnx.List([make(rngs) for _ in range(count)])
+
+        self.self_layers = layers(lambda r: SelfAttentionLayer(cfg, dtype, r), len(cfg.self_attention_layers))
+        self.cross_layers = layers(lambda r: CrossAttentionLayer(cfg, dtype, r), len(cfg.cross_attention_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
         self.lm_head = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), dtype)
 
     def cross_kv(self, vision_states: jax.Array) -> dict:
-        """Keys/values of every cross-attention layer: {'k', 'v'} of [layers, B, N, K, hd]."""
+        """Keys/values of every cross-attention layer: {'k', 'v'} of [layers, B, K, N, hd] when the layers are
+        scanned; unscanned, a tuple of [1, B, K, N, hd] per layer (a slice of a stacked array would be copied
+        at every step). Either way rows are on axis 1."""
+        if not self.scan_layers:
+            k, v = zip(*(layer.kv(vision_states) for layer in self.cross_layers))
+            return {"k": tuple(a[None] for a in k), "v": tuple(a[None] for a in v)}
         graphdef, params = nnx.split(self.cross_layers)
         k, v = jax.vmap(lambda p: nnx.merge(graphdef, p).kv(vision_states))(params)
         return {"k": k, "v": v}
@@ -199,6 +213,8 @@ class TextModel(nnx.Module):
         return jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32), cache
 
     def _layers(self, x, inputs: DecoderInputs, cache, cross_kv):
+        if not self.scan_layers:
+            return self._layer_loop(x, inputs, cache, cross_kv)
         self_graph, self_params = nnx.split(self.self_layers)
         cross_graph, cross_params = nnx.split(self.cross_layers) if self.cross_layers is not None else (None, None)
         num_self = len(self.cfg.self_attention_layers)
@@ -249,6 +265,24 @@ class TextModel(nnx.Module):
             elif cross_kv is not None:
                 x = cross_step(x, take(cross_params, run[1]), (cross_kv["k"][run[1]], cross_kv["v"][run[1]]))
         return x, cache
+
+    def _layer_loop(self, x, inputs: DecoderInputs, cache, cross_kv):
+        """The unscanned schedule: every layer in order, each with its own weight and cache arrays."""
+        cross = self.cfg.cross_attention_layers
+        new_k, new_v, self_index = [], [], 0
+        for layer in range(self.cfg.num_hidden_layers):
+            if layer in cross:
+                if cross_kv is not None:
+                    j = cross.index(layer)
+                    x = self.cross_layers[j](x, inputs, (cross_kv["k"][j][0], cross_kv["v"][j][0]))
+                continue
+            own = None if cache is None else (cache["k"][self_index], cache["v"][self_index])
+            x, kv = self.self_layers[self_index](x, inputs, own)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+            self_index += 1
+        return x, (None if cache is None else {"k": tuple(new_k), "v": tuple(new_v)})
 
 
 def cross_attention_bias(cross_attention_mask: jax.Array, tokens_per_tile: int):

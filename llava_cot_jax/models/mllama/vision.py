@@ -40,8 +40,8 @@ class VisionEncoderLayer(nnx.Module):
         dt = x.dtype
         h = self.input_layernorm(x)
         q = jnp.einsum("bld,dhk->blhk", h, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bld,dhk->blhk", h, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bld,dhk->blhk", h, self.v_proj[...].astype(dt))
+        k = jnp.einsum("bld,dhk->bhlk", h, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bld,dhk->bhlk", h, self.v_proj[...].astype(dt))
         out = jnp.einsum("blhk,hkd->bld", attention(q, k, v, bias, dt), self.o_proj[...].astype(dt))
         if self.gated:
             out = jnp.tanh(self.gate_attn[...].astype(dt)) * out
