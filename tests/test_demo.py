@@ -25,8 +25,12 @@ def test_demo_runs_offline(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("SUMMARY:", "CAPTION:", "REASONING:", "CONCLUSION:"):
-        assert stage in result.stdout
+    # Random weights may sample an EOS, which ends the answer after any stage; the stages printed are the
+    # ones the trace holds, in order.
     trace = json.load(open(tmp_path / "trace.json"))
-    assert trace["config"]["method"] == "stage" and trace["result"]["stages"]
+    stages = list(trace["result"]["stages"])
+    assert trace["config"]["method"] == "stage" and stages and stages == ["SUMMARY", "CAPTION", "REASONING",
+                                                                          "CONCLUSION"][: len(stages)]
+    for stage in stages:
+        assert f"{stage}:" in result.stdout
     assert os.path.exists(tmp_path / "tiny_random_checkpoint" / "llava_cot_config.json")

@@ -120,7 +120,7 @@ def test_unscanned_layers_compute_the_same(cross_layers, layers):
     np.testing.assert_allclose(np.asarray(forward(looped, inputs)), np.asarray(forward(scanned, inputs)), atol=1e-6)
     vision = scanned.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
     looped_kv, scanned_kv = looped.cross_kv(vision), scanned.cross_kv(vision)
-    for name in ("k", "v"):  # unscanned: one [1, B, K, N, hd] array per layer; scanned: stacked [layers, ...]
-        np.testing.assert_allclose(np.concatenate(looped_kv[name]), np.asarray(scanned_kv[name]), atol=1e-6)
+    for name in ("k", "v"):  # unscanned: one [B, K, N, hd] array per layer; scanned: stacked [layers, ...]
+        np.testing.assert_allclose(np.stack(looped_kv[name]), np.asarray(scanned_kv[name]), atol=1e-6)
     back = model_params(looped)
     assert all(np.array_equal(np.asarray(v), np.asarray(back[k])) for k, v in model_params(scanned).items())

@@ -184,6 +184,7 @@ def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
         assert all(m["winner"] in (m["first"], m["second"]) for m in step["matches"])
         assert all(m["rule"] in ("judge", "fallback:closed", "fallback:logprob", "fallback:coin") for m in step["matches"])
 
+    searcher.sampler.eos_token_ids = ()  # random weights may sample an EOS, which ends an answer early
     text_only = searcher.ask(["What is 2 + 3?"])[0]  # no image: cross-attention layers are skipped
     assert set(text_only.stages) == set(chat.STAGES)
 

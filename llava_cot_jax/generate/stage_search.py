@@ -333,6 +333,8 @@ class Searcher:
         return self._ask_judges(texts, owners, batch, with_image=self.prompts.compare_with_image, kind=kind)
 
     def _ask_judges(self, texts, owners, batch: _Batch, with_image: bool, kind: str) -> list[str]:
+        if not texts:  # every question in the batch has already ended (e.g. its last winner emitted EOS)
+            return []
         if self._judge_override is not None:  # a scripted judge (tests) sees the same prompt texts
             replies = list(self._judge_override(list(texts), kind))
             if len(replies) != len(texts):

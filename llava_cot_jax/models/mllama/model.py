@@ -61,14 +61,15 @@ class MllamaForConditionalGeneration(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
         """An empty self-attention KV cache {'k', 'v'}: [num_self_layers, B, kv_heads, max_len, head_dim] when the
-        layers are scanned; unscanned, a tuple of [1, B, kv_heads, max_len, head_dim] per layer. Rows on axis 1."""
+        layers are scanned; unscanned, a tuple of [B, kv_heads, max_len, head_dim] per layer (separate buffers
+        are updated in place; see MllamaConfig.scan_layers). Rows sit 4 axes from the end (take_rows)."""
         t = self.config.text
         shape = (batch_size, t.num_key_value_heads, max_len, t.head_dim)
         dtype = dtype or self.config.jnp_dtype
         layers = len(t.self_attention_layers)
         if self.config.scan_layers:
             return {"k": jnp.zeros((layers, *shape), dtype), "v": jnp.zeros((layers, *shape), dtype)}
-        return {name: tuple(jnp.zeros((1, *shape), dtype) for _ in range(layers)) for name in ("k", "v")}
+        return {name: tuple(jnp.zeros(shape, dtype) for _ in range(layers)) for name in ("k", "v")}
 
     def forward_cached(
         self, input_ids, positions, cache, cache_index, key_valid, cross_kv=None, cross_attention_mask=None
@@ -127,6 +128,12 @@ class MllamaForConditionalGeneration(nnx.Module):
             num_vision_tokens_per_tile=self.config.vision.num_patches,
         )
         return MllamaOutput(logits=logits)
+
+
+def take_rows(tree, rows: jax.Array):
+    """Rows `rows` of a KV cache or cross-attention K/V tree, scanned or not: every leaf keeps its batch axis
+    4 axes from the end ([layers, B, K, T, hd] or [B, K, T, hd])."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=x.ndim - 4), tree)
 
 
 def count_params(model_or_state) -> int:

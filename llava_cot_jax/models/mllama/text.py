@@ -62,7 +62,7 @@ class SelfAttentionLayer(nnx.Module):
         self.mlp = GatedMLP(d, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, inputs: DecoderInputs, cache_kv):
-        """cache_kv: None, or this layer's (k, v) cache [..., B, K, T, hd]. Returns (x, updated (k, v) or None)."""
+        """cache_kv: None, or this layer's (k, v) cache [B, K, T, hd]. Returns (x, updated (k, v) or None)."""
         dt = x.dtype
         h = self.input_layernorm(x)
         q = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dt)), inputs.cos, inputs.sin)
@@ -70,15 +70,10 @@ class SelfAttentionLayer(nnx.Module):
         k = k.transpose(0, 2, 1, 3)
         v = jnp.einsum("bsd,dhk->bhsk", h, self.v_proj[...].astype(dt))
         if cache_kv is not None:
-            # The cache may carry leading unit axes ([1, B, K, T, hd] per layer when unscanned): write through
-            # them rather than reshaping, so the update stays in place in the caller's buffer.
-            lead = cache_kv[0].ndim - 4
-            start = (0,) * lead + (0, 0, inputs.cache_index, 0)
-            cache_kv = tuple(
-                jax.lax.dynamic_update_slice(c, new.astype(c.dtype).reshape((1,) * lead + new.shape), start)
-                for c, new in zip(cache_kv, (k, v))
-            )
-            k, v = (c.reshape(c.shape[lead:]) for c in cache_kv)
+            start = (0, 0, inputs.cache_index, 0)
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
+            cache_kv = (k, v)
         out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
         x = x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
         return x + self.mlp(self.post_attention_layernorm(x)), cache_kv
@@ -164,11 +159,11 @@ class TextModel(nnx.Module):
 
     def cross_kv(self, vision_states: jax.Array) -> dict:
         """Keys/values of every cross-attention layer: {'k', 'v'} of [layers, B, K, N, hd] when the layers are
-        scanned; unscanned, a tuple of [1, B, K, N, hd] per layer (a slice of a stacked array would be copied
-        at every step). Either way rows are on axis 1."""
+        scanned; unscanned, a tuple of [B, K, N, hd] per layer (a slice of a stacked array would be copied at
+        every step). Either way rows sit 4 axes from the end (see model.take_rows)."""
         if not self.scan_layers:
             k, v = zip(*(layer.kv(vision_states) for layer in self.cross_layers))
-            return {"k": tuple(a[None] for a in k), "v": tuple(a[None] for a in v)}
+            return {"k": tuple(k), "v": tuple(v)}
         graphdef, params = nnx.split(self.cross_layers)
         k, v = jax.vmap(lambda p: nnx.merge(graphdef, p).kv(vision_states))(params)
         return {"k": k, "v": v}
@@ -274,7 +269,7 @@ class TextModel(nnx.Module):
             if layer in cross:
                 if cross_kv is not None:
                     j = cross.index(layer)
-                    x = self.cross_layers[j](x, inputs, (cross_kv["k"][j][0], cross_kv["v"][j][0]))
+                    x = self.cross_layers[j](x, inputs, (cross_kv["k"][j], cross_kv["v"][j]))
                 continue
             own = None if cache is None else (cache["k"][self_index], cache["v"][self_index])
             x, kv = self.self_layers[self_index](x, inputs, own)
