@@ -34,8 +34,11 @@ RUNNING, FINISH_EOS, FINISH_STOP, FINISH_BUDGET = 0, 1, 2, 3
 FINISH_NAMES = {RUNNING: "running", FINISH_EOS: "eos", FINISH_STOP: "stop", FINISH_BUDGET: "budget"}
 
 
-def bucket_length(n: int, minimum: int = 32) -> int:
-    """Shape bucket for a length: powers of two up to 1024, then multiples of 512."""
+def bucket_length(n: int, minimum: int = 32, step: int | None = None) -> int:
+    """Shape bucket for a length: powers of two up to 1024, then multiples of 512; with `step`, multiples of
+    `step` (at least `minimum`): more compiled shapes, less padding to compute."""
+    if step:
+        return max(minimum, -(-n // step) * step)
     if n <= 1024:
         return max(minimum, 1 << max(0, n - 1).bit_length())
     return -(-n // 512) * 512

@@ -50,6 +50,9 @@ class SearchConfig:
     judge_max_new_tokens: int = 128
     judge_do_sample: bool = True  # the paper samples judge replies with the same settings
     judge_min_bucket: int = 256  # judge prompts are padded to ≥ this many tokens (fewer shape buckets)
+    # ... and to a multiple of this: judge prompts (question + two candidates + hint) run to a few hundred
+    # tokens, and their prefill is most of a search's compute, so padding them to a power of two wastes ~30%.
+    judge_bucket_step: int = 64
     seed: int = 0
     prompts_file: str | None = None  # JSON overriding judge.JudgePrompts
 
@@ -357,7 +360,8 @@ class Searcher:
                                                        max_images=batch.max_images, max_tiles=self.max_tiles))
         rows = len(prompts)
         padded_rows = 1 << max(0, rows - 1).bit_length()  # batch bucket: powers of two
-        length = sampler_lib.bucket_length(max(len(p) for p in prompts), minimum=cfg.judge_min_bucket)
+        length = sampler_lib.bucket_length(max(len(p) for p in prompts), minimum=cfg.judge_min_bucket,
+                                           step=cfg.judge_bucket_step)
         ids = np.full((padded_rows, length), self.sampler.pad_token_id, np.int32)
         mask = np.zeros((padded_rows, length), np.int32)
         xmask = None
