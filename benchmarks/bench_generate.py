@@ -30,6 +30,7 @@ import numpy as np
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 N_CANDIDATES, STAGE_TOKENS, JUDGE_TOKENS = 4, 32, 16
+TORCH_DEVICE = "cpu"  # --torch_device
 QUESTION = ("Look at the picture carefully. How many red cubes and how many small blue spheres are there, and which "
             "of the two groups is larger? Explain briefly before you answer.")
 
@@ -169,12 +170,14 @@ def decode_bytes_per_token(config, cache_slots: int, vision_tokens: int) -> dict
 def bench_decode_hf(hf, inputs, batch: int, new: int, repeats: int):
     import torch
 
-    torch_inputs = {k: torch.as_tensor(v) for k, v in inputs.items()}
+    torch_inputs = {k: torch.as_tensor(v).to(TORCH_DEVICE) for k, v in inputs.items()}
 
     def run(n):
         with torch.no_grad():
-            return hf.generate(**torch_inputs, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
+            out = hf.generate(**torch_inputs, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+            if TORCH_DEVICE != "cpu":
+                torch.cuda.synchronize()
+            return out
 
     run(2)  # warm-up
     t1 = min(_timed(lambda: run(1)) for _ in range(repeats))
@@ -219,14 +222,15 @@ class ReferenceStageSearch:
 
         class StopOnString(StoppingCriteria):  # decodes the new text at every step, as the paper's criterion does
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor([stop in tokenizer.decode(input_ids[0, start:], skip_special_tokens=True)])
+                return torch.tensor([stop in tokenizer.decode(input_ids[0, start:], skip_special_tokens=True)],
+                                    device=input_ids.device)
 
         self.calls += 1
         extra = {"stopping_criteria": StoppingCriteriaList([StopOnString()])} if stop else {}
         with torch.no_grad():
-            out = self.hf.generate(**{k: torch.as_tensor(v) for k, v in inputs.items()}, max_new_tokens=max_new,
+            out = self.hf.generate(**{k: torch.as_tensor(v).to(TORCH_DEVICE) for k, v in inputs.items()}, max_new_tokens=max_new,
                                    **self.sampling, **extra)
-        return out[0, start:].numpy()
+        return out[0, start:].cpu().numpy()
 
     def _judge_inputs(self, text: str, image):
         from llava_cot_jax.data import chat
@@ -299,7 +303,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: bandwidth,decode,search")
+    parser.add_argument("--torch_device", default="cpu", help="where transformers runs: cpu, or cuda on a GPU host")
     args = parser.parse_args()
+    global TORCH_DEVICE
+    TORCH_DEVICE = args.torch_device
     skip = set(args.skip.split(","))
     repeats = 1 if args.quick else 3
 
@@ -310,6 +317,8 @@ def main():
     report = {"jax": jax.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as workdir:
         config, hf, ours, processor = setup(workdir)
+        hf.to(TORCH_DEVICE)
+        report["devices"] = {"jax": str(jax.devices()[0]), "torch": TORCH_DEVICE}
         report["params_text"] = sum(p.numel() for n, p in hf.named_parameters() if "vision" not in n and "projector" not in n)
         report["params_total"] = sum(p.numel() for p in hf.parameters())
         print(json.dumps(report), flush=True)
