@@ -238,7 +238,6 @@ class Searcher:
     def _step(self, batch: _Batch, state, rows_kv, n: int, key, *, stage: str | None, stops, budget: int, kind: str,
               max_new: int | None = None):
         """Sample n candidates per question, run the tournament, make the winners every row's prefix."""
-        cfg = self.config
         b = len(batch.questions)
         t0 = time.perf_counter()
         active = ~np.repeat(batch.ended, n)

@@ -31,6 +31,18 @@ def param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], dtype, init: str 
     return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
+def attention_projections(
+    rngs: nnx.Rngs, dim: int, heads: int, kv_heads: int, head_dim: int, dtype, kv_axis: str = "kv_heads"
+) -> tuple[nnx.Param, nnx.Param, nnx.Param, nnx.Param]:
+    """q, k, v ([embed, heads, head_dim]) and o ([heads, head_dim, embed]) projection weights."""
+    return (
+        param(rngs, (dim, heads, head_dim), ("embed", "heads", "head_dim"), dtype),
+        param(rngs, (dim, kv_heads, head_dim), ("embed", kv_axis, "head_dim"), dtype),
+        param(rngs, (dim, kv_heads, head_dim), ("embed", kv_axis, "head_dim"), dtype),
+        param(rngs, (heads, head_dim, dim), ("heads", "head_dim", "embed"), dtype),
+    )
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """Llama RMSNorm: statistics in fp32, the scale applied in the activation dtype."""
     x32 = x.astype(jnp.float32)

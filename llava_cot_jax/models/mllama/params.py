@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -336,7 +337,7 @@ def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.nda
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def model_params(model) -> dict[tuple[str, ...], "jax.Array"]:
+def model_params(model) -> dict[tuple[str, ...], jax.Array]:
     """A model's parameters in the stacked layout, whether or not its layers are scanned."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 

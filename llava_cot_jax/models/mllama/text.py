@@ -28,6 +28,7 @@ from llava_cot_jax.models.mllama.layers import (
     RMSNorm,
     apply_rope,
     attention,
+    attention_projections,
     llama3_inv_freq,
     maybe_remat,
     param,
@@ -54,10 +55,7 @@ class SelfAttentionLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
         d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
-        self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(rngs, d, h, k, hd, dtype)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
         self.mlp = GatedMLP(d, cfg.intermediate_size, dtype, rngs)
 
@@ -86,10 +84,7 @@ class CrossAttentionLayer(nnx.Module):
         d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
-        self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(rngs, d, h, k, hd, dtype)
         self.q_norm = param(rngs, (hd,), ("head_dim",), dtype, init="ones")
         self.k_norm = param(rngs, (hd,), ("head_dim",), dtype, init="ones")
         self.cross_attn_attn_gate = param(rngs, (1,), (None,), dtype, init="zeros")

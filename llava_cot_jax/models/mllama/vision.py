@@ -13,7 +13,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_cot_jax.models.mllama.config import VisionConfig
-from llava_cot_jax.models.mllama.layers import MASK_VALUE, LayerNorm, attention, param, scan_layers, stack_layers
+from llava_cot_jax.models.mllama.layers import (
+    MASK_VALUE,
+    LayerNorm,
+    attention,
+    attention_projections,
+    param,
+    scan_layers,
+    stack_layers,
+)
 
 
 class VisionEncoderLayer(nnx.Module):
@@ -22,10 +30,9 @@ class VisionEncoderLayer(nnx.Module):
     def __init__(self, cfg: VisionConfig, gated: bool, dtype, rngs: nnx.Rngs):
         d, h, hd, f = cfg.hidden_size, cfg.attention_heads, cfg.head_dim, cfg.intermediate_size
         self.input_layernorm = LayerNorm(d, cfg.norm_eps, dtype, rngs)
-        self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
-        self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(
+            rngs, d, h, h, hd, dtype, kv_axis="heads"
+        )
         self.post_attention_layernorm = LayerNorm(d, cfg.norm_eps, dtype, rngs)
         self.fc1 = param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.fc1_bias = param(rngs, (f,), ("mlp",), dtype, init="zeros")
