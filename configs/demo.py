@@ -27,4 +27,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_candidates = 2
     c.infer = _infer_config("runlocal")
     c.infer.show_stages = True
+    c.infer.stop_at_eos = False
     return c

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.judge_max_new_tokens = 128
     c.judge_do_sample = True
     c.seed = 0
+    c.stop_at_eos = True  # False: only the stage tags end a stage (the demo's random weights emit EOS anywhere)
     c.prompts_file = ""  # JSON file overriding the judge prompts (llava_cot_jax/generate/judge.py)
     c.show_stages = False  # print every stage, not only the conclusion
     c.stream = True  # print text as it is produced when stdout is a terminal

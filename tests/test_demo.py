@@ -25,12 +25,9 @@ def test_demo_runs_offline(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # Random weights may sample an EOS, which ends the answer after any stage; the stages printed are the
-    # ones the trace holds, in order.
     trace = json.load(open(tmp_path / "trace.json"))
-    stages = list(trace["result"]["stages"])
-    assert trace["config"]["method"] == "stage" and stages and stages == ["SUMMARY", "CAPTION", "REASONING",
-                                                                          "CONCLUSION"][: len(stages)]
+    stages = ["SUMMARY", "CAPTION", "REASONING", "CONCLUSION"]  # the demo ignores EOS: every stage runs
+    assert trace["config"]["method"] == "stage" and list(trace["result"]["stages"]) == stages
     for stage in stages:
         assert f"{stage}:" in result.stdout
     assert os.path.exists(tmp_path / "tiny_random_checkpoint" / "llava_cot_config.json")

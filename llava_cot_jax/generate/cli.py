@@ -66,6 +66,8 @@ def run(config) -> int:
             print(text, end="", flush=True)  # stage search: each accepted stage as it is decided
 
     searcher = stage_search.Searcher(model, processor, search_config, on_stage=on_stage, on_token=on_token)
+    if not config.get("stop_at_eos", True):
+        searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
     result = searcher.ask([config.question], [images] if images else None)[0]
     if interactive:
         print()
