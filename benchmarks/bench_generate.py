@@ -22,10 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+# The transformers <-> our-config mapping (incl. the 4.45 vs 5.x vision-tap shift) lives with the parity tests.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from hf_mllama import hf_config, save_hf_checkpoint  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -60,19 +65,6 @@ def padded_tokenizer(text_vocab: int):
                                    clean_up_tokenization_spaces=False)
 
 
-def hf_config(config):
-    """transformers 5.x config for our MllamaConfig (5.x taps vision states after a layer, 4.45 before: shift -1)."""
-    import transformers
-
-    d = config.to_hf_dict()
-    vision, text = dict(d["vision_config"]), dict(d["text_config"])
-    vision["intermediate_layers_indices"] = [i - 1 for i in vision["intermediate_layers_indices"]]
-    text["rope_parameters"] = dict(text.pop("rope_scaling") or {"rope_type": "default"}, rope_theta=text.pop("rope_theta"))
-    for sub in (vision, text):
-        sub.pop("model_type")
-    return transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=config.image_token_id)
-
-
 def setup(workdir: str):
     import torch
     import transformers
@@ -94,13 +86,7 @@ def setup(workdir: str):
                 p.fill_(0.5)
     hf.generation_config.eos_token_id = None  # random weights: run every budget in full on both sides
     hf.generation_config.pad_token_id = tokenizer.pad_token_id
-    path = os.path.join(workdir, "bench_ckpt")
-    hf.save_pretrained(path)
-    with open(os.path.join(path, "config.json")) as f:
-        d = json.load(f)
-    d["vision_config"]["intermediate_layers_indices"] = list(config.vision.intermediate_layers_indices)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(d, f)
+    path = save_hf_checkpoint(hf, config, os.path.join(workdir, "bench_ckpt"))  # with the 4.45 tap indices
     ours = from_hf(path, scan_layers=False)
     processor = MllamaProcessor(MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4), tokenizer)
     return config, hf, ours, processor
@@ -139,7 +125,7 @@ def measure_bandwidth() -> dict:
     x = jnp.ones(a.shape, jnp.float32)
     f = jax.jit(lambda v: jnp.sum(v))
     f(x).block_until_ready()
-    best_jax = min(_timed(lambda: f(x).block_until_ready()) for _ in range(5))
+    best_jax = min(_timed(lambda v=x: f(v).block_until_ready()) for _ in range(5))
     del x
     return {"numpy_1thread_GBps": a.nbytes / best / 1e9, "jax_GBps": a.nbytes / best_jax / 1e9}
 

@@ -446,6 +446,8 @@ def generate(
     the longest row, as transformers returns it. `stop_strings` (needs `tokenizer`) end a row at the token
     that completes the string. `streamer(tokens [B], active [B])` is called on the host at every step.
     With `return_dict=True` returns a dict with `sequences` and per-row `num_tokens`, `finish`.
+    Without `sampler=`, each call prepares the model for decoding (for a scanned model that is a copy of its
+    weights, see `Sampler`): for repeated calls build `Sampler(model)` once and pass it.
     """
     unknown = {k for k, v in unused.items() if v is not None and k not in ("use_cache", "num_beams")}
     if unknown or unused.get("num_beams", 1) not in (1, None):

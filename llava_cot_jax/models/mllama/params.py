@@ -9,6 +9,7 @@ Loading reads safetensors tensor by tensor with numpy (no torch) into preallocat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -56,6 +57,7 @@ class Entry:
     layout: Layout
 
 
+@functools.lru_cache(maxsize=8)  # read-only; built once per config, not once per streamed parameter
 def hf_table(config: MllamaConfig) -> dict[str, Entry]:
     """Every tensor of an HF Mllama checkpoint (Hub key names) -> where it lives in this model."""
     v, t = config.vision, config.text
