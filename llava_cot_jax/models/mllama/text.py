@@ -29,6 +29,7 @@ from llava_cot_jax.models.mllama.layers import (
     apply_rope,
     attention,
     attention_projections,
+    heads_major,
     llama3_inv_freq,
     maybe_remat,
     param,
@@ -63,17 +64,16 @@ class SelfAttentionLayer(nnx.Module):
         """cache_kv: None, or this layer's (k, v) cache [B, K, T, hd]. Returns (x, updated (k, v) or None)."""
         dt = x.dtype
         h = self.input_layernorm(x)
-        q = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dt)), inputs.cos, inputs.sin)
-        k = apply_rope(jnp.einsum("bsd,dhk->bshk", h, self.k_proj[...].astype(dt)), inputs.cos, inputs.sin)
-        k = k.transpose(0, 2, 1, 3)
-        v = jnp.einsum("bsd,dhk->bhsk", h, self.v_proj[...].astype(dt))
+        q = apply_rope(heads_major(h, self.q_proj[...]), inputs.cos, inputs.sin)
+        k = apply_rope(heads_major(h, self.k_proj[...]), inputs.cos, inputs.sin)
+        v = heads_major(h, self.v_proj[...])
         if cache_kv is not None:
             start = (0, 0, inputs.cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
             cache_kv = (k, v)
         out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
-        x = x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        x = x + jnp.einsum("bhsk,hkd->bsd", out, self.o_proj[...].astype(dt))
         return x + self.mlp(self.post_attention_layernorm(x)), cache_kv
 
 
@@ -94,17 +94,16 @@ class CrossAttentionLayer(nnx.Module):
 
     def kv(self, vision_states: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys/values of the vision tokens [B, N, D] -> ([B, K, N, hd], [B, K, N, hd]); computed once per image."""
-        dt = vision_states.dtype
-        k = jnp.einsum("bnd,dhk->bhnk", vision_states, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bnd,dhk->bhnk", vision_states, self.v_proj[...].astype(dt))
+        k = heads_major(vision_states, self.k_proj[...])
+        v = heads_major(vision_states, self.v_proj[...])
         return rms_norm(k, self.k_norm[...], self.eps), v
 
     def __call__(self, x, inputs: DecoderInputs, kv):
         dt = x.dtype
         h = self.input_layernorm(x)
-        q = rms_norm(jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dt)), self.q_norm[...], self.eps)
+        q = rms_norm(heads_major(h, self.q_proj[...]), self.q_norm[...], self.eps)
         out = attention(q, kv[0].astype(dt), kv[1].astype(dt), inputs.cross_bias, dt)
-        out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        out = jnp.einsum("bhsk,hkd->bsd", out, self.o_proj[...].astype(dt))
         x = x + jnp.tanh(self.cross_attn_attn_gate[...].astype(dt)) * out
         out = self.mlp(self.post_attention_layernorm(x))
         if inputs.cross_rows is not None:

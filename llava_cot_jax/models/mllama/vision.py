@@ -18,6 +18,7 @@ from llava_cot_jax.models.mllama.layers import (
     LayerNorm,
     attention,
     attention_projections,
+    heads_major,
     param,
     scan_layers,
     stack_layers,
@@ -46,10 +47,10 @@ class VisionEncoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         dt = x.dtype
         h = self.input_layernorm(x)
-        q = jnp.einsum("bld,dhk->blhk", h, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bld,dhk->bhlk", h, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bld,dhk->bhlk", h, self.v_proj[...].astype(dt))
-        out = jnp.einsum("blhk,hkd->bld", attention(q, k, v, bias, dt), self.o_proj[...].astype(dt))
+        q = heads_major(h, self.q_proj[...])
+        k = heads_major(h, self.k_proj[...])
+        v = heads_major(h, self.v_proj[...])
+        out = jnp.einsum("bhlk,hkd->bld", attention(q, k, v, bias, dt), self.o_proj[...].astype(dt))
         if self.gated:
             out = jnp.tanh(self.gate_attn[...].astype(dt)) * out
         x = x + out
