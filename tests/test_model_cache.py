@@ -10,7 +10,7 @@ from flax import nnx
 
 from hf_mllama import hf_config, random_inputs
 from llava_cot_jax.models.mllama.config import MllamaConfig
-from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration, count_params
+from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration, count_params, take_rows
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,28 @@ def test_prefill_then_decode_matches_full_forward(model):
     got = np.concatenate([np.asarray(g) for g in got], axis=1)
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_rows_sharing_image_kv_match_rows_with_copies(model):
+    """3 rows per image read one copy of its K/V (stage search's candidates) = each row with its own copy."""
+    _perturb_gates(model)
+    cfg = model.config
+    inputs = random_inputs(cfg, np.random.default_rng(1), 2, 10, [1, 1], [[3], [2]])
+    kv = model.cross_kv(model.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                            inputs["aspect_ratio_mask"]))
+    rows = np.repeat(np.arange(2), 3)
+    ids = np.random.default_rng(2).integers(0, cfg.text.vocab_size, (6, 10))
+    ids[:, 0] = cfg.image_token_id
+    xmask = inputs["cross_attention_mask"][rows]
+    xmask[1, :4] = 0  # rows of one group may see different tiles
+    valid = np.ones((6, 10), bool)
+    positions = np.broadcast_to(np.arange(10), (6, 10))
+    run = lambda kv: model.forward_cached(ids, positions, model.init_cache(6, 10), 0, valid, kv, xmask)[0]
+    shared, copied = run(kv), run(take_rows(kv, jnp.asarray(rows)))
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(copied), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(np.asarray(shared[0]), np.asarray(shared[1]), atol=1e-3)  # row 1's mask mattered
+    with pytest.raises(ValueError, match="cannot share"):
+        run(take_rows(kv, jnp.asarray([0, 1, 0, 1])))
 
 
 def test_text_only_cache_skips_cross_layers(model):

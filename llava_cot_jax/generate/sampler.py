@@ -9,7 +9,7 @@ from wherever the previous stage left it without re-running its prefix.
 Decoding is one `lax.while_loop` per call: sample → check EOS / stop strings (on the byte suffix, see
 `stop.py`) / budget → run the new token through the model. No host round trip per token, the cache is
 donated, and the loop exits as soon as every row is done. Image keys/values (`cross_kv`) are computed
-once by `encode` and passed in; rows of the batch may share them (`jnp.take` on axis 1).
+once by `encode` and passed in; runs of consecutive rows may share one image's K/V (see `layers.attention`).
 """
 
 from __future__ import annotations

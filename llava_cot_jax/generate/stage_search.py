@@ -162,7 +162,7 @@ class Searcher:
         method = cfg.method
         n = 1 if method in ("greedy", "sample") else cfg.num_candidates
         batch, state = self._prefill(inputs, list(questions), n)
-        rows_kv = None if batch.cross_kv is None else sampler_lib.take_rows(batch.cross_kv, jnp.repeat(jnp.arange(len(questions)), n))
+        rows_kv = batch.cross_kv  # each run of n candidate rows reads its question's image K/V (no copies)
         key = jax.random.key(cfg.seed)
         self._rng = np.random.default_rng(cfg.seed)
 
@@ -357,25 +357,27 @@ class Searcher:
             if with_image:
                 masks.append(chat.cross_attention_mask(ids, self.image_token_id, batch.num_tiles[q],
                                                        max_images=batch.max_images, max_tiles=self.max_tiles))
-        rows = len(prompts)
-        padded_rows = 1 << max(0, rows - 1).bit_length()  # batch bucket: powers of two
+        # Rows are grouped by question, every group padded to the same power-of-two size (padding repeats the
+        # group's first prompt and is ignored) so that a group's rows share its image K/V without copies.
+        by_owner: dict[int, list[int]] = {}
+        for i, q in enumerate(owners):
+            by_owner.setdefault(q, []).append(i)
+        group_size = _pow2(max(len(v) for v in by_owner.values()))
+        groups = list(by_owner) + [owners[0]] * (_pow2(len(by_owner)) - len(by_owner))
+        layout = [i for q in groups for i in (by_owner[q] + [by_owner[q][0]] * group_size)[:group_size]]
+        row_of = {i: layout.index(i) for i in range(len(prompts))}
         length = sampler_lib.bucket_length(max(len(p) for p in prompts), minimum=cfg.judge_min_bucket,
                                            step=cfg.judge_bucket_step)
-        ids = np.full((padded_rows, length), self.sampler.pad_token_id, np.int32)
-        mask = np.zeros((padded_rows, length), np.int32)
-        xmask = None
-        if with_image:
-            xmask = np.zeros((padded_rows, length) + masks[0].shape[1:], np.int32)
-        owner_rows = np.zeros(padded_rows, np.int32)
-        for r in range(padded_rows):
-            src = r if r < rows else 0  # padding rows repeat row 0 and are ignored
+        ids = np.full((len(layout), length), self.sampler.pad_token_id, np.int32)
+        mask = np.zeros((len(layout), length), np.int32)
+        xmask = np.zeros((len(layout), length) + masks[0].shape[1:], np.int32) if with_image else None
+        for r, src in enumerate(layout):
             p = prompts[src]
             ids[r, length - len(p):] = p
             mask[r, length - len(p):] = 1
-            owner_rows[r] = owners[src]
             if with_image:
                 xmask[r, length - len(p):] = masks[src]
-        cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(owner_rows)) if with_image else None
+        cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
         state = self.sampler.prefill(ids, mask, cross_kv, xmask, cache_len=length + cfg.judge_max_new_tokens)
         sampling = (sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
                     if cfg.judge_do_sample else sampler_lib.Sampling())
@@ -385,5 +387,9 @@ class Searcher:
         tokens = np.asarray(out.tokens)  # host sync: judge replies
         num = np.asarray(out.num_tokens)
         self.syncs += 1
-        return [self._decode_text(tokens[r, : num[r]]) for r in range(rows)]
+        return [self._decode_text(tokens[row_of[i], : num[row_of[i]]]) for i in range(len(prompts))]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 

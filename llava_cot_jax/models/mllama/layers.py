@@ -85,23 +85,29 @@ class LayerNorm(nnx.Module):
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
     """Grouped-query attention with an fp32 softmax, everything heads-major.
 
-    q: [B, H, S, D]; k, v: [B, K, T, D] with H a multiple of K (query head h reads kv head h // (H // K), the
-    reference's repeat_kv layout); bias: additive, broadcastable to [B, K, H // K, S, T]. Returns [B, H, S, D].
+    q: [B, H, S, D]; k, v: [B / r, K, T, D] with H a multiple of K (query head h reads kv head h // (H // K), the
+    reference's repeat_kv layout); bias: additive, broadcastable to [B, 1, 1, S, T]. Returns [B, H, S, D].
+    With r > 1, each run of r consecutive query rows shares one row of k/v (the N candidates of one question
+    and its image): the image's keys and values are read once for all r rows instead of copied r times.
     The query heads of one kv head fold into the rows of a single batched matmul (batch axes B, K), which
-    keeps XLA:CPU from transposing q, k or v: at decode shapes that is 2-3x faster than a 5-d einsum.
+    keeps XLA:CPU from transposing k or v: at decode shapes that is 2-3x faster than a 5-d einsum.
     """
     b, h, s, d = q.shape
-    kv_heads, t = k.shape[1], k.shape[2]
-    group = h // kv_heads
-    q = q.reshape(b, kv_heads, group * s, d)  # heads are [K, G] in order, so this is free
+    kv_batch, kv_heads, t = k.shape[:3]
+    if b % kv_batch:
+        raise ValueError(f"{b} query rows cannot share {kv_batch} rows of keys/values")
+    r, group = b // kv_batch, h // kv_heads
+    # [B, H, S, D] -> [B / r, K, r * G * S, D]; for r = 1 a pure reshape (heads are [K, G] in order).
+    q = q.reshape(kv_batch, r, kv_heads, group * s, d).swapaxes(1, 2).reshape(kv_batch, kv_heads, r * group * s, d)
     batch_dims = ((0, 1), (0, 1))
     scores = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kv_heads, group, s, t) * (d**-0.5)
+    scores = scores.reshape(kv_batch, kv_heads, r, group, s, t) * (d**-0.5)
     if bias is not None:
+        bias = jnp.broadcast_to(bias, (b, 1, 1, s, t)).reshape(kv_batch, r, 1, s, t)[:, None]
         scores = scores + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv_heads, group * s, t)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(kv_batch, kv_heads, r * group * s, t)
     out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))
-    return out.reshape(b, h, s, d)
+    return out.reshape(kv_batch, kv_heads, r, group * s, d).swapaxes(1, 2).reshape(b, h, s, d)
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: tuple[float, float, float, int] | None) -> np.ndarray:
