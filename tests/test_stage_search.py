@@ -111,7 +111,7 @@ def setup(tmp_path_factory):
 
 
 def _responses(prompt):
-    return re.search(r"Response 1: (.*)\n\nResponse 2: (.*?)\n\n", prompt, re.DOTALL).groups()
+    return re.search(r"Response 1: (.*)\n\nResponse 2: (.*)$", prompt, re.DOTALL).groups()
 
 
 def _scripted_judge(log):
@@ -121,7 +121,7 @@ def _scripted_judge(log):
         replies = []
         for p in prompts:
             if kind == "screen":
-                reasoning = p.split("Reasoning: ", 1)[1].rsplit("\n\nReply with", 1)[0]
+                reasoning = p.split("Reasoning: ", 1)[1]
                 replies.append("incorrect" if "e" in reasoning else "correct")
             else:
                 r1, r2 = _responses(p)

@@ -24,54 +24,53 @@ from typing import Any
 
 import numpy as np
 
+# Every template ends with the text that differs between calls (the responses, the screened reasoning): what
+# comes before is the same for every call about one question in a stage, and the search prefills it once.
 _SHARED_FORMAT = (
-    "\n\nThink briefly about which response is better, then end your reply with one line that reads exactly "
+    "Think briefly about which response is better, then end your reply with one line that reads exactly "
     '"Better response: 1" or "Better response: 2".'
 )
+_RESPONSES = "\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}"
 
 # Per judged kind: what the judge is asked to compare. Kinds are the stage names (lower case) plus "answer"
 # (best-of-N over whole answers) and "sentence" (sentence-level beam search).
 DEFAULT_COMPARE = {
     "summary": (
         "You are reviewing two plans for answering a question about an image. A good plan says what has to be "
-        "looked at and which approach will answer the question; it does not yet work out the answer.\n\n"
-        "Question: {question}\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}" + _SHARED_FORMAT
+        "looked at and which approach will answer the question; it does not yet work out the answer. "
+        + _SHARED_FORMAT + "\n\nQuestion: {question}" + _RESPONSES
     ),
     "caption": (
         "You are reviewing two descriptions of an image, each written to help answer a question. Prefer the one "
-        "that reports more of the details relevant to the question while stating nothing the image does not show.\n\n"
-        "Question: {question}\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}" + _SHARED_FORMAT
+        "that reports more of the details relevant to the question while stating nothing the image does not show. "
+        + _SHARED_FORMAT + "\n\nQuestion: {question}" + _RESPONSES
     ),
     "reasoning": (
         "You are reviewing two lines of reasoning towards the answer of a question about an image. Check each step "
-        "of both, note where they differ, and prefer the one whose steps are sound and whose arithmetic is right.\n\n"
-        "Question: {question}\n\nWhat the image shows: {hint}\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}"
-        + _SHARED_FORMAT
+        "of both, note where they differ, and prefer the one whose steps are sound and whose arithmetic is right. "
+        + _SHARED_FORMAT + "\n\nQuestion: {question}\n\nWhat the image shows: {hint}" + _RESPONSES
     ),
     "conclusion": (
         "You are reviewing two final answers to a question about an image. Prefer the answer that follows from the "
-        "description and reasoning below and that actually answers the question rather than declining to.\n\n"
-        "Question: {question}\n\nDescription and reasoning: {hint}\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}"
-        + _SHARED_FORMAT
+        "description and reasoning below and that actually answers the question rather than declining to. "
+        + _SHARED_FORMAT + "\n\nQuestion: {question}\n\nDescription and reasoning: {hint}" + _RESPONSES
     ),
     "answer": (
         "You are reviewing two complete answers to a question about an image. Prefer the one that answers the "
-        "question more correctly and more completely.\n\n"
-        "Question: {question}\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}" + _SHARED_FORMAT
+        "question more correctly and more completely. " + _SHARED_FORMAT + "\n\nQuestion: {question}" + _RESPONSES
     ),
     "sentence": (
         "You are reviewing two candidates for the next sentence of an answer to a question about an image. Prefer "
-        "the sentence that continues the answer so far more accurately and usefully.\n\n"
-        "Question: {question}\n\nAnswer so far: {hint}\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}"
-        + _SHARED_FORMAT
+        "the sentence that continues the answer so far more accurately and usefully. "
+        + _SHARED_FORMAT + "\n\nQuestion: {question}\n\nAnswer so far: {hint}" + _RESPONSES
     ),
 }
 
 DEFAULT_SCREEN = (
     "Check the reasoning below for mistakes. Take the information about the image as true and judge only the "
-    "reasoning: whether each step follows, and whether every calculation is right.\n\n"
-    "Information about the image: {hint}\n\nReasoning: {reasoning}\n\n"
-    'Reply with the single word "correct" if you find no mistake, or "incorrect" if you find one.'
+    "reasoning: whether each step follows, and whether every calculation is right. "
+    'Reply with the single word "correct" if you find no mistake, or "incorrect" if you find one.\n\n'
+    "Information about the image: {hint}\n\nReasoning: {reasoning}"
 )
 
 DEFAULT_CHOICE_PATTERNS = (
@@ -126,6 +125,15 @@ class JudgePrompts:
     def screen_text(self, question: str, reasoning: str, hint: str = "") -> str:
         return self.screen.format(question=question, hint=hint, reasoning=reasoning)
 
+    def compare_prefix(self, kind: str, question: str, hint: str = "") -> str:
+        """The start of `compare_text` before the first response: the same for every match about one question,
+        so the search prefills it once and every judge call continues from it."""
+        return _text_before(self.compare[kind], {"response_1", "response_2"}, question=question, hint=hint)
+
+    def screen_prefix(self, question: str, hint: str = "") -> str:
+        """The start of `screen_text` before the screened reasoning."""
+        return _text_before(self.screen, {"reasoning"}, question=question, hint=hint)
+
     def parse_choice(self, reply: str) -> int | None:
         """0 if the reply picks response 1, 1 for response 2, None if it picks neither (the last verdict counts)."""
         found = []
@@ -143,6 +151,20 @@ class JudgePrompts:
         if re.search(self.correct_pattern, reply, re.IGNORECASE):
             return True
         return None
+
+
+def _text_before(template: str, stop: set[str], **values: str) -> str:
+    """`template` formatted up to (not including) its first field named in `stop`."""
+    import string
+
+    out = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        out.append(literal)
+        if field is None or field in stop:
+            break
+        out.append(("{" + field + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}")
+                   .format(**values))
+    return "".join(out)
 
 
 def _check_fields(template: str, allowed: set[str], where: str) -> None:

@@ -162,6 +162,26 @@ def encode(graphdef, params, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
     return model.cross_kv(model.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
 
 
+def _extend(model, state: DecodeState, input_ids, attention_mask, cross_kv, cross_attention_mask) -> DecodeState:
+    """Runs a chunk of left-padded tokens [B, S] into the cache at the cursor. Positions continue each row's
+    own count (`state.positions`), as transformers' `cumsum(attention_mask) - 1` does over the whole row."""
+    b, s = input_ids.shape
+    mask = attention_mask.astype(bool)
+    positions = state.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    key_valid = jax.lax.dynamic_update_slice(state.key_valid, mask, (0, state.cursor))
+    xmask = cross_attention_mask if cross_kv is not None else None
+    logits, cache = model.forward_cached(input_ids, positions, state.cache, state.cursor, key_valid, cross_kv, xmask)
+    any_new = jnp.any(mask, axis=1)
+    return DecodeState(
+        cache=cache,
+        key_valid=key_valid,
+        cursor=state.cursor + s,
+        positions=state.positions + jnp.sum(mask, axis=1).astype(jnp.int32),
+        logits=jnp.where(any_new[:, None], logits[:, -1].astype(jnp.float32), state.logits),
+        xmask=xmask[:, -1:].astype(jnp.int32) if xmask is not None else state.xmask,
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def prefill(graphdef, params, input_ids, attention_mask, cross_kv, cross_attention_mask, *, cache_len: int) -> DecodeState:
     """Runs left-padded prompts [B, S] into a fresh cache of `cache_len` slots; returns the decode state.
@@ -169,22 +189,23 @@ def prefill(graphdef, params, input_ids, attention_mask, cross_kv, cross_attenti
     Positions follow transformers (`cumsum(attention_mask) - 1`), so extra left padding changes nothing.
     """
     model = nnx.merge(graphdef, params)
-    b, s = input_ids.shape
-    mask = attention_mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    key_valid = jnp.zeros((b, cache_len), bool).at[:, :s].set(mask)
-    cache = model.init_cache(b, cache_len)
-    xmask = cross_attention_mask if cross_kv is not None else None
-    logits, cache = model.forward_cached(input_ids, positions, cache, jnp.int32(0), key_valid, cross_kv, xmask)
-    last_xmask = xmask[:, -1:] if xmask is not None else jnp.zeros((b, 1, 1, 1), jnp.int32)
-    return DecodeState(
-        cache=cache,
-        key_valid=key_valid,
-        cursor=jnp.int32(s),
-        positions=jnp.sum(mask, axis=1).astype(jnp.int32),
-        logits=logits[:, -1].astype(jnp.float32),
-        xmask=last_xmask.astype(jnp.int32),
+    b = input_ids.shape[0]
+    empty = DecodeState(
+        cache=model.init_cache(b, cache_len),
+        key_valid=jnp.zeros((b, cache_len), bool),
+        cursor=jnp.int32(0),
+        positions=jnp.zeros((b,), jnp.int32),
+        logits=jnp.zeros((b, model.config.text.vocab_size), jnp.float32),
+        xmask=jnp.zeros((b, 1, 1, 1), jnp.int32),
     )
+    return _extend(model, empty, input_ids, attention_mask, cross_kv, cross_attention_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def extend(graphdef, params, state: DecodeState, input_ids, attention_mask, cross_kv, cross_attention_mask) -> DecodeState:
+    """Continues every row of `state` with a chunk of left-padded tokens [B, S] (the cache needs S free slots):
+    e.g. judge prompts that share a prefilled prefix (question, image, instructions) and differ after it."""
+    return _extend(nnx.merge(graphdef, params), state, input_ids, attention_mask, cross_kv, cross_attention_mask)
 
 
 @functools.partial(
@@ -283,11 +304,16 @@ def decode(
     return state, out
 
 
-def _select_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
+def _select_rows(state: DecodeState, rows: jax.Array, cache_len: int | None = None) -> DecodeState:
     take = lambda x: jnp.take(x, rows, axis=0)
+    cache, key_valid = model_lib.take_rows(state.cache, rows), take(state.key_valid)
+    if cache_len is not None and cache_len > state.cache_len:  # room for more tokens after the copied prefix
+        grow = cache_len - state.cache_len
+        cache = jax.tree.map(lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, grow), (0, 0)]), cache)
+        key_valid = jnp.pad(key_valid, ((0, 0), (0, grow)))
     return DecodeState(
-        cache=model_lib.take_rows(state.cache, rows),
-        key_valid=take(state.key_valid),
+        cache=cache,
+        key_valid=key_valid,
         cursor=state.cursor,
         positions=take(state.positions),
         logits=take(state.logits),
@@ -296,9 +322,10 @@ def _select_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
 
 
 # Row r of the result is row `rows[r]` of `state`: every candidate ← its question's winner (same shape, the
-# old state is donated), or a question's prefix copied to its N candidate rows (`expand_rows`, a new shape).
+# old state is donated), or a prefix copied to several rows (`expand_rows`, a new shape, optionally with a
+# longer cache: `cache_len`).
 select_rows = jax.jit(_select_rows, donate_argnames=("state",))
-expand_rows = jax.jit(_select_rows)
+expand_rows = jax.jit(_select_rows, static_argnames=("cache_len",))
 
 
 @jax.jit
@@ -309,7 +336,7 @@ def take_rows(tree, rows: jax.Array):
 
 def compile_count() -> int:
     """How many programs the jitted entry points above hold (for tests that count compilations)."""
-    return sum(f._cache_size() for f in (encode, prefill, decode, select_rows, expand_rows, take_rows))
+    return sum(f._cache_size() for f in (encode, prefill, extend, decode, select_rows, expand_rows, take_rows))
 
 
 # --- host-side helpers ---------------------------------------------------------------------------------------
@@ -397,6 +424,13 @@ class Sampler:
         xmask = None if cross_kv is None else jnp.asarray(cross_attention_mask)
         return prefill(self.graphdef, self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask), cross_kv,
                        xmask, cache_len=cache_len)
+
+    def extend(self, state, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None):
+        if cross_kv is not None and cross_attention_mask is None:
+            raise ValueError("cross_attention_mask is required with images")
+        xmask = None if cross_kv is None else jnp.asarray(cross_attention_mask)
+        return extend(self.graphdef, self.params, state, jnp.asarray(input_ids), jnp.asarray(attention_mask), cross_kv,
+                      xmask)
 
     def decode(self, state, *, max_new: int, sampling: Sampling, seed: int | jax.Array = 0, stop_strings=(),
                eos_ids: Sequence[int] | None = (), cross_kv=None, budget: int | None = None, keep_last=False,

@@ -49,9 +49,8 @@ class SearchConfig:
     sentence_max_new_tokens: int = 96  # budget of one sentence (sentence beam)
     judge_max_new_tokens: int = 128
     judge_do_sample: bool = True  # the paper samples judge replies with the same settings
-    judge_min_bucket: int = 256  # judge prompts are padded to ≥ this many tokens (fewer shape buckets)
-    # ... and to a multiple of this: judge prompts (question + two candidates + hint) run to a few hundred
-    # tokens, and their prefill is most of a search's compute, so padding them to a power of two wastes ~30%.
+    # Judge prefixes and the rest of judge prompts are padded to multiples of this many tokens: judge prefill is
+    # much of a search's compute, so padding to powers of two would waste ~30% of it.
     judge_bucket_step: int = 64
     seed: int = 0
     prompts_file: str | None = None  # JSON overriding judge.JudgePrompts
@@ -159,6 +158,7 @@ class Searcher:
             raise ValueError(f"{len(questions)} questions for a batch of {input_ids.shape[0]}")
         self.syncs = 0
         self.timings = {}
+        self._prefix_cache = {}  # judge kind -> (questions, prefix ids, prefilled state, length); per call
         method = cfg.method
         n = 1 if method in ("greedy", "sample") else cfg.num_candidates
         batch, state = self._prefill(inputs, list(questions), n)
@@ -318,23 +318,26 @@ class Searcher:
     def _screen(self, batch: _Batch, groups, infos, live: list[int]) -> None:
         """Reasoning screen: one text-only judge call per candidate, all in one batch."""
         rows = [(q, j) for q in live for j in range(len(groups[q]))]
-        texts = [self.prompts.screen_text(batch.questions[q], groups[q][j].text, self._hint(batch, q, "reasoning"))
-                 for q, j in rows]
-        replies = self._ask_judges(texts, [q for q, _ in rows], batch, with_image=False, kind="screen")
+        hints = {q: self._hint(batch, q, "reasoning") for q in live}
+        texts = [self.prompts.screen_text(batch.questions[q], groups[q][j].text, hints[q]) for q, j in rows]
+        prefixes = {q: self.prompts.screen_prefix(batch.questions[q], hints[q]) for q in live}
+        replies = self._ask_judges(texts, [q for q, _ in rows], prefixes, batch, with_image=False, kind="screen")
         for (q, j), reply in zip(rows, replies):
             groups[q][j].screen = self.prompts.parse_screen(reply)
             infos[q][j]["screen_reply"] = reply
 
     def _judge(self, batch: _Batch, groups, live, matches: Sequence[judge_lib.Match], kind: str, stage):
-        texts, owners = [], []
+        texts, owners, prefixes = [], [], {}
         for m in matches:
             q = live[m.group]
             a, c = groups[m.group][m.first], groups[m.group][m.second]
-            texts.append(self.prompts.compare_text(kind, batch.questions[q], a.text, c.text, self._hint(batch, q, kind)))
+            hint = self._hint(batch, q, kind)
+            texts.append(self.prompts.compare_text(kind, batch.questions[q], a.text, c.text, hint))
             owners.append(q)
-        return self._ask_judges(texts, owners, batch, with_image=self.prompts.compare_with_image, kind=kind)
+            prefixes[q] = self.prompts.compare_prefix(kind, batch.questions[q], hint)
+        return self._ask_judges(texts, owners, prefixes, batch, with_image=self.prompts.compare_with_image, kind=kind)
 
-    def _ask_judges(self, texts, owners, batch: _Batch, with_image: bool, kind: str) -> list[str]:
+    def _ask_judges(self, texts, owners, prefixes, batch: _Batch, with_image: bool, kind: str) -> list[str]:
         if not texts:  # every question in the batch has already ended (e.g. its last winner emitted EOS)
             return []
         if self._judge_override is not None:  # a scripted judge (tests) sees the same prompt texts
@@ -342,52 +345,118 @@ class Searcher:
             if len(replies) != len(texts):
                 raise RuntimeError(f"judge_fn returned {len(replies)} replies for {len(texts)} prompts")
             return replies
-        return self._run_judges(texts, owners, batch, with_image)
+        return self._run_judges(texts, owners, prefixes, batch, with_image, kind)
 
-    def _run_judges(self, texts: Sequence[str], owners: Sequence[int], batch: _Batch, with_image: bool) -> list[str]:
-        """One batched generate over judge prompts; rows reuse their question's image K/V."""
+    def _judge_tokens(self, text: str, prefix: str, q: int, batch: _Batch, with_image: bool):
+        """Token ids of a judge prompt, and of its rendered prefix (the chat header, images, `prefix`)."""
+        parts = ([{"type": "image"}] * len(batch.num_tiles[q]) if with_image else []) + [{"type": "text", "text": text}]
+        rendered = chat.render_prompt([{"role": "user", "content": parts}])
+        if not text.startswith(prefix):
+            raise AssertionError("judge prefix is not a prefix of its prompt")
+        head = rendered[: rendered.index(text) + len(prefix)]
+        encode = lambda x: self.tokenizer(x, add_special_tokens=False)["input_ids"]
+        return encode(rendered), encode(head)
+
+    def _run_judges(self, texts: Sequence[str], owners: Sequence[int], prefixes: dict, batch: _Batch, with_image: bool,
+                    kind: str) -> list[str]:
+        """One batched generate over judge prompts, continuing from each question's prefilled judge prefix.
+
+        The prefix (chat header, image, instructions, question, hint) is the same for every prompt about one
+        question in a stage, so it is prefilled once per question and stage, kept, and every tournament
+        round only runs the rest of its prompts (the two responses and the chat template's closing tokens).
+        Rows are grouped by question, every group padded to the same power-of-two size (padding repeats the
+        group's first prompt and is ignored): a group's rows share its image K/V and its prefix.
+        """
         cfg = self.config
         with_image = with_image and batch.cross_kv is not None
-        prompts, masks = [], []
-        for text, q in zip(texts, owners):
-            parts = ([{"type": "image"}] * len(batch.num_tiles[q]) if with_image else []) + [{"type": "text", "text": text}]
-            prompt = chat.render_prompt([{"role": "user", "content": parts}])
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            prompts.append(ids)
-            if with_image:
-                masks.append(chat.cross_attention_mask(ids, self.image_token_id, batch.num_tiles[q],
-                                                       max_images=batch.max_images, max_tiles=self.max_tiles))
-        # Rows are grouped by question, every group padded to the same power-of-two size (padding repeats the
-        # group's first prompt and is ignored) so that a group's rows share its image K/V without copies.
         by_owner: dict[int, list[int]] = {}
         for i, q in enumerate(owners):
             by_owner.setdefault(q, []).append(i)
         group_size = _pow2(max(len(v) for v in by_owner.values()))
         groups = list(by_owner) + [owners[0]] * (_pow2(len(by_owner)) - len(by_owner))
         layout = [i for q in groups for i in (by_owner[q] + [by_owner[q][0]] * group_size)[:group_size]]
-        row_of = {i: layout.index(i) for i in range(len(prompts))}
-        length = sampler_lib.bucket_length(max(len(p) for p in prompts), minimum=cfg.judge_min_bucket,
-                                           step=cfg.judge_bucket_step)
+        row_of = {i: layout.index(i) for i in range(len(texts))}
+
+        prompts, heads = [], {}
+        for text, q in zip(texts, owners):
+            ids, head = self._judge_tokens(text, prefixes[q], q, batch, with_image)
+            prompts.append(ids)
+            heads[q] = head
+        shared, state, cache_len = self._judge_prefix(kind, groups, heads, [(q, prompts[i]) for i, q in enumerate(owners)],
+                                                      batch, with_image)
+        step = cfg.judge_bucket_step
+        rest = [prompts[i][len(shared[owners[i]]):] for i in range(len(texts))]
+        length = sampler_lib.bucket_length(max(len(r) for r in rest), minimum=step, step=step)
         ids = np.full((len(layout), length), self.sampler.pad_token_id, np.int32)
         mask = np.zeros((len(layout), length), np.int32)
-        xmask = np.zeros((len(layout), length) + masks[0].shape[1:], np.int32) if with_image else None
+        xmask = None
         for r, src in enumerate(layout):
-            p = prompts[src]
-            ids[r, length - len(p):] = p
-            mask[r, length - len(p):] = 1
+            tail = rest[src]
+            ids[r, length - len(tail):] = tail
+            mask[r, length - len(tail):] = 1
             if with_image:
-                xmask[r, length - len(p):] = masks[src]
+                q = owners[src]
+                full = chat.cross_attention_mask(prompts[src], self.image_token_id, batch.num_tiles[q],
+                                                 max_images=batch.max_images, max_tiles=self.max_tiles)
+                if xmask is None:
+                    xmask = np.zeros((len(layout), length) + full.shape[1:], np.int32)
+                xmask[r, length - len(tail):] = full[len(prompts[src]) - len(tail):]
         cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
-        state = self.sampler.prefill(ids, mask, cross_kv, xmask, cache_len=length + cfg.judge_max_new_tokens)
+        rows_state = sampler_lib.expand_rows(state, jnp.asarray(np.arange(len(layout)) // group_size),
+                                             cache_len=cache_len + length + cfg.judge_max_new_tokens)
+        rows_state = self.sampler.extend(rows_state, ids, mask, cross_kv, xmask)
         sampling = (sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
                     if cfg.judge_do_sample else sampler_lib.Sampling())
         key = jax.random.key(int(self._rng.integers(2**31)))
-        _, out = self.sampler.decode(state, max_new=cfg.judge_max_new_tokens, sampling=sampling, seed=key,
+        _, out = self.sampler.decode(rows_state, max_new=cfg.judge_max_new_tokens, sampling=sampling, seed=key,
                                      eos_ids=self.sampler.eos_token_ids, cross_kv=cross_kv)
         tokens = np.asarray(out.tokens)  # host sync: judge replies
         num = np.asarray(out.num_tokens)
         self.syncs += 1
-        return [self._decode_text(tokens[row_of[i], : num[row_of[i]]]) for i in range(len(prompts))]
+        return [self._decode_text(tokens[row_of[i], : num[row_of[i]]]) for i in range(len(texts))]
+
+    def _judge_prefix(self, kind: str, groups: list[int], heads: dict, prompts: list, batch: _Batch, with_image: bool):
+        """Each group's judge prefix, prefilled ([groups] rows) or reused from the previous call of this kind while it
+        still starts every prompt of its group (every round of a stage's tournament). Returns (prefix token ids per
+        question, state, its cache length).
+
+        Reuse is exact: a prompt continues a prefix only where their token ids agree. The rendered head's last
+        token is left out (BPE may merge it with the response that follows), and the common token prefix of the
+        head and the group's prompts is what gets prefilled."""
+        starts = lambda prefix, ids: len(ids) > len(prefix) and list(ids[: len(prefix)]) == list(prefix)
+        cached = self._prefix_cache.get(kind)
+        if cached is not None:
+            key, shared, state, length = cached
+            if key == (tuple(groups), with_image) and all(starts(shared[q], ids) for q, ids in prompts):
+                return shared, state, length
+        shared = {q: head[:-1] for q, head in heads.items()}
+        for q, ids in prompts:
+            shared[q] = shared[q][: _common_prefix_length(shared[q], ids[:-1])]
+        step = self.config.judge_bucket_step
+        length = sampler_lib.bucket_length(max(len(shared[q]) for q in groups), minimum=step, step=step)
+        ids = np.full((len(groups), length), self.sampler.pad_token_id, np.int32)
+        mask = np.zeros((len(groups), length), np.int32)
+        xmask = None
+        for r, q in enumerate(groups):
+            head = shared[q]
+            ids[r, length - len(head):] = head
+            mask[r, length - len(head):] = 1
+            if with_image:
+                seen = chat.cross_attention_mask(head, self.image_token_id, batch.num_tiles[q],
+                                                 max_images=batch.max_images, max_tiles=self.max_tiles)
+                if xmask is None:
+                    xmask = np.zeros((len(groups), length) + seen.shape[1:], np.int32)
+                xmask[r, length - len(head):] = seen
+        cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
+        state = self.sampler.prefill(ids, mask, cross_kv, xmask, cache_len=length)
+        self._prefix_cache[kind] = ((tuple(groups), with_image), shared, state, length)
+        return shared, state, length
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(mismatch[0]) if len(mismatch) else n
 
 
 def _pow2(n: int) -> int:
