@@ -166,7 +166,8 @@ def test_stage_search_follows_the_judge(setup):
 def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
     model, processor, image = setup
     # a budget too small to close a tag: every candidate is cut there, marked, and still judged sensibly
-    cfg = SS.SearchConfig(num_candidates=2, stage_max_new_tokens=4, judge_max_new_tokens=4, seed=0)
+    # judge prefixes here run to ~150-190 tokens: with 128-token buckets both questions share every shape
+    cfg = SS.SearchConfig(num_candidates=2, stage_max_new_tokens=4, judge_max_new_tokens=4, judge_bucket_step=128, seed=0)
     searcher = SS.Searcher(model, processor, cfg)
     first = searcher.ask(["How many cubes?"], [[image]])[0]
     assert set(first.stages) == set(chat.STAGES)
@@ -211,3 +212,41 @@ def test_search_config_errors():
     with pytest.raises(ValueError, match="num_candidates"):
         SS.SearchConfig(num_candidates=0)
     assert SS.SearchConfig.from_config({"search": "best_of_n", "num_candidates": 3, "other": 1}).method == "best_of_n"
+
+
+def test_judge_calls_continue_a_shared_prefix_exactly(setup):
+    """Judge replies decoded from a prefilled per-question prefix + the rest of each prompt are the replies of
+    plain `generate` over the whole prompt; later rounds of a stage reuse the prefix."""
+    model, processor, image = setup
+    cfg = SS.SearchConfig(num_candidates=2, judge_max_new_tokens=6, judge_do_sample=False)
+    searcher = SS.Searcher(model, processor, cfg)
+    questions = ["How many cubes are there?", "What color is the car?"]
+    inputs = processor(images=[[image], [image]],
+                       text=[chat.render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}])
+                             for q in questions], padding=True, bos="once")
+    batch, _ = searcher._prefill(inputs, questions, 2)
+    hint = "A red cube next to a blue sphere."
+
+    def expected(text, with_image):
+        parts = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+        prompt = processor(images=[[image]] if with_image else None,
+                           text=[chat.render_prompt([{"role": "user", "content": parts}])], bos="once")
+        out = S.generate(model, **prompt, max_new_tokens=6, sampler=searcher.sampler)
+        return searcher._decode_text(out[0, prompt["input_ids"].shape[1]:])
+
+    rounds = [[(0, "one cube", "two cubes"), (0, "three", "four cubes in a row"), (1, "red", "a blue car")],
+              [(0, "two cubes", "four cubes"), (0, "one", "three"), (1, "a blue car", "green")],  # same questions
+              [(0, "two cubes", "four cubes in a row")]]  # only question 0 left
+    entries = []
+    for matches in rounds:
+        texts = [searcher.prompts.compare_text("reasoning", questions[q], a, b, hint) for q, a, b in matches]
+        prefixes = {q: searcher.prompts.compare_prefix("reasoning", questions[q], hint) for q, _, _ in matches}
+        got = searcher._run_judges(texts, [q for q, _, _ in matches], prefixes, batch, True, "reasoning")
+        assert got == [expected(t, True) for t in texts]
+        entries.append(searcher._prefix_cache["reasoning"])
+    assert entries[1] is entries[0] and entries[2] is not entries[1]
+
+    screen = [searcher.prompts.screen_text(questions[1], r, hint) for r in ("It is red.", "It is blue, so red.")]
+    got = searcher._run_judges(screen, [1, 1], {1: searcher.prompts.screen_prefix(questions[1], hint)}, batch, False,
+                               "screen")
+    assert got == [expected(t, False) for t in screen]

@@ -134,6 +134,8 @@ class Searcher:
         self.on_token = on_token  # (tokens [rows], active [rows]) per decode step, single-candidate methods only
         self.syncs = 0
         self.timings: dict[str, float] = {}
+        self._rng = np.random.default_rng(config.seed)  # brackets, fallback coins, judge seeds; reset per call
+        self._prefix_cache: dict = {}  # judge kind -> (questions, prefix ids, prefilled state, length); per call
 
     # -- entry points ----------------------------------------------------------------------------------------
 
@@ -158,7 +160,7 @@ class Searcher:
             raise ValueError(f"{len(questions)} questions for a batch of {input_ids.shape[0]}")
         self.syncs = 0
         self.timings = {}
-        self._prefix_cache = {}  # judge kind -> (questions, prefix ids, prefilled state, length); per call
+        self._prefix_cache = {}
         method = cfg.method
         n = 1 if method in ("greedy", "sample") else cfg.num_candidates
         batch, state = self._prefill(inputs, list(questions), n)
@@ -402,8 +404,9 @@ class Searcher:
                     xmask = np.zeros((len(layout), length) + full.shape[1:], np.int32)
                 xmask[r, length - len(tail):] = full[len(prompts[src]) - len(tail):]
         cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
-        rows_state = sampler_lib.expand_rows(state, jnp.asarray(np.arange(len(layout)) // group_size),
-                                             cache_len=cache_len + length + cfg.judge_max_new_tokens)
+        # The judge cache is sized in coarse steps so that prefixes of different lengths share compiled programs.
+        total = sampler_lib.bucket_length(cache_len + length + cfg.judge_max_new_tokens, minimum=256, step=256)
+        rows_state = sampler_lib.expand_rows(state, jnp.asarray(np.arange(len(layout)) // group_size), cache_len=total)
         rows_state = self.sampler.extend(rows_state, ids, mask, cross_kv, xmask)
         sampling = (sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
                     if cfg.judge_do_sample else sampler_lib.Sampling())
