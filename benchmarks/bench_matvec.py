@@ -75,6 +75,7 @@ def matmul_floor(batches=(1, 4, 8), repeats=15):
     layers, head = decoder_weights(np.random.default_rng(0))
     nbytes = sum(w.nbytes for layer in layers for w in layer if w is not None) + head.nbytes
     jax_layers = [[None if w is None else jnp.asarray(w) for w in layer] for layer in layers]
+    jax_head, torch_head = jnp.asarray(head), torch.from_numpy(head)
     torch_layers = [[None if w is None else torch.from_numpy(w) for w in layer] for layer in layers]
     jax_ops = (jnp.matmul, jax.nn.silu, lambda a, n: jnp.pad(a, ((0, 0), (0, n - a.shape[1]))))
     torch_ops = (torch.matmul, torch.nn.functional.silu, lambda a, n: torch.nn.functional.pad(a, (0, n - a.shape[1])))
@@ -83,8 +84,8 @@ def matmul_floor(batches=(1, 4, 8), repeats=15):
     for batch in batches:
         xj = jnp.full((batch, 768), 0.1, jnp.float32)
         xt = torch.full((batch, 768), 0.1)
-        run_jax = lambda: jax_step(xj, jax_layers, head).block_until_ready()
-        run_torch = lambda: decoder_matmuls(xt, torch_layers, torch.from_numpy(head), torch_ops)
+        run_jax = lambda xj=xj: jax_step(xj, jax_layers, jax_head).block_until_ready()
+        run_torch = lambda xt=xt: decoder_matmuls(xt, torch_layers, torch_head, torch_ops)
         times = {"jax": [], "torch": []}
         with torch.no_grad():
             run_jax(), run_torch()

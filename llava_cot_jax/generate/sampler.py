@@ -165,7 +165,7 @@ def encode(graphdef, params, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
 def _extend(model, state: DecodeState, input_ids, attention_mask, cross_kv, cross_attention_mask) -> DecodeState:
     """Runs a chunk of left-padded tokens [B, S] into the cache at the cursor. Positions continue each row's
     own count (`state.positions`), as transformers' `cumsum(attention_mask) - 1` does over the whole row."""
-    b, s = input_ids.shape
+    s = input_ids.shape[1]
     mask = attention_mask.astype(bool)
     positions = state.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     key_valid = jax.lax.dynamic_update_slice(state.key_valid, mask, (0, state.cursor))
