@@ -386,23 +386,9 @@ class Searcher:
             heads[q] = head
         shared, state, cache_len = self._judge_prefix(kind, groups, heads, [(q, prompts[i]) for i, q in enumerate(owners)],
                                                       batch, with_image)
-        step = cfg.judge_bucket_step
-        rest = [prompts[i][len(shared[owners[i]]):] for i in range(len(texts))]
-        length = sampler_lib.bucket_length(max(len(r) for r in rest), minimum=step, step=step)
-        ids = np.full((len(layout), length), self.sampler.pad_token_id, np.int32)
-        mask = np.zeros((len(layout), length), np.int32)
-        xmask = None
-        for r, src in enumerate(layout):
-            tail = rest[src]
-            ids[r, length - len(tail):] = tail
-            mask[r, length - len(tail):] = 1
-            if with_image:
-                q = owners[src]
-                full = chat.cross_attention_mask(prompts[src], self.image_token_id, batch.num_tiles[q],
-                                                 max_images=batch.max_images, max_tiles=self.max_tiles)
-                if xmask is None:
-                    xmask = np.zeros((len(layout), length) + full.shape[1:], np.int32)
-                xmask[r, length - len(tail):] = full[len(prompts[src]) - len(tail):]
+        chunks = [(prompts[i], len(shared[owners[i]]), owners[i]) for i in layout]  # what follows each prefix
+        ids, mask, xmask = self._left_pad(chunks, batch, with_image)
+        length = ids.shape[1]
         cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
         # The judge cache is sized in coarse steps so that prefixes of different lengths share compiled programs.
         total = sampler_lib.bucket_length(cache_len + length + cfg.judge_max_new_tokens, minimum=256, step=256)
@@ -417,6 +403,26 @@ class Searcher:
         num = np.asarray(out.num_tokens)
         self.syncs += 1
         return [self._decode_text(tokens[row_of[i], : num[row_of[i]]]) for i in range(len(texts))]
+
+    def _left_pad(self, chunks, batch: _Batch, with_image: bool):
+        """Left-pads token chunks `(prompt ids, start, question)` = prompt[start:] into [rows, bucket] ids and mask,
+        with the chunks' rows of their prompt's cross-attention mask when the judge sees the image."""
+        step = self.config.judge_bucket_step
+        length = sampler_lib.bucket_length(max(len(p) - start for p, start, _ in chunks), minimum=step, step=step)
+        ids = np.full((len(chunks), length), self.sampler.pad_token_id, np.int32)
+        mask = np.zeros((len(chunks), length), np.int32)
+        xmask = None
+        for r, (prompt, start, q) in enumerate(chunks):
+            n = len(prompt) - start
+            ids[r, length - n:] = prompt[start:]
+            mask[r, length - n:] = 1
+            if with_image:
+                seen = chat.cross_attention_mask(prompt, self.image_token_id, batch.num_tiles[q],
+                                                 max_images=batch.max_images, max_tiles=self.max_tiles)
+                if xmask is None:
+                    xmask = np.zeros((len(chunks), length) + seen.shape[1:], np.int32)
+                xmask[r, length - n:] = seen[start:]
+        return ids, mask, xmask
 
     def _judge_prefix(self, kind: str, groups: list[int], heads: dict, prompts: list, batch: _Batch, with_image: bool):
         """Each group's judge prefix, prefilled ([groups] rows) or reused from the previous call of this kind while it
@@ -435,21 +441,8 @@ class Searcher:
         shared = {q: head[:-1] for q, head in heads.items()}
         for q, ids in prompts:
             shared[q] = shared[q][: _common_prefix_length(shared[q], ids[:-1])]
-        step = self.config.judge_bucket_step
-        length = sampler_lib.bucket_length(max(len(shared[q]) for q in groups), minimum=step, step=step)
-        ids = np.full((len(groups), length), self.sampler.pad_token_id, np.int32)
-        mask = np.zeros((len(groups), length), np.int32)
-        xmask = None
-        for r, q in enumerate(groups):
-            head = shared[q]
-            ids[r, length - len(head):] = head
-            mask[r, length - len(head):] = 1
-            if with_image:
-                seen = chat.cross_attention_mask(head, self.image_token_id, batch.num_tiles[q],
-                                                 max_images=batch.max_images, max_tiles=self.max_tiles)
-                if xmask is None:
-                    xmask = np.zeros((len(groups), length) + seen.shape[1:], np.int32)
-                xmask[r, length - len(head):] = seen
+        ids, mask, xmask = self._left_pad([(shared[q], 0, q) for q in groups], batch, with_image)
+        length = ids.shape[1]
         cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
         state = self.sampler.prefill(ids, mask, cross_kv, xmask, cache_len=length)
         self._prefix_cache[kind] = ((tuple(groups), with_image), shared, state, length)
