@@ -9,6 +9,8 @@ from the file keep the defaults below. Templates are `str.format` strings over t
 
 and the reply patterns are regular expressions (case-insensitive): `choice_patterns` must capture "1" or
 "2" (the last match in a reply counts), `incorrect_pattern` / `correct_pattern` read a screening reply.
+Fields may stand in any order; the search prefills the text before the first {response_1}/{response_2}
+({reasoning} when screening) once per question and stage, so templates that end with them judge faster.
 
 Unparseable replies and the tournament's other ties are settled by `fallback_winner`, a rule that does not
 depend on the order in which the two candidates were shown (see there).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -155,8 +158,6 @@ class JudgePrompts:
 
 def _text_before(template: str, stop: set[str], **values: str) -> str:
     """`template` formatted up to (not including) its first field named in `stop`."""
-    import string
-
     out = []
     for literal, field, spec, conversion in string.Formatter().parse(template):
         out.append(literal)
@@ -168,8 +169,6 @@ def _text_before(template: str, stop: set[str], **values: str) -> str:
 
 
 def _check_fields(template: str, allowed: set[str], where: str) -> None:
-    import string
-
     for _, field, _, _ in string.Formatter().parse(template):
         if field is not None and field not in allowed:
             raise ValueError(f"{where}: unknown field {{{field}}}; allowed: {sorted(allowed)}")
