@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workdir = ""  # default: <tmp>/llava_cot_jax_demo
     c.seed = 0
     c.search = "stage"
+    c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
     c.num_candidates = 2
     c.infer = _infer_config("runlocal")
     c.infer.show_stages = True

@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.show_stages = False  # print every stage, not only the conclusion
     c.stream = True  # print text as it is produced when stdout is a terminal
     c.trace = ""  # write a JSON trace of every candidate and judge verdict here
+    c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
     if arg == "runlocal":
         c.stage_max_new_tokens = 32
         c.max_new_tokens = 128

@@ -7,8 +7,10 @@ Dispatches on `config.mode`. Each mode is a function `run(config) -> int` regist
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -21,10 +23,19 @@ MODES = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")
 
 
+def enable_compilation_cache(path: str) -> None:
+    """Keeps compiled XLA programs on disk under `path` (empty: off), so a second run of the same shapes skips
+    compilation, which is most of a short session's time (a stage search compiles ~30 programs)."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def dispatch(config) -> int:
     mode = config.get("mode")
     if mode not in MODES:
         raise app.UsageError(f"config.mode={mode!r} is not one of {sorted(MODES)}")
+    enable_compilation_cache(config.get("compilation_cache", ""))
     module, function = MODES[mode].split(":")
     return getattr(importlib.import_module(module), function)(config)
 

@@ -17,6 +17,7 @@ def test_demo_runs_offline(tmp_path):
             "--config",
             os.path.join(REPO, "configs", "demo.py"),
             f"--config.workdir={tmp_path}",
+            f"--config.compilation_cache={tmp_path}/xla",
         ],
         capture_output=True,
         text=True,
@@ -31,3 +32,4 @@ def test_demo_runs_offline(tmp_path):
     for stage in stages:
         assert f"{stage}:" in result.stdout
     assert os.path.exists(tmp_path / "tiny_random_checkpoint" / "llava_cot_config.json")
+    assert len(os.listdir(tmp_path / "xla")) > 5  # compiled programs kept for the next run

@@ -30,7 +30,8 @@ def test_infer_prints_conclusion_and_writes_trace(tmp_path):
     trace = tmp_path / "trace.json"
     cmd = [sys.executable, "-m", "llava_cot_jax.main", f"--config={REPO}/configs/infer.py:runlocal",
            f"--config.checkpoint={ckpt}", f"--config.image={image}", "--config.question=How many cubes?",
-           "--config.stage_max_new_tokens=6", "--config.judge_max_new_tokens=4", f"--config.trace={trace}"]
+           "--config.stage_max_new_tokens=6", "--config.judge_max_new_tokens=4", f"--config.trace={trace}",
+           f"--config.compilation_cache={tmp_path}/xla"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(trace.read_text())
