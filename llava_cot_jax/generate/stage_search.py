@@ -3,8 +3,9 @@
 For each stage SUMMARY → CAPTION → REASONING → CONCLUSION, a batch of B questions × N candidates decodes
 as one batch of B·N rows that continue the accepted prefix from the KV cache (no prefix is ever re-run),
 each ending at the stage's closing tag. The model then judges its own candidates in a knock-out
-tournament (`judge.knockout`): every round's comparisons, over all questions, are one batched
-prefill + decode that reuses the image's cross-attention K/V computed once per question. For the
+tournament (`judge.knockout`): every round's comparisons, over all questions, are one batched call
+that continues each question's judge prefix (prefilled once per stage) and reads the image's
+cross-attention K/V computed once per question. For the
 reasoning stage each candidate is first screened for mistakes (one batched text-only call). The winner's
 cache row is copied into all N rows and the next stage starts from it.
 
