@@ -5,9 +5,9 @@ as one batch of B·N rows that continue the accepted prefix from the KV cache (n
 each ending at the stage's closing tag. The model then judges its own candidates in a knock-out
 tournament (`judge.knockout`): every round's comparisons, over all questions, are one batched call
 that continues each question's judge prefix (prefilled once per stage) and reads the image's
-cross-attention K/V computed once per question. For the
-reasoning stage each candidate is first screened for mistakes (one batched text-only call). The winner's
-cache row is copied into all N rows and the next stage starts from it.
+cross-attention K/V computed once per question. For the reasoning stage each candidate is first
+screened for mistakes (one batched text-only call). The winner's cache row is copied into all N rows
+and the next stage starts from it.
 
 Host round trips are per stage, not per token: one to read the candidates, one per tournament round
 (log2 N), one for the screen. The judge prompts are text built from candidate text (they must be
