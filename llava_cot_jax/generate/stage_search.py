@@ -350,15 +350,17 @@ class Searcher:
             return replies
         return self._run_judges(texts, owners, prefixes, batch, with_image, kind)
 
-    def _judge_tokens(self, text: str, prefix: str, q: int, batch: _Batch, with_image: bool):
-        """Token ids of a judge prompt, and of its rendered prefix (the chat header, images, `prefix`)."""
+    def _judge_tokens(self, text: str, prefix: str | None, q: int, batch: _Batch, with_image: bool):
+        """Token ids of a judge prompt, and of its rendered prefix (the chat header, images, `prefix`; None when
+        `prefix` is None)."""
         parts = ([{"type": "image"}] * len(batch.num_tiles[q]) if with_image else []) + [{"type": "text", "text": text}]
         rendered = chat.render_prompt([{"role": "user", "content": parts}])
+        encode = lambda x: self.tokenizer(x, add_special_tokens=False)["input_ids"]
+        if prefix is None:
+            return encode(rendered), None
         if not text.startswith(prefix):
             raise AssertionError("judge prefix is not a prefix of its prompt")
-        head = rendered[: rendered.index(text) + len(prefix)]
-        encode = lambda x: self.tokenizer(x, add_special_tokens=False)["input_ids"]
-        return encode(rendered), encode(head)
+        return encode(rendered), encode(rendered[: rendered.index(text) + len(prefix)])
 
     def _run_judges(self, texts: Sequence[str], owners: Sequence[int], prefixes: dict, batch: _Batch, with_image: bool,
                     kind: str) -> list[str]:
@@ -382,15 +384,15 @@ class Searcher:
 
         prompts, heads = [], {}
         for text, q in zip(texts, owners):
-            ids, head = self._judge_tokens(text, prefixes[q], q, batch, with_image)
+            ids, head = self._judge_tokens(text, None if q in heads else prefixes[q], q, batch, with_image)
             prompts.append(ids)
-            heads[q] = head
+            heads.setdefault(q, head)  # one head per question: the same for all its prompts
+        cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
         shared, state, cache_len = self._judge_prefix(kind, groups, heads, [(q, prompts[i]) for i, q in enumerate(owners)],
-                                                      batch, with_image)
+                                                      batch, cross_kv)
         chunks = [(prompts[i], len(shared[owners[i]]), owners[i]) for i in layout]  # what follows each prefix
         ids, mask, xmask = self._left_pad(chunks, batch, with_image)
         length = ids.shape[1]
-        cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
         # The judge cache is sized in coarse steps so that prefixes of different lengths share compiled programs.
         total = sampler_lib.bucket_length(cache_len + length + cfg.judge_max_new_tokens, minimum=256, step=256)
         rows_state = sampler_lib.expand_rows(state, jnp.asarray(np.arange(len(layout)) // group_size), cache_len=total)
@@ -425,14 +427,15 @@ class Searcher:
                 xmask[r, length - n:] = seen[start:]
         return ids, mask, xmask
 
-    def _judge_prefix(self, kind: str, groups: list[int], heads: dict, prompts: list, batch: _Batch, with_image: bool):
+    def _judge_prefix(self, kind: str, groups: list[int], heads: dict, prompts: list, batch: _Batch, cross_kv):
         """Each group's judge prefix, prefilled ([groups] rows) or reused from the previous call of this kind while it
         still starts every prompt of its group (every round of a stage's tournament). Returns (prefix token ids per
         question, state, its cache length).
 
         Reuse is exact: a prompt continues a prefix only where their token ids agree. The rendered head's last
         token is left out (BPE may merge it with the response that follows), and the common token prefix of the
-        head and the group's prompts is what gets prefilled."""
+        head and the group's prompts is what gets prefilled. `cross_kv`: the groups' image K/V, None without images."""
+        with_image = cross_kv is not None
         starts = lambda prefix, ids: len(ids) > len(prefix) and list(ids[: len(prefix)]) == list(prefix)
         cached = self._prefix_cache.get(kind)
         if cached is not None:
@@ -444,7 +447,6 @@ class Searcher:
             shared[q] = shared[q][: _common_prefix_length(shared[q], ids[:-1])]
         ids, mask, xmask = self._left_pad([(shared[q], 0, q) for q in groups], batch, with_image)
         length = ids.shape[1]
-        cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
         state = self.sampler.prefill(ids, mask, cross_kv, xmask, cache_len=length)
         self._prefix_cache[kind] = ((tuple(groups), with_image), shared, state, length)
         return shared, state, length
