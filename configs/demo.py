@@ -1,4 +1,4 @@
-"""The offline CPU demo: `python -m llava_cot_jax.main --config configs/demo.py [--config.search=best_of_n]`.
+"""The offline CPU demo: `python -m llava_cot_jax.main --config configs/demo.py [--workdir DIR] [--config.search=best_of_n]`.
 
 A tiny random model, the tiny tokenizer and a synthetic scene, through the same search code as infer.py.
 """
@@ -21,7 +21,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     c = ml_collections.ConfigDict()
     c.mode = "demo"
-    c.workdir = ""  # default: <tmp>/llava_cot_jax_demo
     c.seed = 0
     c.search = "stage"
     c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off

@@ -43,11 +43,11 @@ def build_demo_checkpoint(path: str, seed: int = 0) -> str:
     return path
 
 
-def run(config) -> int:
+def run(config, workdir: str = "") -> int:
     from llava_cot_jax.data import synthetic
     from llava_cot_jax.generate import cli
 
-    workdir = config.workdir or os.path.join(tempfile.gettempdir(), "llava_cot_jax_demo")
+    workdir = workdir or os.path.join(tempfile.gettempdir(), "llava_cot_jax_demo")
     os.makedirs(workdir, exist_ok=True)
     ckpt = os.path.join(workdir, "tiny_random_checkpoint")
     if not os.path.isdir(ckpt):

@@ -1,7 +1,10 @@
-"""The one entry point: `python -m llava_cot_jax.main --config configs/NAME.py[:arg] [--config.key=value ...]`.
+"""The one entry point: `python -m llava_cot_jax.main --config configs/NAME.py[:arg] --workdir DIR [--config.key=value]`.
 
-Dispatches on `config.mode`. Each mode is a function `run(config) -> int` registered in `MODES` as a
+Dispatches on `config.mode`. Each mode is a function `run(config, workdir) -> int` registered in `MODES` as a
 "module:function" path, imported only when chosen, so inference never imports training code.
+
+Mistakes a user makes (an unknown config key, a missing checkpoint or data directory, a mesh that does not fit)
+end the program with one line on stderr, `error: ...`; `--verbosity=1` shows the traceback as well.
 """
 
 from __future__ import annotations
@@ -14,13 +17,23 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# mode → "module:function". Other modes (train, eval, convert, ...) register here.
+# mode → "module:function".
 MODES = {
-    "infer": "llava_cot_jax.generate.cli:run",
     "demo": "llava_cot_jax.demo:run",
+    "infer": "llava_cot_jax.generate.cli:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "", "Directory for this run's outputs (checkpoints, metrics, results); a rerun resumes from it."
+)
+
+# Exceptions that report a user's mistake: printed as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+
+
+class UsageError(app.UsageError):
+    """A bad command line; absl prints it as one line."""
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -31,13 +44,24 @@ def enable_compilation_cache(path: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def dispatch(config) -> int:
+def dispatch(config, workdir: str = "") -> int:
     mode = config.get("mode")
     if mode not in MODES:
         raise app.UsageError(f"config.mode={mode!r} is not one of {sorted(MODES)}")
     enable_compilation_cache(config.get("compilation_cache", ""))
     module, function = MODES[mode].split(":")
-    return getattr(importlib.import_module(module), function)(config)
+    return getattr(importlib.import_module(module), function)(config, workdir)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a config override of an unknown key reported as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        raise SystemExit(f"error: {err}") from None
+    except (AttributeError, KeyError) as err:  # ml_collections: --config.key=value for a key the config lacks
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        raise SystemExit(f"error: unknown config key in {' '.join(bad)} ({err})") from None
 
 
 def main(argv) -> None:
@@ -45,10 +69,19 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/NAME.py is required")
-    if not flags.FLAGS["verbosity"].present:
+    verbose = flags.FLAGS["verbosity"].present
+    if not verbose:
         logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
-    sys.exit(dispatch(_CONFIG.value))
+    try:
+        code = dispatch(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as err:
+        if verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message} (--verbosity=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -16,7 +16,7 @@ def test_demo_runs_offline(tmp_path):
             "llava_cot_jax.main",
             "--config",
             os.path.join(REPO, "configs", "demo.py"),
-            f"--config.workdir={tmp_path}",
+            f"--workdir={tmp_path}",
             f"--config.compilation_cache={tmp_path}/xla",
         ],
         capture_output=True,

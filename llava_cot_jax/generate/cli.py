@@ -44,8 +44,13 @@ def load(checkpoint: str, dtype: str):
     return model, MllamaProcessor.from_pretrained(checkpoint)
 
 
-def run(config) -> int:
+def run(config, workdir: str = "") -> int:
+    """Answers config.question; with a workdir and no config.trace, the trace goes to DIR/trace.json."""
     import PIL.Image
+
+    if workdir and not config.trace:
+        os.makedirs(workdir, exist_ok=True)
+        config.trace = os.path.join(workdir, "trace.json")
 
     if not config.question:
         raise SystemExit("--config.question is required")
