@@ -31,6 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stream = True  # print text as it is produced when stdout is a terminal
     c.trace = ""  # write a JSON trace of every candidate and judge verdict here
     c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
+    # Device mesh (data x fsdp x tensor; one may be -1 = the devices left over). All 1: one device. A TPU VM slice
+    # or a multi-GPU host: --config.mesh_tensor=-1 (weights split over every chip; see README).
+    c.mesh_data = 1
+    c.mesh_fsdp = 1
+    c.mesh_tensor = 1
     if arg == "runlocal":
         c.stage_max_new_tokens = 32
         c.max_new_tokens = 128

@@ -170,13 +170,10 @@ def compile_program(program: Program, hbm_gib: float) -> CompileResult:
 
 def mesh_from_config(config, devices):
     """The (data, fsdp, tensor) mesh a config asks for (`mesh_data`, `mesh_fsdp`, `mesh_tensor`; one may be -1)
-    over `devices`; by default tensor parallelism over all of them."""
+    over `devices`; when it asks for none, tensor parallelism over all of them."""
     from llava_cot_jax import sharding  # pylint: disable=g-import-not-at-top
 
-    sizes = [config.get(f"mesh_{axis}", default) for axis, default in (("data", 1), ("fsdp", 1), ("tensor", -1))]
-    if -1 not in sizes and sizes[0] * sizes[1] * sizes[2] == 1:
-        sizes[2] = -1  # a single-device default config: use the whole slice
-    return sharding.make_mesh(*sizes, devices=devices)
+    return sharding.config_mesh(config, devices) or sharding.make_mesh(1, 1, -1, devices=devices)
 
 
 def programs_for_config(config, mesh) -> list[Program]:

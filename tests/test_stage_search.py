@@ -236,15 +236,17 @@ def test_judge_calls_continue_a_shared_prefix_exactly(setup):
 
     rounds = [[(0, "one cube", "two cubes"), (0, "three", "four cubes in a row"), (1, "red", "a blue car")],
               [(0, "two cubes", "four cubes"), (0, "one", "three"), (1, "a blue car", "green")],  # same questions
-              [(0, "two cubes", "four cubes in a row")]]  # only question 0 left
+              [(0, "two cubes", "four cubes in a row")],  # only question 0 left: its prefix is still there
+              [(0, "two", "four")]]  # another hint (below): a new prefix
     entries = []
-    for matches in rounds:
-        texts = [searcher.prompts.compare_text("reasoning", questions[q], a, b, hint) for q, a, b in matches]
-        prefixes = {q: searcher.prompts.compare_prefix("reasoning", questions[q], hint) for q, _, _ in matches}
+    for index, matches in enumerate(rounds):
+        hint_now = hint if index < 3 else "Two red cubes."
+        texts = [searcher.prompts.compare_text("reasoning", questions[q], a, b, hint_now) for q, a, b in matches]
+        prefixes = {q: searcher.prompts.compare_prefix("reasoning", questions[q], hint_now) for q, _, _ in matches}
         got = searcher._run_judges(texts, [q for q, _, _ in matches], prefixes, batch, True, "reasoning")
         assert got == [expected(t, True) for t in texts]
         entries.append(searcher._prefix_cache["reasoning"])
-    assert entries[1] is entries[0] and entries[2] is not entries[1]
+    assert entries[1] is entries[0] and entries[2] is entries[1] and entries[3] is not entries[2]
 
     screen = [searcher.prompts.screen_text(questions[1], r, hint) for r in ("It is red.", "It is blue, so red.")]
     got = searcher._run_judges(screen, [1, 1], {1: searcher.prompts.screen_prefix(questions[1], hint)}, batch, False,

@@ -29,16 +29,21 @@ class TokenPrinter:
             self.out.flush()
 
 
-def load(checkpoint: str, dtype: str):
-    """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor)."""
+def load(checkpoint: str, dtype: str, mesh=None):
+    """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor). On a `mesh` a
+    converted checkpoint is read straight into each device's shards; an HF directory is read on the host first."""
     from llava_cot_jax import checkpoint as ckpt_lib
+    from llava_cot_jax import sharding
     from llava_cot_jax.data.processor import MllamaProcessor
     from llava_cot_jax.models.mllama.params import from_hf
 
     if not checkpoint or not os.path.isdir(checkpoint):
         raise SystemExit(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
     if os.path.exists(os.path.join(checkpoint, ckpt_lib.CONFIG_FILE)):
-        model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False)
+        rules = None
+        if mesh is not None:
+            rules = sharding.inference_rules(ckpt_lib.load_config(checkpoint).text.num_key_value_heads, mesh)
+        model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False, mesh=mesh, rules=rules)
     else:
         model = from_hf(checkpoint, dtype=dtype, scan_layers=False)
     return model, MllamaProcessor.from_pretrained(checkpoint)
@@ -59,7 +64,10 @@ def run(config, workdir: str = "") -> int:
         if not os.path.isfile(path):
             raise SystemExit(f"image not found: {path}")
         images.append(PIL.Image.open(path).convert("RGB"))
-    model, processor = load(config.checkpoint, config.dtype)
+    from llava_cot_jax import sharding
+
+    mesh = sharding.config_mesh(config)
+    model, processor = load(config.checkpoint, config.dtype, mesh)
     search_config = stage_search.SearchConfig.from_config(
         {k: (v if v != "" else None) for k, v in config.items()})
 
@@ -70,7 +78,7 @@ def run(config, workdir: str = "") -> int:
         if interactive and search_config.method not in ("greedy", "sample"):
             print(text, end="", flush=True)  # stage search: each accepted stage as it is decided
 
-    searcher = stage_search.Searcher(model, processor, search_config, on_stage=on_stage, on_token=on_token)
+    searcher = stage_search.Searcher(model, processor, search_config, on_stage=on_stage, on_token=on_token, mesh=mesh)
     if not config.get("stop_at_eos", True):
         searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
     result = searcher.ask([config.question], [images] if images else None)[0]

@@ -309,7 +309,7 @@ def hf_tensors(
 # ------------------------------------------------------------------------------------------ model building
 
 
-def _stacked_location(path: tuple) -> tuple[tuple[str, ...], int | None]:
+def stacked_location(path: tuple) -> tuple[tuple[str, ...], int | None]:
     """Where a parameter of an unscanned model (`language_model/self_layers/3/q_proj`) lives in the stacked
     layout (`language_model/self_layers/q_proj`, index 3); stacked paths map to themselves."""
     if len(path) > 2 and path[1] in ("self_layers", "cross_layers") and isinstance(path[2], int):
@@ -327,7 +327,7 @@ def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.nda
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
-        key, index = _stacked_location(path)
+        key, index = stacked_location(path)
         if key not in params:
             raise CheckpointError(f"no value for parameter {'/'.join(key)}")
         value = params[key] if index is None else params[key][index]
@@ -345,7 +345,7 @@ def model_params(model) -> dict[tuple[str, ...], jax.Array]:
 
     stacked, per_layer = {}, {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key, index = _stacked_location(path)
+        key, index = stacked_location(path)
         if index is None:
             stacked[key] = var[...]
         else:
