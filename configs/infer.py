@@ -36,6 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh_data = 1
     c.mesh_fsdp = 1
     c.mesh_tensor = 1
+    c.scan_layers = False  # decode with the text layers scanned (compile time independent of depth) or unrolled
+    c.quantize = ""  # "int8": int8 text-decoder weights (11B in ~11 GiB: one 16 GB chip, e.g. Colab's v5e-1)
+    c.model = ""  # tools/aot_compile.py without a checkpoint: an architecture preset (llama_11b, llama_90b, ...)
+    c.batch_size = 1  # tools/aot_compile.py: questions searched together (the CLI answers one)
     if arg == "runlocal":
         c.stage_max_new_tokens = 32
         c.max_new_tokens = 128

@@ -129,13 +129,17 @@ def check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
         )
 
 
+def dividing_spec(shape, names, mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """The spec of logical axes `names` for an array of `shape`, with every mesh axis that does not divide its
+    dimension dropped (that dimension is replicated rather than padded)."""
+    spec = logical_to_spec(names, rules)
+    return PartitionSpec(*(axis if dim % _axis_size(mesh, axis) == 0 else None for dim, axis in zip(shape, spec)))
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...], rules=LOGICAL_AXIS_RULES) -> jax.Array:
     """Pins an array's sharding to the logical axes `names` when a mesh is set (`jax.set_mesh`); a no-op without
     a mesh. An axis whose mesh size does not divide the dimension is replicated rather than padded."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = [
-        axis if dim % _axis_size(mesh, axis) == 0 else None for dim, axis in zip(x.shape, logical_to_spec(names, rules))
-    ]
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    return jax.lax.with_sharding_constraint(x, dividing_spec(x.shape, names, mesh, rules))

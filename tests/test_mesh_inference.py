@@ -82,6 +82,11 @@ SCRIPT = textwrap.dedent("""
         for leaf in jax.tree.leaves(state.cache):
             assert leaf.sharding.mesh.devices.size == data * tensor
 
+    # int8 weights (quantized where their shards live) decode as on one device.
+    int8 = lambda mesh: S.generate(model, **inputs, max_new_tokens=16, eos_token_id=None,
+                                   sampler=S.Sampler(model, mesh=mesh, quantize="int8"))
+    np.testing.assert_array_equal(int8(mesh), int8(None))
+
     # A converted checkpoint loads straight onto the mesh: every parameter in its decoding shards, same values.
     import tempfile
     from llava_cot_jax import checkpoint

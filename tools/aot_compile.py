@@ -14,6 +14,8 @@ The mesh comes from the config's `mesh_data`, `mesh_fsdp`, `mesh_tensor` (defaul
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the described slice; never look for a local TPU
+# Compilation only touches no chip, so several AOT runs may share this host's libtpu (it takes a lock by default).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app, flags
 from ml_collections import config_flags

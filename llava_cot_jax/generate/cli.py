@@ -29,9 +29,10 @@ class TokenPrinter:
             self.out.flush()
 
 
-def load(checkpoint: str, dtype: str, mesh=None):
+def load(checkpoint: str, dtype: str, mesh=None, quantize: str | None = None):
     """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor). On a `mesh` a
-    converted checkpoint is read straight into each device's shards; an HF directory is read on the host first."""
+    converted checkpoint is read straight into each device's shards; an HF directory is read on the host first.
+    `quantize="int8"`: the text decoder's matrices are stored as int8 as they are loaded."""
     from llava_cot_jax import checkpoint as ckpt_lib
     from llava_cot_jax import sharding
     from llava_cot_jax.data.processor import MllamaProcessor
@@ -43,9 +44,10 @@ def load(checkpoint: str, dtype: str, mesh=None):
         rules = None
         if mesh is not None:
             rules = sharding.inference_rules(ckpt_lib.load_config(checkpoint).text.num_key_value_heads, mesh)
-        model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False, mesh=mesh, rules=rules)
+        model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False, mesh=mesh, rules=rules,
+                                    quantize=quantize)
     else:
-        model = from_hf(checkpoint, dtype=dtype, scan_layers=False)
+        model = from_hf(checkpoint, dtype=dtype, quantize=quantize, scan_layers=False)
     return model, MllamaProcessor.from_pretrained(checkpoint)
 
 
@@ -67,7 +69,7 @@ def run(config, workdir: str = "") -> int:
     from llava_cot_jax import sharding
 
     mesh = sharding.config_mesh(config)
-    model, processor = load(config.checkpoint, config.dtype, mesh)
+    model, processor = load(config.checkpoint, config.dtype, mesh, config.get("quantize") or None)
     search_config = stage_search.SearchConfig.from_config(
         {k: (v if v != "" else None) for k, v in config.items()})
 
@@ -78,7 +80,8 @@ def run(config, workdir: str = "") -> int:
         if interactive and search_config.method not in ("greedy", "sample"):
             print(text, end="", flush=True)  # stage search: each accepted stage as it is decided
 
-    searcher = stage_search.Searcher(model, processor, search_config, on_stage=on_stage, on_token=on_token, mesh=mesh)
+    searcher = stage_search.Searcher(model, processor, search_config, on_stage=on_stage, on_token=on_token, mesh=mesh,
+                                     scan_layers=config.get("scan_layers", False))
     if not config.get("stop_at_eos", True):
         searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
     result = searcher.ask([config.question], [images] if images else None)[0]

@@ -28,6 +28,7 @@ from flax import nnx
 from llava_cot_jax import sharding as sharding_lib
 from llava_cot_jax.generate import stop as stop_lib
 from llava_cot_jax.models.mllama import model as model_lib
+from llava_cot_jax.models.mllama import quant
 from llava_cot_jax.models.mllama.params import with_scan_layers
 
 # finish reasons per row
@@ -165,26 +166,35 @@ def streaming(callback: Callable[[np.ndarray, np.ndarray], None]):
 _KV_AXES = ("batch", "kv_heads", None, "head_dim")  # one layer's KV cache / image K/V rows: [B, K, T, hd]
 
 
+def map_kv_axes(fn, tree):
+    """fn(leaf, logical axes) over a KV cache or image K/V tree ([B, K, T, hd] leaves, [layers, ...] when scanned)."""
+    return jax.tree.map(lambda x: fn(x, ("layers",) * (x.ndim - 4) + _KV_AXES), tree)
+
+
+def map_state_axes(fn, state: DecodeState) -> DecodeState:
+    """fn(leaf, logical axes) over every array of a decode state: caches as above, everything else by rows."""
+    rows = lambda x: fn(x, ("batch",) + (None,) * (x.ndim - 1))
+    return DecodeState(
+        cache=map_kv_axes(fn, state.cache),
+        key_valid=rows(state.key_valid),
+        cursor=fn(state.cursor, ()),
+        positions=rows(state.positions),
+        logits=rows(state.logits),  # replicated over the vocabulary: sampling reads whole rows
+        xmask=rows(state.xmask),
+    )
+
+
 def _shard_kv(tree, rules):
-    """Pins cache-like leaves ([B, K, T, hd], or [layers, B, K, T, hd] when scanned) to the mesh."""
+    """Pins cache-like leaves to the mesh (no-op on one device: rules None)."""
     if rules is None or tree is None:
         return tree
-    names = lambda x: ("layers",) * (x.ndim - 4) + _KV_AXES
-    return jax.tree.map(lambda x: sharding_lib.constrain(x, names(x), rules), tree)
+    return map_kv_axes(lambda x, names: sharding_lib.constrain(x, names, rules), tree)
 
 
 def _shard_state(state: DecodeState, rules) -> DecodeState:
     if rules is None:
         return state
-    rows = lambda x: sharding_lib.constrain(x, ("batch",) + (None,) * (x.ndim - 1), rules)
-    return DecodeState(
-        cache=_shard_kv(state.cache, rules),
-        key_valid=rows(state.key_valid),
-        cursor=state.cursor,
-        positions=rows(state.positions),
-        logits=rows(state.logits),  # replicated over the vocabulary: sampling reads whole rows
-        xmask=rows(state.xmask),
-    )
+    return map_state_axes(lambda x, names: sharding_lib.constrain(x, names, rules), state)
 
 
 def _take_state_rows(state: DecodeState, rows) -> DecodeState:
@@ -408,17 +418,19 @@ class Sampler:
     several Samplers over models of the same shape share compiled code. Decoding runs the text layers as a
     Python loop over per-layer weights (`scan_layers=False`): a scanned layer's weight slice is copied before
     every matmul, which triples the bytes a batch-1 decode step reads on CPU. A scanned model is converted
-    (a copy of its weights); load with `scan_layers=False` to avoid the copy.
+    (a copy of its weights); load with `scan_layers=False` to avoid the copy. `scan_layers=True` keeps (or
+    makes) the layers scanned: compile time then does not grow with depth (see BENCHMARKS.md for the TPU case).
 
     With a `mesh` (`sharding.make_mesh(data=..., tensor=...)`) the weights are placed by the logical-axis rules
     (`sharding.inference_rules`: tensor parallelism over heads, kv heads, MLP and vocabulary; FSDP over the
     embedding if the mesh has an fsdp axis) and every program runs on the mesh with the rows of a batch split
-    over data x fsdp; results equal the single-device ones.
+    over data x fsdp; results equal the single-device ones. `quantize="int8"` decodes with int8 text-decoder
+    weights (`models/mllama/quant.py`; a model loaded with `quantize="int8"` already has them).
     """
 
     def __init__(self, model, tokenizer=None, eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
-        model = with_scan_layers(model, False)
+                 mesh: jax.sharding.Mesh | None = None, scan_layers: bool = False, quantize: str | None = None):
+        model = with_scan_layers(model, scan_layers)
         self.model = model
         self.graphdef, self.params = nnx.split(model)
         text = model.config.text
@@ -426,7 +438,9 @@ class Sampler:
         self.rules = None
         if mesh is not None:
             self.rules = sharding_lib.inference_rules(text.num_key_value_heads, mesh)
-            self.params = jax.device_put(self.params, sharding_lib.param_shardings(self.params, mesh, self.rules))
+            self.params = jax.device_put(self.params, quant.param_shardings(self.params, mesh, self.rules))
+        if quantize:  # after placement: each matrix is quantized where its shards live
+            self.params = quant.quantize_state(self.params)
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(text.eos_token_id if eos_token_ids is None else eos_token_ids)
         self.pad_token_id = text.pad_token_id if pad_token_id is None else pad_token_id

@@ -110,11 +110,11 @@ class _Batch:
     stages: list[dict]
     traces: list[list]
     ended: np.ndarray  # [B] the question's answer is finished (EOS or conclusion accepted)
-    shapes: _Shapes | None = None
+    shapes: SearchShapes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class _Shapes:
+class SearchShapes:
     """The array shapes of one search, fixed by the search config, the question's prompt bucket and its length
     in judge bucket steps (not by what the model writes), so that one question compiles a handful of programs
     and the next one of a similar length none.
@@ -145,13 +145,13 @@ class Searcher:
                  judge_fn: Callable[[list[str], str], Sequence[str]] | None = None,
                  on_stage: Callable[[int, str, str], None] | None = None,
                  on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, scan_layers: bool = False):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.config = config
         self.prompts = prompts or judge_lib.JudgePrompts.load(config.prompts_file)
-        self.sampler = sampler_lib.Sampler(model, tokenizer=self.tokenizer, mesh=mesh)
+        self.sampler = sampler_lib.Sampler(model, tokenizer=self.tokenizer, mesh=mesh, scan_layers=scan_layers)
         self.image_token_id = model.config.image_token_id
         self.max_tiles = model.config.vision.max_num_tiles
         self._judge_override = judge_fn  # (judge prompt texts, kind) -> replies, instead of the model
@@ -238,12 +238,6 @@ class Searcher:
             return sampler_lib.Sampling(do_sample=False)
         return sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
 
-    def _total_budget(self) -> int:
-        cfg = self.config
-        if cfg.method == "stage":
-            return len(chat.STAGES) * cfg.stage_max_new_tokens
-        return cfg.max_new_tokens
-
     def _prefill(self, inputs: dict, questions: list[str], n: int):
         ids = np.asarray(inputs["input_ids"])
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)))
@@ -259,49 +253,18 @@ class Searcher:
             num_tiles = [[int(t) for t in row.sum(-1) if t > 0] for row in ar_mask]
         max_images = np.shape(inputs["pixel_values"])[1] if has_images else 0
         question_tokens = max(len(self.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
-        shapes = self._shapes(bucket, question_tokens, n, max_images)
+        shapes = search_shapes(self.config, self.prompts, self.tokenizer, bucket, question_tokens, n, max_images)
         state = self.sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None,
                                      cache_len=shapes.cache_len, rows=np.repeat(np.arange(b), n))
         batch = _Batch(questions, num_tiles, max_images, cross_kv, [""] * b, [{} for _ in range(b)], [[] for _ in range(b)],
                        np.zeros(b, bool), shapes)
         return batch, state
 
-    def _shapes(self, prompt_bucket: int, question_tokens: int, n: int, max_images: int) -> _Shapes:
-        """Bounds on every length a search can produce (see `_Shapes`), from the prompt bucket, the longest
-        question's token count rounded up to a judge bucket step, and the generation budgets. The judge's template
-        overhead is measured by tokenising its prompts with empty fields."""
-        cfg, step = self.config, self.config.judge_bucket_step
-        round_up = lambda x: sampler_lib.bucket_length(x, minimum=step, step=step)
-        tokens = lambda text, images: len(self._judge_tokens(text, None, images)[0])
-        question = round_up(question_tokens)
-        stage = cfg.stage_max_new_tokens
-        # judged kind -> (longest hint, longest response) in tokens; the screen shows the caption and one reasoning
-        kinds = {
-            "stage": {"summary": (0, stage), "caption": (0, stage), "reasoning": (stage, stage),
-                      "conclusion": (2 * stage + 1, stage)},
-            "best_of_n": {"answer": (0, cfg.max_new_tokens)},
-            "sentence": {"sentence": (cfg.max_new_tokens, cfg.sentence_max_new_tokens)},
-        }.get(cfg.method, {})
-        compare_images = max_images if self.prompts.compare_with_image else 0
-        prefix, rest = {}, {}
-        for kind, (hint, response) in kinds.items():
-            head = tokens(self.prompts.compare_prefix(kind, "", ""), compare_images)
-            full = tokens(self.prompts.compare_text(kind, "", "", "", ""), compare_images)
-            prefix["compare"] = max(prefix.get("compare", 0), round_up(head + question + hint))
-            rest["compare"] = max(rest.get("compare", 0), round_up(full - head + 1 + 2 * response))
-        if cfg.method == "stage":
-            head, full = tokens(self.prompts.screen_prefix("", ""), 0), tokens(self.prompts.screen_text("", "", ""), 0)
-            prefix["screen"], rest["screen"] = round_up(head + question + stage), round_up(full - head + 1 + stage)
-        judge = max([prefix[g] + rest[g] + cfg.judge_max_new_tokens for g in prefix], default=0)
-        return _Shapes(prompt_bucket, sampler_lib.bucket_length(prompt_bucket + self._total_budget(), step=CACHE_STEP),
-                       sampler_lib.bucket_length(judge, step=CACHE_STEP), prefix, rest,
-                       {"compare": -(-n // 2), "screen": n})
-
     def warmup(self, batch_size: int = 1, num_images: int = 1, question_tokens: int | None = None) -> float:
         """Compiles every program a search runs for `batch_size` questions of up to `question_tokens` tokens (default:
         one judge bucket step, 64) with `num_images` images each, by running one such search with a one-token
         budget per step: shapes depend only on the config, the prompt bucket and the question's length in bucket
-        steps (see `_Shapes`), not on what is generated. A server or a notebook calls this once; the first real
+        steps (see `SearchShapes`), not on what is generated. A server or a notebook calls this once; the first real
         question of that size then runs at warm speed. Returns the seconds it took."""
         start = time.perf_counter()
         question_tokens = question_tokens or self.config.judge_bucket_step
@@ -436,18 +399,6 @@ class Searcher:
             return replies
         return self._run_judges(texts, owners, prefixes, batch, with_image, kind)
 
-    def _judge_tokens(self, text: str, prefix: str | None, num_images: int):
-        """Token ids of a judge prompt showing `num_images` images, and of its rendered prefix (the chat header,
-        images, `prefix`; None when `prefix` is None)."""
-        parts = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
-        rendered = chat.render_prompt([{"role": "user", "content": parts}])
-        encode = lambda x: self.tokenizer(x, add_special_tokens=False)["input_ids"]
-        if prefix is None:
-            return encode(rendered), None
-        if not text.startswith(prefix):
-            raise AssertionError("judge prefix is not a prefix of its prompt")
-        return encode(rendered), encode(rendered[: rendered.index(text) + len(prefix)])
-
     def _run_judges(self, texts: Sequence[str], owners: Sequence[int], prefixes: dict, batch: _Batch, with_image: bool,
                     kind: str) -> list[str]:
         """One batched generate over judge prompts, continuing from each question's prefilled judge prefix.
@@ -455,7 +406,7 @@ class Searcher:
         The prefix (chat header, image, instructions, question, hint) is the same for every prompt about one
         question in a stage, so it is prefilled once per question and stage, kept, and every tournament
         round only runs the rest of its prompts (the two responses and the chat template's closing tokens).
-        Question q's prompts take rows [q * k, q * k + k) of a call with k rows per question (`_Shapes`; unused
+        Question q's prompts take rows [q * k, q * k + k) of a call with k rows per question (`SearchShapes`; unused
         rows do nothing): a question's rows share its image K/V and continue its prefix.
         """
         cfg, shapes = self.config, batch.shapes
@@ -471,7 +422,7 @@ class Searcher:
         prompts, heads = [], {}
         for text, q in zip(texts, owners):
             images = len(batch.num_tiles[q]) if with_image else 0
-            ids, head = self._judge_tokens(text, None if q in heads else prefixes[q], images)
+            ids, head = judge_tokens(self.tokenizer, text, None if q in heads else prefixes[q], images)
             prompts.append(ids)
             heads.setdefault(q, head)  # one head per question: the same for all its prompts
         shared, state, rest = self._judge_prefix(kind, group, heads, list(zip(owners, prompts)), batch, with_image)
@@ -551,6 +502,60 @@ class Searcher:
         state = self.sampler.prefill(ids, mask, batch.cross_kv if with_image else None, xmask, cache_len=cache_len)
         self._prefix_cache[kind] = (with_image, shared, state)
         return shared, state, rest
+
+
+def total_budget(config: SearchConfig) -> int:
+    """Tokens a search may add to a question's prompt (every stage's budget, or the whole answer's)."""
+    if config.method == "stage":
+        return len(chat.STAGES) * config.stage_max_new_tokens
+    return config.max_new_tokens
+
+
+def judge_tokens(tokenizer, text: str, prefix: str | None, num_images: int):
+    """Token ids of a judge prompt showing `num_images` images, and of its rendered prefix (the chat header,
+    images, `prefix`; None when `prefix` is None)."""
+    parts = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    rendered = chat.render_prompt([{"role": "user", "content": parts}])
+    encode = lambda x: tokenizer(x, add_special_tokens=False)["input_ids"]
+    if prefix is None:
+        return encode(rendered), None
+    if not text.startswith(prefix):
+        raise AssertionError("judge prefix is not a prefix of its prompt")
+    return encode(rendered), encode(rendered[: rendered.index(text) + len(prefix)])
+
+
+def search_shapes(config: SearchConfig, prompts: judge_lib.JudgePrompts, tokenizer, prompt_bucket: int,
+                  question_tokens: int, n: int, max_images: int) -> SearchShapes:
+    """Bounds on every length a search can produce (see `SearchShapes`), from the prompt bucket, the longest
+    question's token count rounded up to a judge bucket step, and the generation budgets. The judge's template
+    overhead is measured by tokenising its prompts with empty fields."""
+    cfg = config
+    step = cfg.judge_bucket_step
+    round_up = lambda x: sampler_lib.bucket_length(x, minimum=step, step=step)
+    tokens = lambda text, images: len(judge_tokens(tokenizer, text, None, images)[0])
+    question = round_up(question_tokens)
+    stage = cfg.stage_max_new_tokens
+    # judged kind -> (longest hint, longest response) in tokens; the screen shows the caption and one reasoning
+    kinds = {
+        "stage": {"summary": (0, stage), "caption": (0, stage), "reasoning": (stage, stage),
+                  "conclusion": (2 * stage + 1, stage)},
+        "best_of_n": {"answer": (0, cfg.max_new_tokens)},
+        "sentence": {"sentence": (cfg.max_new_tokens, cfg.sentence_max_new_tokens)},
+    }.get(cfg.method, {})
+    compare_images = max_images if prompts.compare_with_image else 0
+    prefix, rest = {}, {}
+    for kind, (hint, response) in kinds.items():
+        head = tokens(prompts.compare_prefix(kind, "", ""), compare_images)
+        full = tokens(prompts.compare_text(kind, "", "", "", ""), compare_images)
+        prefix["compare"] = max(prefix.get("compare", 0), round_up(head + question + hint))
+        rest["compare"] = max(rest.get("compare", 0), round_up(full - head + 1 + 2 * response))
+    if cfg.method == "stage":
+        head, full = tokens(prompts.screen_prefix("", ""), 0), tokens(prompts.screen_text("", "", ""), 0)
+        prefix["screen"], rest["screen"] = round_up(head + question + stage), round_up(full - head + 1 + stage)
+    judge = max([prefix[g] + rest[g] + cfg.judge_max_new_tokens for g in prefix], default=0)
+    candidates = sampler_lib.bucket_length(prompt_bucket + total_budget(config), step=CACHE_STEP)
+    return SearchShapes(prompt_bucket, candidates, sampler_lib.bucket_length(judge, step=CACHE_STEP), prefix, rest,
+                        {"compare": -(-n // 2), "screen": n})
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
