@@ -193,8 +193,9 @@ def programs_for_config(config, mesh) -> list[Program]:
     return generate_aot.programs(config, mesh)
 
 
-def compile_for_topology(config, topology_name: str) -> list[CompileResult]:
-    """Compiles every program a config describes for a TPU slice, one after another, printing a row for each."""
+def compile_for_topology(config, topology_name: str, only=()) -> list[CompileResult]:
+    """Compiles every program a config describes for a TPU slice (those whose names contain a word of `only`, if
+    given), one after another, printing a row for each."""
     t = topology(topology_name)
     mesh = mesh_from_config(config, topology_devices(topology_name))
     results = []
@@ -204,6 +205,8 @@ def compile_for_topology(config, topology_name: str) -> list[CompileResult]:
     )
     print(f"{'program':<28} {'compile':>8} {MemoryReport.HEADER}   (GiB per device)")
     for program in programs_for_config(config, mesh):
+        if only and not any(word in program.name for word in only):
+            continue
         results.append(compile_program(program, t.hbm_gib_per_device))
         print(results[-1].row(), flush=True)
     return results

@@ -192,6 +192,12 @@ def load_model(
         config = config.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
     elif compute_dtype is not None:
         config = config.replace(dtype=compute_dtype)
+    if mesh is None and quantize:  # one device: still read parameter by parameter, the host never holds the model
+        import jax  # pylint: disable=g-import-not-at-top
+
+        from llava_cot_jax import sharding  # pylint: disable=g-import-not-at-top
+
+        mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     if mesh is not None:
         return _load_onto_mesh(ckpt_dir, config, mesh, rules, quantize)
     _, params = load_params(ckpt_dir)

@@ -27,6 +27,7 @@ from llava_cot_jax.generate import judge as judge_lib
 from llava_cot_jax.generate import sampler as sampler_lib
 from llava_cot_jax.generate import stage_search
 from llava_cot_jax.generate import stop as stop_lib
+from llava_cot_jax.models.mllama import quant
 from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 
@@ -89,7 +90,7 @@ def programs(config, mesh) -> list[aot.Program]:
         search, prompts, tokenizer, stage_search.MIN_PROMPT_BUCKET, QUESTION_TOKENS, n, max_images=1
     )
     print(
-        f"model {config.get('model') or config.checkpoint} {model_cfg.param_dtype}, scan_layers="
+        f"model {config.get('model') or config.checkpoint} {model_cfg.param_dtype} {config.get('quantize', '')}, scan_layers="
         f"{model_cfg.scan_layers}; {questions} question(s) x {n} candidates; {shapes}; judge lengths from the "
         f"{tokenizer_note}"
     )
@@ -98,7 +99,9 @@ def programs(config, mesh) -> list[aot.Program]:
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    shardings = sharding_lib.param_shardings(state, mesh, rules)
+    if config.get("quantize"):
+        state = jax.eval_shape(quant.quantize_state, state)
+    shardings = quant.param_shardings(state, mesh, rules)
     params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
     weights = _gib_per_device(params)
 

@@ -562,8 +562,3 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(mismatch[0]) if len(mismatch) else n
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-

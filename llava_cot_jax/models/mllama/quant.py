@@ -2,10 +2,10 @@
 
 Every matrix of the text decoder (embedding, q/k/v/o projections, MLP, LM head) is stored as int8 with one
 scale per output channel (symmetric, absmax / 127 over the axes the matrix is contracted on; per row for the
-embedding table). `Int8Weight` stands in for the array inside the same `nnx.Param`: the model code reads
-weights as `param[...].astype(dtype)`, which dequantizes, so the model runs unchanged and XLA fuses the
-int8 -> compute-dtype conversion into the matmul that reads it. The vision tower, norms and gates stay in their
-dtype (a small part of the bytes; the vision tower runs once per image).
+embedding table). `Int8Weight` stands in for the array inside the same `nnx.Param`, so the model runs unchanged:
+`param[...].astype(dtype)` dequantizes (the embedding lookup takes rows first). The vision tower, norms and gates stay in their
+dtype (a small part of the bytes; the vision tower runs once per image). Matmuls go through `layers.project`,
+which scales the product rather than the weight, so XLA reads the int8 matrix inside the matmul.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ class Int8Weight:
 
     def astype(self, dtype):
         return self.values.astype(dtype) * self.scale.astype(dtype)
+
+    def scale_output(self, product: jax.Array) -> jax.Array:
+        """Scales `x @ values` (contracted over the weight's leading axes, where the scale has size 1) into
+        `x @ weight`: the scale's trailing axes are the product's."""
+        contracted = next(i for i, (s, v) in enumerate(zip(self.scale.shape, self.values.shape)) if s == v)
+        return product * self.scale.reshape(self.scale.shape[contracted:]).astype(product.dtype)
 
 
 def contracted_axes(path, names) -> tuple[int, ...] | None:

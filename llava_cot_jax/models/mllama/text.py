@@ -33,6 +33,7 @@ from llava_cot_jax.models.mllama.layers import (
     llama3_inv_freq,
     maybe_remat,
     param,
+    project,
     rms_norm,
     rope_cos_sin,
     stack_layers,
@@ -73,7 +74,7 @@ class SelfAttentionLayer(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
             cache_kv = (k, v)
         out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
-        x = x + jnp.einsum("bhsk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        x = x + project("bhsk,hkd->bsd", out, self.o_proj[...])
         return x + self.mlp(self.post_attention_layernorm(x)), cache_kv
 
 
@@ -103,7 +104,7 @@ class CrossAttentionLayer(nnx.Module):
         h = self.input_layernorm(x)
         q = rms_norm(heads_major(h, self.q_proj[...]), self.q_norm[...], self.eps)
         out = attention(q, kv[0].astype(dt), kv[1].astype(dt), inputs.cross_bias, dt)
-        out = jnp.einsum("bhsk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        out = project("bhsk,hkd->bsd", out, self.o_proj[...])
         x = x + jnp.tanh(self.cross_attn_attn_gate[...].astype(dt)) * out
         out = self.mlp(self.post_attention_layernorm(x))
         if inputs.cross_rows is not None:
@@ -199,7 +200,7 @@ class TextModel(nnx.Module):
         x = self.embed_tokens[...][input_ids].astype(dtype)
         x, cache = self._layers(x, inputs, cache, cross_kv)
         x = self.norm(x)
-        return jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32), cache
+        return project("bsd,dv->bsv", x, self.lm_head[...], preferred_element_type=jnp.float32), cache
 
     def _layers(self, x, inputs: DecoderInputs, cache, cross_kv):
         if not self.scan_layers:
