@@ -22,6 +22,7 @@ setup(
         "numpy",
         "tqdm",
         "absl-py",
+        "tensorboardX",
     ],
     extras_require={
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build (see DESIGN.md).

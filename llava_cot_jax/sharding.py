@@ -98,3 +98,18 @@ def check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
             f"global batch {batch_size} is not divisible by data x fsdp = {mesh.shape['data']} x "
             f"{mesh.shape['fsdp']} = {size}"
         )
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's sharding to the logical axes `names` when a mesh is set (`jax.set_mesh`), so the
+    partitioner keeps activations batch-sharded next to FSDP-sharded weights; a no-op without a mesh.
+
+    An axis whose mesh size does not divide the dimension is left unconstrained rather than padded."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = []
+    for dim, axis in zip(x.shape, logical_to_spec(names)):
+        axes = (axis,) if isinstance(axis, str) else (axis or ())
+        spec.append(axis if dim % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))

@@ -37,11 +37,11 @@ def load(checkpoint: str, dtype: str):
 
     if not checkpoint or not os.path.isdir(checkpoint):
         raise SystemExit(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
-    if os.path.exists(os.path.join(checkpoint, ckpt_lib.CONFIG_FILE)):
+    if ckpt_lib.is_checkpoint(checkpoint):  # converted weights, or a training checkpoint DIR/checkpoints/STEP
         model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False)
     else:
         model = from_hf(checkpoint, dtype=dtype, scan_layers=False)
-    return model, MllamaProcessor.from_pretrained(checkpoint)
+    return model, MllamaProcessor.from_pretrained(ckpt_lib.side_files_dir(checkpoint))
 
 
 def run(config, workdir: str = "") -> int:

@@ -15,6 +15,7 @@ from flax import nnx
 from llava_cot_jax.models.mllama.config import VisionConfig
 from llava_cot_jax.models.mllama.layers import (
     MASK_VALUE,
+    RESIDUAL_AXES,
     LayerNorm,
     attention,
     attention_projections,
@@ -23,6 +24,7 @@ from llava_cot_jax.models.mllama.layers import (
     scan_layers,
     stack_layers,
 )
+from llava_cot_jax.sharding import constrain
 
 
 class VisionEncoderLayer(nnx.Module):
@@ -60,7 +62,7 @@ class VisionEncoderLayer(nnx.Module):
         out = h @ self.fc2[...].astype(dt) + self.fc2_bias[...].astype(dt)
         if self.gated:
             out = jnp.tanh(self.gate_ffn[...].astype(dt)) * out
-        return x + out
+        return constrain(x + out, RESIDUAL_AXES)
 
 
 class AspectRatioEmbedding(nnx.Module):
