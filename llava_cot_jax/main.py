@@ -21,6 +21,7 @@ from ml_collections import config_flags
 MODES = {
     "demo": "llava_cot_jax.demo:run",
     "infer": "llava_cot_jax.generate.cli:run",
+    "eval": "llava_cot_jax.eval.run:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")
