@@ -122,6 +122,27 @@ def test_reader_prompts_and_bad_rows(tmp_path):
         mcq.decode_images(dangling, cells)
 
 
+def test_malformed_rows_are_bad_rows(tmp_path):
+    path = tmp_path / "bench.tsv"
+    path.write_text(
+        "index\tquestion\tA\tB\tanswer\timage\n"
+        f"1\tWhat is it? \tcat\tdog\tA\t{PNG}\n"
+        f"1\tAgain?\tcat\tdog\tA\t{PNG}\n"  # the same index twice
+        "2\tToo few cells\tcat\n"
+        f"3\tToo many\tcat\tdog\tA\t{PNG}\textra\n"
+        f"\tNo index\tcat\tdog\tA\t{PNG}\n"
+    )
+    items, bad = mcq.parse_rows(mcq.read_tsv(str(path)), "mcq")
+    assert [i.index for i in items] == ["1"]
+    assert items[0].prompt.startswith("Question: What is it? \n")  # text is kept as written, as VLMEvalKit does
+    assert [(b.row, b.reason) for b in bad] == [
+        (2, "duplicate index (first on row 1)"),
+        (3, "wrong number of cells: the header has 6"),
+        (4, "wrong number of cells: the header has 6"),
+        (5, "empty index"),
+    ]
+
+
 def test_ai2d_and_yes_no_prompts(tmp_path):
     ai2d = mcq.read_tsv(write_tsv(tmp_path / "AI2D_TEST.tsv", MCQ_COLUMNS, MCQ_ROWS[:1]))
     assert mcq.resolve_style("auto", ai2d) == "ai2d"

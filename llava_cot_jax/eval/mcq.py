@@ -120,6 +120,12 @@ def _cell(record: Mapping[str, str | None], column: str) -> str:
     return (record.get(column) or "").strip()
 
 
+def _text(record: Mapping[str, str | None], column: str) -> str:
+    """A cell as written (VLMEvalKit does not strip prompt text either); "" when it is blank."""
+    value = record.get(column) or ""
+    return value if value.strip() else ""
+
+
 def build_prompt(question: str, options: Mapping[str, str], hint: str, style: str) -> str:
     """The user text for one row, as VLMEvalKit builds it (module docstring)."""
     if style == "yorn":
@@ -152,10 +158,10 @@ def parse_rows(table: Table, style: str) -> tuple[list[Item], list[Bad]]:
             if index in seen:
                 raise BadRow(f"duplicate index (first on row {seen[index]})")
             seen[index] = row
-            question = _cell(record, "question")
+            question = _text(record, "question")
             if not question:
                 raise BadRow("empty question")
-            options = {k: _cell(record, k) for k in letters if _cell(record, k)}
+            options = {k: _text(record, k) for k in letters if _text(record, k)}
             answer = _cell(record, "answer")
             if style == "yorn":
                 if answer and answer.lower() not in ("yes", "no"):
@@ -166,7 +172,7 @@ def parse_rows(table: Table, style: str) -> tuple[list[Item], list[Bad]]:
                     raise BadRow("no options")
                 if answer and answer not in options:
                     raise BadRow(f"answer {answer!r} is not one of the options {', '.join(options)}")
-            prompt = build_prompt(question, options, _cell(record, "hint"), style)
+            prompt = build_prompt(question, options, _text(record, "hint"), style)
         except BadRow as err:
             bad.append(Bad(row, index, str(err)))
             continue
@@ -181,6 +187,8 @@ def image_cells(table: Table) -> dict[str, str]:
 
 def decode_images(item: Item, images_by_index: Mapping[str, str]) -> list:
     """The row's images as RGB PIL images; BadRow when there is none or one does not decode."""
+    import PIL.Image
+
     from llava_cot_jax.data.image import load_image, to_rgb
 
     cell = _cell(item.record, "image")
@@ -204,7 +212,7 @@ def decode_images(item: Item, images_by_index: Mapping[str, str]) -> list:
             images.append(to_rgb(load_image(base64.b64decode(text))))
         except binascii.Error as err:
             raise BadRow(f"{which} is not base64 ({err})") from None
-        except ValueError as err:
+        except (ValueError, OSError, PIL.Image.DecompressionBombError) as err:
             detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err.__cause__ or err))
             raise BadRow(f"undecodable {which}: {detail}") from None
     if not images:

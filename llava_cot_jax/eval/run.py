@@ -97,9 +97,30 @@ def _batches(pairs, size: int):
         yield batch
 
 
-def run(config, workdir: str = "") -> int:
+def _answer(pending: list, images_by_index: dict, batch_size: int, infer, progress: Progress, bad: list) -> None:
+    """Runs the search on the pending rows in batches, appending each batch's answers to `progress`; rows whose
+    images do not decode go to `bad`. The model is loaded on the first batch, so a rerun with only bad rows left
+    loads nothing."""
     from tqdm import tqdm
 
+    from llava_cot_jax.generate import cli
+
+    searcher, hits = None, []
+    with tqdm(total=len(pending), unit="row", desc="eval") as bar:
+        for batch in _batches(_decoded(pending, images_by_index, bad, bar), batch_size):
+            # Every call gets batch_size rows (the last one padded with copies), so one program serves all.
+            pad = [batch[-1]] * (batch_size - len(batch))
+            searcher = searcher or cli.build_searcher(infer)
+            results = searcher.ask([item.prompt for item, _ in batch + pad], [images for _, images in batch + pad])
+            done = [(item, r) for (item, _), r in zip(batch, results)]
+            progress.add([{"index": item.index, "raw_output": r.text, "prediction": r.conclusion} for item, r in done])
+            hits += [mcq.extract(item, r.conclusion) == item.answer for item, r in done if item.answer]
+            bar.update(len(batch))
+            if hits:
+                bar.set_postfix(accuracy=f"{sum(hits) / len(hits):.3f}")
+
+
+def run(config, workdir: str = "") -> int:
     from llava_cot_jax.generate import cli
 
     if not workdir:
@@ -138,21 +159,7 @@ def run(config, workdir: str = "") -> int:
     )
 
     if pending:
-        searcher, hits = None, []
-        with tqdm(total=len(pending), unit="row", desc="eval") as bar:
-            for batch in _batches(_decoded(pending, mcq.image_cells(table), bad, bar), config.batch_size):
-                # Every call gets batch_size rows (the last one padded with copies), so one program serves all.
-                pad = [batch[-1]] * (config.batch_size - len(batch))
-                searcher = searcher or cli.build_searcher(infer)  # not loaded when only bad rows are left
-                results = searcher.ask([item.prompt for item, _ in batch + pad], [images for _, images in batch + pad])
-                done = [(item, r) for (item, _), r in zip(batch, results)]
-                progress.add(
-                    [{"index": item.index, "raw_output": r.text, "prediction": r.conclusion} for item, r in done]
-                )
-                hits += [mcq.extract(item, r.conclusion) == item.answer for item, r in done if item.answer]
-                bar.update(len(batch))
-                if hits:
-                    bar.set_postfix(accuracy=f"{sum(hits) / len(hits):.3f}")
+        _answer(pending, mcq.image_cells(table), config.batch_size, infer, progress, bad)
 
     bad.sort(key=lambda b: b.row)
     rows = mcq.score(items, progress.done)
