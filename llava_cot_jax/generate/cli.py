@@ -29,19 +29,49 @@ class TokenPrinter:
             self.out.flush()
 
 
+def checkpoint_format(checkpoint: str) -> str:
+    """ "converted" (converted weights, or a training checkpoint DIR/checkpoints/STEP) or "hf" (an HF directory);
+    FileNotFoundError for anything else."""
+    from llava_cot_jax import checkpoint as ckpt_lib
+
+    if not checkpoint or not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
+    if ckpt_lib.is_checkpoint(checkpoint):
+        return "converted"
+    if os.path.exists(os.path.join(checkpoint, "config.json")):
+        return "hf"
+    raise FileNotFoundError(
+        f"{checkpoint} is not a checkpoint: it has neither {ckpt_lib.CONFIG_FILE} (converted) nor config.json (HF)")
+
+
 def load(checkpoint: str, dtype: str):
     """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor)."""
     from llava_cot_jax import checkpoint as ckpt_lib
     from llava_cot_jax.data.processor import MllamaProcessor
     from llava_cot_jax.models.mllama.params import from_hf
 
-    if not checkpoint or not os.path.isdir(checkpoint):
-        raise SystemExit(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
-    if ckpt_lib.is_checkpoint(checkpoint):  # converted weights, or a training checkpoint DIR/checkpoints/STEP
+    if checkpoint_format(checkpoint) == "converted":
         model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False)
     else:
         model = from_hf(checkpoint, dtype=dtype, scan_layers=False)
     return model, MllamaProcessor.from_pretrained(ckpt_lib.side_files_dir(checkpoint))
+
+
+def search_config(config) -> stage_search.SearchConfig:
+    """The search settings of an infer config (configs/infer.py); empty strings mean the default."""
+    return stage_search.SearchConfig.from_config({k: (v if v != "" else None) for k, v in config.items()})
+
+
+def build_searcher(config, on_stage=None, streaming: bool = False) -> stage_search.Searcher:
+    """The model, processor and search settings an infer config (configs/infer.py) names, as a `Searcher`.
+    Every mode that generates (infer, demo, eval) builds its searcher here, so a setting added to the infer
+    config reaches all of them. `streaming` prints row 0's tokens as they come (greedy/sample)."""
+    model, processor = load(config.checkpoint, config.dtype)
+    on_token = TokenPrinter(processor.tokenizer) if streaming else None
+    searcher = stage_search.Searcher(model, processor, search_config(config), on_stage=on_stage, on_token=on_token)
+    if not config.get("stop_at_eos", True):
+        searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
+    return searcher
 
 
 def run(config, workdir: str = "") -> int:
@@ -59,20 +89,13 @@ def run(config, workdir: str = "") -> int:
         if not os.path.isfile(path):
             raise SystemExit(f"image not found: {path}")
         images.append(PIL.Image.open(path).convert("RGB"))
-    model, processor = load(config.checkpoint, config.dtype)
-    search_config = stage_search.SearchConfig.from_config(
-        {k: (v if v != "" else None) for k, v in config.items()})
-
     interactive = config.stream and sys.stdout.isatty()
-    on_token = TokenPrinter(processor.tokenizer) if interactive else None
 
     def on_stage(_, stage, text):
-        if interactive and search_config.method not in ("greedy", "sample"):
+        if interactive and searcher.config.method not in ("greedy", "sample"):
             print(text, end="", flush=True)  # stage search: each accepted stage as it is decided
 
-    searcher = stage_search.Searcher(model, processor, search_config, on_stage=on_stage, on_token=on_token)
-    if not config.get("stop_at_eos", True):
-        searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
+    searcher = build_searcher(config, on_stage=on_stage, streaming=interactive)
     result = searcher.ask([config.question], [images] if images else None)[0]
     if interactive:
         print()
@@ -86,6 +109,6 @@ def run(config, workdir: str = "") -> int:
         print(result.conclusion)
     if config.trace:
         with open(config.trace, "w") as f:
-            json.dump({"config": search_config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings},
+            json.dump({"config": searcher.config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings},
                       f, indent=1, default=str)
     return 0
