@@ -380,8 +380,20 @@ def test_two_processes_equal_one(scenes, tmp_path, xla_cache):
 
 
 def test_training_checkpoint_exports_to_hf_and_loads_for_inference(scenes, tmp_path, xla_cache):
-    config = tiny_run_config(scenes.jsonl_path.parent, **{"train.num_steps": 1, "checkpoint.every_steps": 1})
+    """Also: the held-out loss is logged when data.eval is set."""
+    config = tiny_run_config(
+        scenes.jsonl_path.parent,
+        **{
+            "train.num_steps": 1,
+            "checkpoint.every_steps": 1,
+            "data.eval": str(scenes.jsonl_path.parent),
+            "eval_every": 1,
+            "eval_batches": 2,
+        },
+    )
     assert trainer_lib.run(config, str(tmp_path / "run")) == 0
+    logged = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in logged] == [1, 1] and np.isfinite(logged[-1]["eval_loss"])
     step_dir = str(tmp_path / "run" / "checkpoints" / "1")
     model = weights.load_model(step_dir)
     assert model.config.text.hidden_size == MllamaConfig.tiny().text.hidden_size

@@ -53,12 +53,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def maybe_initialize_distributed(cfg) -> None:
-    """jax.distributed.initialize() for multi-host runs. "auto": on TPU pods (their environment describes the
-    slice) or when a coordinator address is configured; "on": always; "off": never."""
+    """jax.distributed.initialize() for multi-host runs. "auto": when a coordinator address is configured, on TPU
+    VMs (JAX reads the slice's layout itself) and under multi-task SLURM or Open MPI launches (JAX reads their
+    environment); "on": always; "off": never. Must run before anything touches a JAX device."""
     mode = cfg.initialize
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"distributed.initialize={mode!r}; choose auto, on or off")
-    if mode == "off" or (mode == "auto" and not cfg.coordinator_address and not _on_tpu_pod()):
+    if mode == "off" or (mode == "auto" and not cfg.coordinator_address and not _cluster_launch()):
         return
     if cfg.get("cpu_collectives"):
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
@@ -72,9 +73,13 @@ def maybe_initialize_distributed(cfg) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def _on_tpu_pod() -> bool:
-    # Multi-host TPU VMs list every worker of the slice; a single host lists one (or nothing).
-    return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+def _cluster_launch() -> bool:
+    """A TPU VM (its accelerator device files) or a launcher that started several tasks of this program."""
+    import glob
+
+    on_tpu_vm = bool(glob.glob("/dev/accel*")) or os.path.isdir("/dev/vfio")
+    tasks = max(int(os.environ.get(name, "1")) for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    return on_tpu_vm or tasks > 1
 
 
 def model_config_from(cfg) -> MllamaConfig:
@@ -374,8 +379,13 @@ class Trainer:
                 f"{', '.join(self.frozen_groups) or 'nothing'})"
             )
 
+        # SIGTERM: one process watches for it itself. Several processes must agree on the step at which they all
+        # save; JAX's preemption service (started by jax.distributed) catches the signal and
+        # manager.reached_preemption names that step, so no Python handler may replace its own there.
         stop = {"signal": None}
-        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+        previous_handler = None
+        if jax.process_count() == 1:
+            previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", disable=not self.is_primary)
@@ -412,7 +422,7 @@ class Trainer:
                     checkpointing.save(self.manager, state, iterator, self.model_config, force=True)
                 if preempted:
                     self.manager.wait_until_finished()
-                    print(f"\npreempted (signal {stop['signal']}): saved step {done} in {self.manager.directory}")
+                    print(f"\npreempted: saved step {done} in {self.manager.directory}")
                     return 0
             if pending is not None:
                 self._finish(pending, metrics_writer, bar, last_time)
@@ -423,7 +433,8 @@ class Trainer:
             self.manager.wait_until_finished()
             bar.close()
             metrics_writer.close()
-            signal.signal(signal.SIGTERM, previous_handler)
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         if exit_code == 0 and self.is_primary:
             print(f"trained to step {self.total_steps}; checkpoints in {self.manager.directory}")
         self.manager.close()
