@@ -139,6 +139,23 @@ def load_processor(cfg, model_config: MllamaConfig):
     return MllamaProcessor(image, build_tiny_tokenizer())
 
 
+def check_processor(processor, model_config: MllamaConfig) -> None:
+    """A tokenizer that does not belong to the model fails here rather than training on wrong ids."""
+    problems = []
+    if processor.image_token_id != model_config.image_token_id:
+        problems.append(
+            f"<|image|> is id {processor.image_token_id}, the model's image token is {model_config.image_token_id}"
+        )
+    if len(processor.tokenizer) > model_config.text.embedding_rows:
+        problems.append(f"{len(processor.tokenizer)} tokens, the model embeds {model_config.text.embedding_rows}")
+    if processor.image_processor.tile_size != model_config.vision.image_size:
+        problems.append(
+            f"tiles of {processor.image_processor.tile_size} px, the model's are {model_config.vision.image_size}"
+        )
+    if problems:
+        raise ValueError("the tokenizer/image processor does not match the model: " + "; ".join(problems))
+
+
 def open_data(path: str, image_root: str, what: str):
     """A prepared TFDS dataset (tools/prepare_data.py's --out_dir or its .../llava_cot/1.0.0), a JSONL file with
     its image root, or a directory holding train.jsonl and images/ (the synthetic set's layout)."""
@@ -275,6 +292,7 @@ class Trainer:
         self.source = open_data(c.data.train, c.data.image_root, "data.train")
         self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval") if c.data.eval else None
         self.processor = load_processor(c.model, self.model_config)
+        check_processor(self.processor, self.model_config)
 
         per_process = c.train.global_batch // jax.process_count()
         self.steps_per_epoch = len(self.source) // c.train.global_batch
