@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
     c.num_candidates = 2
     c.infer = config_file.load(os.path.join(os.path.dirname(__file__), "infer.py"), "runlocal")
+    c.infer.dtype = "float32"  # a tiny random model on a CPU
     c.infer.show_stages = True
     c.infer.stop_at_eos = False
     return c

@@ -319,7 +319,8 @@ def test_resume_after_sigkill_and_sigterm_equals_an_uninterrupted_run(scenes, tm
         assert got["data_crc32"] == want["data_crc32"], got["step"]  # the same data, in the same order
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), got["step"]
     assert not any("tmp" in name for name in os.listdir(checkpoints))
-    assert reference[-1]["loss"] < reference[0]["loss"]
+    # training makes progress; compared over halves, since single steps are noisy (lr warms up to 3e-3 by step 8)
+    assert np.mean([m["loss"] for m in reference[4:]]) < np.mean([m["loss"] for m in reference[:4]])
 
 
 def test_two_processes_equal_one(scenes, tmp_path, xla_cache):
