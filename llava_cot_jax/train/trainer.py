@@ -156,7 +156,7 @@ def check_processor(processor, model_config: MllamaConfig) -> None:
         raise ValueError("the tokenizer/image processor does not match the model: " + "; ".join(problems))
 
 
-def open_data(path: str, image_root: str, what: str):
+def open_data(path: str, image_root: str, what: str, record_filter: str = "llava_cot"):
     """A prepared TFDS dataset (tools/prepare_data.py's --out_dir or its .../llava_cot/1.0.0), a JSONL file with
     its image root, or a directory holding train.jsonl and images/ (the synthetic set's layout)."""
     from llava_cot_jax.data import synthetic, tfds_builder
@@ -170,7 +170,8 @@ def open_data(path: str, image_root: str, what: str):
                 return pipeline.open_source(candidate)
         jsonl = os.path.join(path, synthetic.JSONL_NAME)
         if os.path.isfile(jsonl):
-            return pipeline.open_source(jsonl, image_root or os.path.join(path, synthetic.IMAGE_ROOT_NAME))
+            image_root = image_root or os.path.join(path, synthetic.IMAGE_ROOT_NAME)
+            return pipeline.open_source(jsonl, image_root, record_filter=record_filter)
         raise FileNotFoundError(
             f"{what}={path} holds no dataset: expected tools/prepare_data.py output (…/{tfds_builder.DATASET_NAME}/"
             f"{tfds_builder.VERSION}/dataset_info.json) or {synthetic.JSONL_NAME}"
@@ -178,7 +179,7 @@ def open_data(path: str, image_root: str, what: str):
     if os.path.isfile(path):
         if not image_root:
             raise ValueError(f"{what}={path} is a JSONL file: set the matching image root too")
-        return pipeline.open_source(path, image_root)
+        return pipeline.open_source(path, image_root, record_filter=record_filter)
     raise FileNotFoundError(f"{what}: no such file or directory: {path}")
 
 
@@ -289,8 +290,10 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
 
         ensure_synthetic_data(c.data, self.workdir)
-        self.source = open_data(c.data.train, c.data.image_root, "data.train")
-        self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval") if c.data.eval else None
+        self.source = open_data(c.data.train, c.data.image_root, "data.train", c.data.record_filter)
+        self.eval_source = None
+        if c.data.eval:
+            self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval", c.data.record_filter)
         self.processor = load_processor(c.model, self.model_config)
         check_processor(self.processor, self.model_config)
 
