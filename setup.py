@@ -22,10 +22,12 @@ setup(
         "numpy",
         "tqdm",
         "absl-py",
+        "tensorboardX",
     ],
     extras_require={
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build (see DESIGN.md).
-        "test": ["pytest", "torch==2.13.0", "tokenizers", "quicktok-v1", "tiktoken"],
+        # nbclient, nbformat, ipykernel: tests/test_notebook.py executes the Colab notebook.
+        "test": ["pytest", "torch==2.13.0", "tokenizers", "quicktok-v1", "tiktoken", "nbclient", "nbformat", "ipykernel"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

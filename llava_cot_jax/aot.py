@@ -62,6 +62,7 @@ def _slices() -> dict[str, Topology]:
         Topology("v6e-8", "v6e:2x4", 8, 8, 32),
         Topology("v6e-64", "v6e:8x8", 64, 64, 32),
         Topology("v5p-8", "v5p:2x2x1", 4, 4, 95, "megacore", (2, 2, 1)),
+        Topology("v5p-32", "v5p:2x2x4", 16, 16, 95, "megacore", (2, 2, 1)),
         Topology("v5p-64", "v5p:2x4x4", 32, 32, 95, "megacore", (2, 2, 1)),
         Topology("v5p-128", "v5p:4x4x4", 64, 64, 95, "megacore", (2, 2, 1)),
         Topology("v4-8", "v4:2x2x1", 4, 4, 32, "megacore", (2, 2, 1)),
@@ -153,29 +154,47 @@ class CompileResult:
     program: Program
     seconds: float  # lowering + compilation, wall clock
     cpu_seconds: float  # the same in CPU time of this process (steadier than wall clock on a shared host)
-    memory: MemoryReport
+    memory: MemoryReport | None  # None when XLA refused to compile for lack of memory (see `error`)
     compiled: object = dataclasses.field(repr=False, default=None)
+    error: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None and self.memory.fits
 
     def row(self) -> str:
         notes = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.program.notes.items())
+        memory = self.memory.row() if self.memory is not None else f"does not fit: {self.error}"
         seconds = f"{self.seconds:6.1f}s {self.cpu_seconds:6.1f}s"
-        return f"{self.program.name:<28} {seconds} {self.memory.row()}  {notes}".rstrip()
+        return f"{self.program.name:<28} {seconds} {memory}  {notes}".rstrip()
 
 
 def compile_program(program: Program, hbm_gib: float) -> CompileResult:
     """Lowers and compiles one program for the devices its arguments' shardings name."""
+    import jax  # pylint: disable=g-import-not-at-top
+
     start, cpu = time.perf_counter(), time.process_time()
-    compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
+    try:
+        compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        # XLA's TPU compiler stops when even its best buffer assignment exceeds the HBM: that is the answer.
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+        return CompileResult(program, seconds, cpu_seconds, None, error=str(err).split("\n")[0])
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     return CompileResult(program, seconds, cpu_seconds, memory_report(compiled, hbm_gib), compiled)
 
 
 def mesh_from_config(config, devices):
     """The (data, fsdp, tensor) mesh a config asks for (`mesh_data`, `mesh_fsdp`, `mesh_tensor`; one may be -1)
-    over `devices`; when it asks for none, tensor parallelism over all of them."""
+    over `devices`; by default tensor parallelism over all of them."""
     from llava_cot_jax import sharding  # pylint: disable=g-import-not-at-top
 
-    return sharding.config_mesh(config, devices) or sharding.make_mesh(1, 1, -1, devices=devices)
+    sizes = [config.get(f"mesh_{axis}", default) for axis, default in (("data", 1), ("fsdp", 1), ("tensor", -1))]
+    if -1 not in sizes and sizes[0] * sizes[1] * sizes[2] == 1:
+        sizes[2] = -1  # a single-device default config: use the whole slice
+    return sharding.make_mesh(*sizes, devices=devices)
 
 
 def programs_for_config(config, mesh) -> list[Program]:
@@ -201,9 +220,11 @@ def compile_for_topology(config, topology_name: str, only=()) -> list[CompileRes
     t = topology(topology_name)
     mesh = mesh_from_config(config, topology_devices(topology_name))
     results = []
+    # A training config lays out its own mesh from the batch (its row's notes name it).
+    mesh_note = "" if config.get("mode") == "train" else f", mesh {dict(mesh.shape)}"
     print(
         f"{t.name} ({t.topology_name}, {t.chips} chips, {t.devices} devices, {t.hbm_gib_per_device:g} GiB HBM per "
-        f"device), mesh {dict(mesh.shape)}"
+        f"device){mesh_note}"
     )
     print(f"{'program':<28} {'wall, CPU s':>15} {MemoryReport.HEADER}   (GiB per device)")
     for program in programs_for_config(config, mesh):

@@ -5,6 +5,11 @@ A converted checkpoint directory holds:
   params/                 an Orbax (OCDBT) checkpoint of the parameters, nested by module path
   tokenizer / processor files copied from the HF directory, so MllamaProcessor.from_pretrained(dir) works
 
+A training checkpoint `DIR/checkpoints/STEP` (written by the trainer's Orbax CheckpointManager) holds the same
+`params/` item (every parameter, trained and frozen) next to the optimizer-state and data-iterator items; its
+config is `model_config/llava_cot_config.json` and its tokenizer/processor files are in `DIR/processor/`. Every
+reader here (load_model, export_to_hf, inference) takes either kind of directory.
+
 Every writer builds its output in a sibling temporary directory and renames it into place at the end, so an
 interrupted or failed run never leaves a half-written output directory behind.
 """
@@ -39,6 +44,10 @@ SIDE_FILES = (
     "generation_config.json",
 )
 
+# Inside a training step directory: the item holding the config, and where the run keeps its processor files.
+TRAIN_CONFIG_ITEM = "model_config"
+TRAIN_PROCESSOR_DIR = "processor"
+
 Params = dict[tuple[str, ...], np.ndarray]
 # Arrays are written in chunks of at most this size, so the writer's buffers stay small next to the model.
 _CHUNK_BYTES = 8 * 2**20
@@ -63,7 +72,8 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _nested(params: Params) -> dict:
+def nested(params: Params) -> dict:
+    """{("a", "b"): x} -> {"a": {"b": x}}: the nested parameter dict of a model (nnx.to_pure_dict layout)."""
     tree: dict = {}
     for path, value in params.items():
         node = tree
@@ -108,7 +118,7 @@ def save_checkpoint(
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=0.05, use_ocdbt=False)
     params = {path: np.asarray(value) for path, value in params.items()}
     with atomic_directory(out_dir, overwrite) as tmp:
-        tree = _nested(params)
+        tree = nested(params)
         save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), tree)
         with ocp.Checkpointer(handler) as checkpointer:
             checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
@@ -119,9 +129,31 @@ def save_checkpoint(
     return out_dir
 
 
+def _config_path(ckpt_dir: str) -> str | None:
+    for path in (os.path.join(ckpt_dir, CONFIG_FILE), os.path.join(ckpt_dir, TRAIN_CONFIG_ITEM, CONFIG_FILE)):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def is_checkpoint(ckpt_dir: str) -> bool:
+    """A llava_cot_jax weights checkpoint or a training checkpoint step directory (not an HF directory)."""
+    return _config_path(ckpt_dir) is not None
+
+
+def side_files_dir(ckpt_dir: str) -> str:
+    """Where a checkpoint's tokenizer/processor files are: the directory itself, or for a training step
+    DIR/checkpoints/STEP, DIR/processor."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir)))
+    train_side = os.path.join(run_dir, TRAIN_PROCESSOR_DIR)
+    if _config_path(ckpt_dir) and not os.path.exists(os.path.join(ckpt_dir, CONFIG_FILE)) and os.path.isdir(train_side):
+        return train_side
+    return ckpt_dir
+
+
 def load_config(ckpt_dir: str) -> MllamaConfig:
-    path = os.path.join(ckpt_dir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = _config_path(ckpt_dir)
+    if path is None:
         raise FileNotFoundError(f"{ckpt_dir} is not a llava_cot_jax checkpoint: {CONFIG_FILE} is missing")
     with open(path) as f:
         return MllamaConfig.from_json(f.read())
@@ -153,8 +185,8 @@ def _param_reader(ckpt_dir: str):
     def read(paths, restore_args=None) -> Params:
         """Host numpy arrays by default; `restore_args` {path: ocp.ArrayRestoreArgs(sharding=...)} reads each array
         straight into its shards (every device's slice read from disk by itself)."""
-        item = _nested({p: 0 for p in paths})
-        restore_args = _nested(restore_args or {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+        item = nested({p: 0 for p in paths})
+        restore_args = nested(restore_args or {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             tree = checkpointer.restore(
                 path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
@@ -333,5 +365,5 @@ def export_to_hf(
             )
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config.to_hf_dict(), f, indent=2)
-        copy_side_files(ckpt_dir, tmp)
+        copy_side_files(side_files_dir(ckpt_dir), tmp)
     return out_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 import jax
@@ -21,6 +22,8 @@ from ml_collections import config_flags
 MODES = {
     "demo": "llava_cot_jax.demo:run",
     "infer": "llava_cot_jax.generate.cli:run",
+    "train": "llava_cot_jax.train.trainer:run",
+    "eval": "llava_cot_jax.eval.run:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")
@@ -60,8 +63,11 @@ def parse_flags(argv):
     except flags.Error as err:
         raise SystemExit(f"error: {err}") from None
     except (AttributeError, KeyError) as err:  # ml_collections: --config.key=value for a key the config lacks
-        bad = [a for a in argv[1:] if a.startswith("--config.")]
-        raise SystemExit(f"error: unknown config key in {' '.join(bad)} ({err})") from None
+        bad = " ".join(a.split("=")[0] for a in argv[1:] if a.startswith("--config."))
+        hint = re.search(r'Did you mean "([^"]+)"', str(err))
+        raise SystemExit(
+            f"error: unknown config key among {bad}" + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
+        ) from None
 
 
 def main(argv) -> None:

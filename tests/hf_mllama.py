@@ -113,3 +113,17 @@ def hf_logits(model, inputs) -> np.ndarray:
     with torch.no_grad():
         torch_inputs = {k: torch.as_tensor(v) for k, v in inputs.items() if v is not None}
         return model(**torch_inputs).logits.float().numpy()
+
+
+def save_tiny_checkpoint(path: str, config: MllamaConfig | None = None, seed: int = 0) -> str:
+    """A tiny random HF checkpoint with the tiny tokenizer and image processor files: what a mode or a notebook
+    loads as a checkpoint directory (torch builds it in seconds; a jax random init compiles for much longer)."""
+    from llava_cot_jax.data.image import MllamaImageProcessor
+    from llava_cot_jax.data.processor import MllamaProcessor
+    from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
+
+    config = config or MllamaConfig.tiny()
+    save_hf_checkpoint(build_hf_model(config, seed), config, path)
+    image_processor = MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=config.vision.max_num_tiles)
+    MllamaProcessor(image_processor, build_tiny_tokenizer()).save_pretrained(path)
+    return path

@@ -43,7 +43,7 @@ def numbered(tmp_path_factory):
         for i in range(11):
             turns = [{"from": "human", "value": f"Record {i} here"}, {"from": "gpt", "value": answer}]
             f.write(json.dumps({"id": str(i), "conversations": turns}) + "\n")
-    return sources.JsonlSource(root / "train.jsonl", root / "images")
+    return sources.JsonlSource(root / "train.jsonl", root / "images", record_filter="strict")  # strict keeps text-only
 
 
 def _record_numbers(batch, tokenizer):
@@ -89,9 +89,9 @@ def test_batch_contents_match_direct_encoding(scenes, tokenizer, processor):
     np.testing.assert_array_equal(batch["pixel_values"][0], image["pixel_values"][0])
     np.testing.assert_array_equal(batch["aspect_ratio_ids"][0], image["aspect_ratio_ids"][0])
     np.testing.assert_array_equal(batch["aspect_ratio_mask"][0], image["aspect_ratio_mask"][0])
-    # Only the assistant answer is trained on: decoding the labels gives the four stages back.
+    # Only the assistant turn is trained on (from the header's "\n\n", as LLaVA-CoT): the four stages come back.
     answer = tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
-    assert answer.startswith("<SUMMARY>") and answer.endswith(f"</CONCLUSION>{chat.EOT}")
+    assert answer.startswith("\n\n<SUMMARY>") and answer.endswith(f"</CONCLUSION>{chat.EOT}")
 
 
 def test_uint8_tiles_normalise_to_the_float_batch(scenes, tokenizer, processor):
@@ -130,26 +130,32 @@ def test_bucket_length_and_config_checks():
         pipeline.PipelineConfig(batch_size=1, seq_buckets=(128, 64))
 
 
-@pytest.mark.parametrize("even", [False, True])
-def test_two_processes_cover_each_record_once_per_epoch(even):
-    records = list(range(11))
-    config = pipeline.PipelineConfig(batch_size=1, seed=3, num_epochs=2, even_shards=even)
+def test_processes_share_one_global_order():
+    """Global batch k holds the same records however many processes read it; each process reads only its slice;
+    every epoch is every record once, reshuffled per epoch."""
+    records = list(range(12))
+    single = list(pipeline.record_dataset(records, pipeline.PipelineConfig(batch_size=4, seed=3, num_epochs=2),
+                                          process_index=0, process_count=1))
+    config = pipeline.PipelineConfig(batch_size=2, seed=3, num_epochs=2)
     shards = [list(pipeline.record_dataset(records, config, process_index=p, process_count=2)) for p in (0, 1)]
-    per_epoch = [len(s) // 2 for s in shards]
-    assert per_epoch == ([5, 5] if even else [6, 5])
-    epochs = [[shard[e * n : (e + 1) * n] for e in range(2)] for shard, n in zip(shards, per_epoch)]
-    for epoch in range(2):
-        seen = epochs[0][epoch] + epochs[1][epoch]
-        assert len(seen) == len(set(seen))  # no record twice in an epoch
-        assert set(seen) == (set(range(10)) if even else set(records))
-    for shard in epochs:
-        assert shard[0] != shard[1] and sorted(shard[0]) == sorted(shard[1])  # reshuffled, same shard
+    assert len(single) == 24 and [len(s) for s in shards] == [12, 12]
+    for k in range(6):  # global batch k = process 0's slice, then process 1's
+        assert single[4 * k : 4 * k + 4] == shards[0][2 * k : 2 * k + 2] + shards[1][2 * k : 2 * k + 2]
+    assert sorted(single[:12]) == sorted(single[12:]) == records and single[:12] != single[12:]
+    # Finite and not a whole number of global batches: with drop_remainder every process stops at the last whole
+    # global batch (hosts stay in step); without it, the last global batch is split as far as it goes.
+    odd = pipeline.PipelineConfig(batch_size=2, shuffle=False, num_epochs=1)
+    assert [list(pipeline.record_dataset(range(11), odd, process_index=p, process_count=2)) for p in (0, 1)] == [
+        [0, 1, 4, 5], [2, 3, 6, 7]]
+    ragged = pipeline.PipelineConfig(batch_size=2, shuffle=False, num_epochs=1, drop_remainder=False)
+    assert [list(pipeline.record_dataset(range(11), ragged, process_index=p, process_count=2)) for p in (0, 1)] == [
+        [0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10]]
 
 
 def test_two_processes_end_to_end(numbered, tokenizer, processor):
     """Through tokenisation and batching: the two processes' batches hold every record exactly once."""
     config = pipeline.PipelineConfig(
-        batch_size=2, seq_buckets=(64,), num_epochs=1, even_shards=False, drop_remainder=False
+        batch_size=2, seq_buckets=(64,), num_epochs=1, drop_remainder=False
     )
     seen = []
     for process in (0, 1):

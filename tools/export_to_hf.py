@@ -10,7 +10,9 @@ from absl import app, flags
 
 from llava_cot_jax.checkpoint import export_to_hf
 
-_CKPT = flags.DEFINE_string("ckpt", None, "llava_cot_jax checkpoint directory.", required=True)
+_CKPT = flags.DEFINE_string(
+    "ckpt", None, "Converted weights directory, or a training checkpoint DIR/checkpoints/STEP.", required=True
+)
 _OUT = flags.DEFINE_string("out", None, "Output HF directory.", required=True)
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors shard, in GiB.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")

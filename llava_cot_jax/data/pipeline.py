@@ -1,8 +1,8 @@
 """The Grain training input pipeline: records → decoded, tiled, tokenised, padded batches.
 
     source (TFDS ArrayRecord or JSONL, random access)
-      → this process's shard (every process_count-th record from process_index)
-      → shuffle (seeded, reshuffled every epoch) → repeat
+      → global order: seeded shuffle of all records, reshuffled every epoch, repeated
+      → this process's share: its batch_size-long slice of every global batch
       → encode: decode image, tile (MllamaImageProcessor), chat template + assistant-only labels
       → batch, padding the sequence to the smallest bucket that fits (a few shapes → a few compiles)
       → read threads, optionally worker processes (grain mp_prefetch)
@@ -59,11 +59,10 @@ class PipelineConfig:
     shuffle: bool = True
     num_epochs: int | None = None  # None repeats forever (the trainer stops at its step count)
     drop_remainder: bool = True  # keeps every batch the same size (no extra compile for a ragged last batch)
-    even_shards: bool = True  # every process gets floor(n / process_count) records (keeps hosts in step)
     pixel_dtype: Literal["float32", "uint8"] = "float32"
     overlong: Literal["truncate", "error"] = "truncate"
     jpeg_draft: bool = False  # decode big JPEGs at reduced scale (faster; pixels differ slightly from full decode)
-    bos: str = "once"  # see chat.encode_training_example
+    bos: str = chat.DEFAULT_BOS  # "transformers": two BOS, as LLaVA-CoT trained (chat module docstring)
     read_threads: int = 2  # threads per process (or per worker) running the encode step
     prefetch_buffer_size: int = 8
     worker_count: int = 0  # worker processes (grain mp_prefetch); 0 encodes in this process's threads
@@ -80,6 +79,8 @@ class PipelineConfig:
             raise ValueError(f"pixel_dtype must be 'float32' or 'uint8', got {self.pixel_dtype!r}")
         if self.overlong not in ("truncate", "error"):
             raise ValueError(f"overlong must be 'truncate' or 'error', got {self.overlong!r}")
+        if self.bos not in chat.BOS_MODES:
+            raise ValueError(f"bos must be one of {chat.BOS_MODES}, got {self.bos!r}")
 
 
 def _text(value: Any) -> str:
@@ -222,27 +223,21 @@ class PadBatch:
         }
 
 
-def shard_for_process(
-    dataset: grain.MapDataset, process_index: int, process_count: int, even: bool = True
-) -> grain.MapDataset:
-    """Records process_index, process_index + process_count, ... With `even`, every process gets the same number
-    (floor(n / process_count)), dropping at most process_count - 1 records per epoch (logged), so hosts stay in
-    step; without it, shards differ by at most one record and together cover every record exactly once."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-    shard = dataset[process_index::process_count]
-    if even:
-        per_process = len(dataset) // process_count
-        dropped = len(dataset) - per_process * process_count
-        if dropped:
-            logger.warning(
-                "%d records not divisible over %d processes: %d records per epoch left out (even_shards=True)",
-                len(dataset),
-                process_count,
-                dropped,
-            )
-        shard = shard[:per_process]
-    return shard
+class ProcessSlice:
+    """Local index -> record of a globally ordered dataset: of every `global_batch = batch_size * process_count`
+    consecutive records, this process takes the `process_index`-th run of `batch_size`. Picklable (it goes to
+    grain worker processes with the records it indexes)."""
+
+    def __init__(self, records: grain.MapDataset, batch_size: int, process_index: int, process_count: int):
+        self.records, self.batch_size = records, batch_size
+        self.process_index, self.process_count = process_index, process_count
+
+    def global_index(self, local_index: int) -> int:
+        block, offset = divmod(int(local_index), self.batch_size)
+        return (block * self.process_count + self.process_index) * self.batch_size + offset
+
+    def __call__(self, local_index: int):
+        return self.records[self.global_index(local_index)]
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -257,17 +252,30 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 def record_dataset(
     source, config: PipelineConfig, *, process_index: int | None = None, process_count: int | None = None
 ) -> grain.MapDataset:
-    """The records this process reads, in order: its shard, shuffled per epoch, repeated `num_epochs` times."""
+    """The records this process reads, in order.
+
+    The order is global: every process computes the same seeded per-epoch shuffle of all records (indices only),
+    repeated `num_epochs` times, and global batch k is records [k * G, (k + 1) * G) of it (G = batch_size *
+    process_count), of which each process reads only its own `batch_size`. So a global batch holds the same
+    samples however many processes share it (a 2-host run sees the batches of a 1-host run), and an epoch is
+    every record exactly once. A finite dataset with `drop_remainder` stops at the last whole global batch, so
+    every process yields the same number of batches."""
     process_index, process_count = _process_layout(process_index, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
     if len(source) == 0:
         raise ValueError(f"empty source {source!r}")
-    dataset = shard_for_process(grain.MapDataset.source(source), process_index, process_count, config.even_shards)
-    if len(dataset) == 0:
-        raise ValueError(f"process {process_index} of {process_count} got no records from {len(source)}")
+    records = grain.MapDataset.source(source)
     if config.shuffle:
         # repeat() passes indices past the first epoch through, and shuffle derives each epoch's seed from them.
-        dataset = dataset.shuffle(seed=config.seed)
-    return dataset.repeat(config.num_epochs)
+        records = records.shuffle(seed=config.seed)
+    records = records.repeat(config.num_epochs)
+    per_process, global_batch = config.batch_size, config.batch_size * process_count
+    whole, rest = divmod(len(records), global_batch)
+    local_len = whole * per_process
+    if not config.drop_remainder:
+        local_len += min(max(rest - process_index * per_process, 0), per_process)
+    return grain.MapDataset.range(local_len).map(ProcessSlice(records, per_process, process_index, process_count))
 
 
 def build_dataset(
@@ -312,15 +320,22 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def open_source(path: str | os.PathLike, image_root: str | os.PathLike | None = None, split: str = "train"):
-    """A prepared TFDS dataset directory (…/llava_cot/1.0.0), or a JSONL file with its `image_root` (validated,
-    bad samples skipped and reported)."""
+def open_source(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    split: str = "train",
+    record_filter: sources.RecordFilter = "llava_cot",
+):
+    """A prepared TFDS dataset directory (…/llava_cot/1.0.0), or a JSONL file with its `image_root` (validated with
+    `record_filter`, bad samples skipped and reported). A TFDS dataset was filtered when it was prepared
+    (`tools/prepare_data.py --record_filter`)."""
     path = Path(path)
     if path.is_dir():
         return tfds_builder.load_tfds_source(path, split=split)
     if image_root is None:
         raise ValueError(f"{path} is not a TFDS dataset directory; a JSONL source also needs image_root")
-    return sources.JsonlSource(path, image_root)  # logs its validation summary when it skipped anything
+    # logs its validation summary when it skipped anything or kept irregular records
+    return sources.JsonlSource(path, image_root, record_filter=record_filter)
 
 
 def pad_sequence_axis(batch: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -336,13 +351,17 @@ def pad_sequence_axis(batch: Mapping[str, np.ndarray], length: int, pad_id: int)
     return padded
 
 
-def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding, pad_id: int | None = None) -> dict[str, Any]:
-    """Assembles each process's batch into global `jax.Array`s with the leading (batch) axis split by `sharding`.
+def make_global_batch(
+    local_batch: Mapping[str, np.ndarray], sharding, pad_id: int | None = None, micro_batches: int | None = None
+) -> dict[str, Any]:
+    """Assembles each process's batch into global `jax.Array`s with the batch axis split by `sharding`.
 
     `sharding` is one `jax.sharding.Sharding` for every field (e.g. `NamedSharding(mesh, P(("data", "fsdp")))`,
     which shards axis 0 and replicates the rest) or a mapping field → sharding. Processes pick their sequence
     bucket independently, so with several processes the lengths are agreed first (one tiny all-gather) and shorter
     batches padded with `pad_id` (required then); every process must use the same per-process batch size.
+    With `micro_batches`, every field is first reshaped to [micro_batches, batch / micro_batches, ...] on the host
+    (consecutive samples per micro-batch; the sharding then splits axis 1).
     """
     import jax
 
@@ -353,8 +372,20 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding, pad_id: i
             raise ValueError("pad_id is required with several processes (sequence lengths may differ per process)")
         length = int(np.max(multihost_utils.process_allgather(np.int32(local_batch["input_ids"].shape[1]))))
         local_batch = pad_sequence_axis(local_batch, length, pad_id)
+    if micro_batches is not None:
+        local_batch = split_micro_batches(local_batch, micro_batches)
 
     def sharding_of(key):
         return sharding[key] if isinstance(sharding, Mapping) else sharding
 
     return {key: jax.make_array_from_process_local_data(sharding_of(key), value) for key, value in local_batch.items()}
+
+
+def split_micro_batches(batch: Mapping[str, np.ndarray], micro_batches: int) -> dict[str, np.ndarray]:
+    """[B, ...] fields -> [micro_batches, B / micro_batches, ...] (consecutive samples per micro-batch)."""
+    out = {}
+    for key, value in batch.items():
+        if micro_batches < 1 or value.shape[0] % micro_batches:
+            raise ValueError(f"batch field {key} has {value.shape[0]} rows, not divisible into {micro_batches} micro-batches")
+        out[key] = value.reshape(micro_batches, value.shape[0] // micro_batches, *value.shape[1:])
+    return out

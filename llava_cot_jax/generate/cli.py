@@ -29,6 +29,21 @@ class TokenPrinter:
             self.out.flush()
 
 
+def checkpoint_format(checkpoint: str) -> str:
+    """ "converted" (converted weights, or a training checkpoint DIR/checkpoints/STEP) or "hf" (an HF directory);
+    FileNotFoundError for anything else."""
+    from llava_cot_jax import checkpoint as ckpt_lib
+
+    if not checkpoint or not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
+    if ckpt_lib.is_checkpoint(checkpoint):
+        return "converted"
+    if os.path.exists(os.path.join(checkpoint, "config.json")):
+        return "hf"
+    raise FileNotFoundError(
+        f"{checkpoint} is not a checkpoint: it has neither {ckpt_lib.CONFIG_FILE} (converted) nor config.json (HF)")
+
+
 def load(checkpoint: str, dtype: str, mesh=None, quantize: str | None = None):
     """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor). On a `mesh` a
     converted checkpoint is read straight into each device's shards; an HF directory is read on the host first.
@@ -38,9 +53,7 @@ def load(checkpoint: str, dtype: str, mesh=None, quantize: str | None = None):
     from llava_cot_jax.data.processor import MllamaProcessor
     from llava_cot_jax.models.mllama.params import from_hf
 
-    if not checkpoint or not os.path.isdir(checkpoint):
-        raise SystemExit(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
-    if os.path.exists(os.path.join(checkpoint, ckpt_lib.CONFIG_FILE)):
+    if checkpoint_format(checkpoint) == "converted":
         rules = None
         if mesh is not None:
             rules = sharding.inference_rules(ckpt_lib.load_config(checkpoint).text.num_key_value_heads, mesh)
@@ -48,7 +61,29 @@ def load(checkpoint: str, dtype: str, mesh=None, quantize: str | None = None):
                                     quantize=quantize)
     else:
         model = from_hf(checkpoint, dtype=dtype, quantize=quantize, scan_layers=False)
-    return model, MllamaProcessor.from_pretrained(checkpoint)
+    return model, MllamaProcessor.from_pretrained(ckpt_lib.side_files_dir(checkpoint))
+
+
+def search_config(config) -> stage_search.SearchConfig:
+    """The search settings of an infer config (configs/infer.py); empty strings mean the default."""
+    return stage_search.SearchConfig.from_config({k: (v if v != "" else None) for k, v in config.items()})
+
+
+def build_searcher(config, on_stage=None, streaming: bool = False) -> stage_search.Searcher:
+    """The model, processor and search settings an infer config (configs/infer.py) names, as a `Searcher`, on the
+    device mesh its `mesh_*` keys ask for. Every mode that generates (infer, demo, eval) builds its searcher here,
+    so a setting added to the infer config reaches all of them. `streaming` prints row 0's tokens as they come
+    (greedy/sample)."""
+    from llava_cot_jax import sharding
+
+    mesh = sharding.config_mesh(config)
+    model, processor = load(config.checkpoint, config.dtype, mesh, config.get("quantize") or None)
+    on_token = TokenPrinter(processor.tokenizer) if streaming else None
+    searcher = stage_search.Searcher(model, processor, search_config(config), on_stage=on_stage, on_token=on_token,
+                                     mesh=mesh, scan_layers=config.get("scan_layers", False))
+    if not config.get("stop_at_eos", True):
+        searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
+    return searcher
 
 
 def run(config, workdir: str = "") -> int:
@@ -66,24 +101,13 @@ def run(config, workdir: str = "") -> int:
         if not os.path.isfile(path):
             raise SystemExit(f"image not found: {path}")
         images.append(PIL.Image.open(path).convert("RGB"))
-    from llava_cot_jax import sharding
-
-    mesh = sharding.config_mesh(config)
-    model, processor = load(config.checkpoint, config.dtype, mesh, config.get("quantize") or None)
-    search_config = stage_search.SearchConfig.from_config(
-        {k: (v if v != "" else None) for k, v in config.items()})
-
     interactive = config.stream and sys.stdout.isatty()
-    on_token = TokenPrinter(processor.tokenizer) if interactive else None
 
     def on_stage(_, stage, text):
-        if interactive and search_config.method not in ("greedy", "sample"):
+        if interactive and searcher.config.method not in ("greedy", "sample"):
             print(text, end="", flush=True)  # stage search: each accepted stage as it is decided
 
-    searcher = stage_search.Searcher(model, processor, search_config, on_stage=on_stage, on_token=on_token, mesh=mesh,
-                                     scan_layers=config.get("scan_layers", False))
-    if not config.get("stop_at_eos", True):
-        searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
+    searcher = build_searcher(config, on_stage=on_stage, streaming=interactive)
     result = searcher.ask([config.question], [images] if images else None)[0]
     if interactive:
         print()
@@ -97,6 +121,6 @@ def run(config, workdir: str = "") -> int:
         print(result.conclusion)
     if config.trace:
         with open(config.trace, "w") as f:
-            json.dump({"config": search_config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings},
+            json.dump({"config": searcher.config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings},
                       f, indent=1, default=str)
     return 0

@@ -14,9 +14,19 @@ from flax import nnx
 
 from llava_cot_jax.models.mllama.quant import Int8Weight
 
+# Logical axes of the residual stream [batch, seq, embed]: batch-sharded, replicated along the sequence and the
+# hidden axis (the weights are what FSDP shards).
+RESIDUAL_AXES = ("batch", None, None)
+
 # The additive mask value of the reference (torch.finfo(float32).min). A finite value, not -inf, so that
 # a fully masked row softmaxes to a uniform distribution exactly as the reference does.
 MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+def stats_dtype(dtype):
+    """The dtype of norm statistics, softmax and logits: float32, or the activations' own when wider (float64
+    gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], dtype, init: str = "normal") -> nnx.Param:
@@ -63,7 +73,7 @@ def heads_major(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """Llama RMSNorm: statistics in fp32, the scale applied in the activation dtype."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(stats_dtype(x.dtype))
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return normed.astype(x.dtype) * scale.astype(x.dtype)
 
@@ -86,7 +96,7 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(stats_dtype(x.dtype))
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         normed = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
@@ -111,14 +121,44 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, 
     # [B, H, S, D] -> [B / r, K, r * G * S, D]; for r = 1 a pure reshape (heads are [K, G] in order).
     q = q.reshape(kv_batch, r, kv_heads, group * s, d).swapaxes(1, 2).reshape(kv_batch, kv_heads, r * group * s, d)
     batch_dims = ((0, 1), (0, 1))
-    scores = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32)
+    scores = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims), preferred_element_type=stats_dtype(q.dtype))
     scores = scores.reshape(kv_batch, kv_heads, r, group, s, t) * (d**-0.5)
+    probs = None
     if bias is not None:
         bias = jnp.broadcast_to(bias, (b, 1, 1, s, t)).reshape(kv_batch, r, 1, s, t)[:, None]
         scores = scores + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(kv_batch, kv_heads, r * group * s, t)
+        # A row whose every key is masked (a padded image slot in the vision encoder) softmaxes to uniform weights
+        # in the reference, because the mask value swamps the scores: a constant. Its gradient with respect to the
+        # scores is zero, not softmax's Jacobian at scores the forward pass lost (what plain autodiff, and
+        # transformers, would give).
+        fully_masked = jnp.max(bias, axis=-1, keepdims=True) <= MASK_VALUE / 2
+        probs = jnp.where(fully_masked, 1.0 / t, jax.nn.softmax(scores, axis=-1))
+    probs = jax.nn.softmax(scores, axis=-1) if probs is None else probs
+    probs = probs.astype(dtype).reshape(kv_batch, kv_heads, r * group * s, t)
     out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))
     return out.reshape(kv_batch, kv_heads, r, group * s, d).swapaxes(1, 2).reshape(b, h, s, d)
+
+
+def query_chunked_attention(q, k, v, bias, dtype, chunk: int) -> jax.Array:
+    """`attention` over blocks of `chunk` queries, one at a time, each recomputed in the backward pass: the
+    [heads, queries, keys] scores exist for one block only. The vision encoder attends over every token of an
+    image (6432 for 4 tiles of 560 px: 2.6 GB of fp32 scores per image and layer at once); block by block it is a
+    quarter of that, with the same result. q [B, H, S, D] with S a multiple of `chunk`; bias [B, 1, 1, S, T]."""
+    b, h, s, d = q.shape
+    if s <= chunk or s % chunk:
+        return attention(q, k, v, bias, dtype)
+    n = s // chunk
+    q_blocks = q.reshape(b, h, n, chunk, d).transpose(2, 0, 1, 3, 4)
+    bias_blocks = jnp.broadcast_to(bias, (b, 1, 1, s, bias.shape[-1])).reshape(b, 1, 1, n, chunk, -1)
+    bias_blocks = bias_blocks.transpose(3, 0, 1, 2, 4, 5)
+
+    @jax.checkpoint
+    def block(_, xs):
+        q_block, bias_block = xs
+        return None, attention(q_block, k, v, bias_block, dtype)
+
+    _, out = jax.lax.scan(block, None, (q_blocks, bias_blocks))  # [n, B, H, chunk, D]
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, h, s, d)
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: tuple[float, float, float, int] | None) -> np.ndarray:

@@ -103,7 +103,12 @@ class MllamaForConditionalGeneration(nnx.Module):
 
     # ---------------------------------------------------------------------------------------- full forward
 
-    def __call__(
+    def __call__(self, *args, **kwargs) -> MllamaOutput:
+        """The forward pass of transformers' MllamaForConditionalGeneration: the arguments of
+        `last_hidden_state` (transformers' names), logits out."""
+        return MllamaOutput(logits=self.language_model.logits(self.last_hidden_state(*args, **kwargs)))
+
+    def last_hidden_state(
         self,
         input_ids,
         attention_mask=None,
@@ -113,8 +118,9 @@ class MllamaForConditionalGeneration(nnx.Module):
         cross_attention_mask=None,
         position_ids=None,
         cross_attention_states=None,
-    ) -> MllamaOutput:
-        """The forward pass of transformers' MllamaForConditionalGeneration (keyword-compatible)."""
+    ) -> jax.Array:
+        """The decoder's final-norm hidden states [B, S, D] (the logits are `language_model.logits` of them).
+        Keyword-compatible with transformers' MllamaForConditionalGeneration.forward."""
         input_ids = jnp.asarray(input_ids)
         b, s = input_ids.shape
         if pixel_values is not None and cross_attention_states is not None:
@@ -128,7 +134,7 @@ class MllamaForConditionalGeneration(nnx.Module):
         cross_kv = None if cross_attention_states is None else self.cross_kv(cross_attention_states)
         key_valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         positions = jnp.broadcast_to(jnp.arange(s), (b, s)) if position_ids is None else jnp.asarray(position_ids)
-        logits, _ = self.language_model(
+        hidden, _ = self.language_model(
             input_ids,
             positions,
             key_valid,
@@ -136,8 +142,9 @@ class MllamaForConditionalGeneration(nnx.Module):
             cross_kv=cross_kv,
             cross_attention_mask=None if cross_attention_mask is None else jnp.asarray(cross_attention_mask),
             num_vision_tokens_per_tile=self.config.vision.num_patches,
+            return_hidden=True,
         )
-        return MllamaOutput(logits=logits)
+        return hidden
 
 
 def take_rows(tree, rows: jax.Array):

@@ -24,6 +24,7 @@ from flax import nnx
 from llava_cot_jax.models.mllama.config import TextConfig
 from llava_cot_jax.models.mllama.layers import (
     MASK_VALUE,
+    RESIDUAL_AXES,
     GatedMLP,
     RMSNorm,
     apply_rope,
@@ -37,7 +38,9 @@ from llava_cot_jax.models.mllama.layers import (
     rms_norm,
     rope_cos_sin,
     stack_layers,
+    stats_dtype,
 )
+from llava_cot_jax.sharding import constrain
 
 
 @jax.tree_util.register_dataclass
@@ -75,7 +78,7 @@ class SelfAttentionLayer(nnx.Module):
             cache_kv = (k, v)
         out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
         x = x + project("bhsk,hkd->bsd", out, self.o_proj[...])
-        return x + self.mlp(self.post_attention_layernorm(x)), cache_kv
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL_AXES), cache_kv
 
 
 class CrossAttentionLayer(nnx.Module):
@@ -109,7 +112,7 @@ class CrossAttentionLayer(nnx.Module):
         out = self.mlp(self.post_attention_layernorm(x))
         if inputs.cross_rows is not None:
             out = out * inputs.cross_rows.astype(dt)
-        return x + jnp.tanh(self.cross_attn_mlp_gate[...].astype(dt)) * out
+        return constrain(x + jnp.tanh(self.cross_attn_mlp_gate[...].astype(dt)) * out, RESIDUAL_AXES)
 
 
 def layer_schedule(cfg: TextConfig):
@@ -175,9 +178,11 @@ class TextModel(nnx.Module):
         cross_kv=None,
         cross_attention_mask=None,
         num_vision_tokens_per_tile: int = 0,
+        return_hidden: bool = False,
     ):
         """input_ids, positions: [B, S]; key_valid: [B, T] (T = S without a cache, the cache length with one).
-        Returns (logits [B, S, V] fp32, updated cache or None)."""
+        Returns (logits [B, S, V] fp32, updated cache or None); with `return_hidden`, the final-norm hidden
+        states [B, S, D] instead of the logits (the training loss applies `logits` chunk by chunk)."""
         b, s = input_ids.shape
         cache_index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         query_slot = cache_index + jnp.arange(s)
@@ -200,7 +205,11 @@ class TextModel(nnx.Module):
         x = self.embed_tokens[...][input_ids].astype(dtype)
         x, cache = self._layers(x, inputs, cache, cross_kv)
         x = self.norm(x)
-        return project("bsd,dv->bsv", x, self.lm_head[...], preferred_element_type=jnp.float32), cache
+        return (x if return_hidden else self.logits(x)), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-norm hidden states [..., D] -> logits [..., V] in fp32 (the matmul in the hidden states' dtype)."""
+        return project("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=stats_dtype(hidden.dtype))
 
     def _layers(self, x, inputs: DecoderInputs, cache, cross_kv):
         if not self.scan_layers:

@@ -1,0 +1,82 @@
+"""The real-size train step for tools/aot_compile.py: abstract train state and batch, compiled for a TPU slice.
+
+    python tools/aot_compile.py --config configs/sft_llava_cot_11b.py --topology v5p-64
+
+Nothing is allocated: the parameters, optimizer state and batch are ShapeDtypeStructs carrying the shardings the
+trainer would give them, so the compiled program's memory analysis is the step's per-chip footprint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from llava_cot_jax.aot import Program
+from llava_cot_jax.data import pipeline
+from llava_cot_jax.train import flops, optim
+from llava_cot_jax.train import step as step_lib
+from llava_cot_jax.train import trainer as trainer_lib
+
+GIB = 2**30
+
+
+def gib_per_device(tree) -> float:
+    """GiB one device holds of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)) / GIB
+
+
+def abstract_batch(config, model_config, mesh) -> dict:
+    """The batch the pipeline would feed at the longest sequence bucket, as ShapeDtypeStructs [micro, B/micro, ...]."""
+    c, v = config, model_config.vision
+    micro = c.train.micro_batches
+    b, seq, images, tiles = c.train.global_batch // micro, c.data.seq_buckets[-1], c.data.max_images, v.max_num_tiles
+    pixel_dtype = np.uint8 if c.data.pixel_dtype == "uint8" else np.float32
+    shapes = {
+        "input_ids": ((b, seq), np.int32),
+        "attention_mask": ((b, seq), np.int32),
+        "labels": ((b, seq), np.int32),
+        "pixel_values": ((b, images, tiles, 3, v.image_size, v.image_size), pixel_dtype),
+        "aspect_ratio_ids": ((b, images), np.int32),
+        "aspect_ratio_mask": ((b, images, tiles), np.int32),
+        "cross_attention_mask": ((b, seq, images, tiles), np.int32),
+    }
+    assert set(shapes) == set(pipeline.BATCH_KEYS)
+    sharding = step_lib.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((micro, *shape), dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
+def programs(config, mesh) -> list[Program]:
+    """[the train step] for `config` on the devices of `mesh` (the trainer's own mesh rules pick the layout)."""
+    c = config
+    devices = list(mesh.devices.flat)
+    mesh = step_lib.training_mesh(c.mesh, c.train.global_batch, c.train.micro_batches, devices=devices)
+    model_config = trainer_lib.model_config_from(c.model)
+    step_lib.check_heads(model_config, mesh)
+    step_lib.check_batch(c.train.global_batch, c.train.micro_batches, mesh)
+    frozen = optim.parse_groups(c.train.freeze)
+    steps_per_epoch = 1000  # only the learning-rate schedule's shape depends on it, not the program's memory
+    spec = step_lib.build_step_spec(
+        model_config,
+        c.optimizer,
+        frozen,
+        mesh,
+        steps_per_epoch,
+        c.train.epochs * steps_per_epoch,
+        loss_chunk=c.model.loss_chunk,
+    )
+    state = step_lib.abstract_state(spec)
+    seq = c.data.seq_buckets[-1]
+    step_flops = flops.train_step_flops(model_config, c.train.global_batch, seq, c.data.max_images, frozen)
+    notes = {
+        "mesh": "x".join(str(mesh.shape[a]) for a in mesh.axis_names),
+        "params_gib": gib_per_device({"p": state["params"], "f": state["frozen"]}),
+        "optimizer_gib": gib_per_device(state["opt_state"]),
+        "tflops_per_step": step_flops / 1e12,
+    }
+    return [
+        Program(
+            "train_step", step_lib.jit_train_step(spec), (state, abstract_batch(c, model_config, mesh)), notes=notes
+        )
+    ]

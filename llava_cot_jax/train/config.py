@@ -1,0 +1,121 @@
+"""Every setting of a training run, with its default: configs/sft_*.py start from `default_config()` and change
+what differs, so a key means the same thing in every config and an unknown key is an error on the command line.
+
+The defaults are LLaVA-CoT's published recipe (PKU-YuanGroup/LLaVA-CoT `train/` on llama-recipes v0.0.4.post1):
+all parameters trained, AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0, no warmup, no clipping, lr x 0.85
+after each epoch (StepLR), 3 epochs, global batch 32, bf16 compute, activation checkpointing — except that the
+parameters and AdamW moments are float32 (master weights) where their run kept both in bf16; see the README.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "train"
+    c.seed = 0
+    c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from = ""  # converted checkpoint or HF directory; empty: random init of model.preset
+    c.model.preset = "11b"  # tiny | bench | 11b | 90b (architecture for random init and AOT compilation)
+    c.model.processor = ""  # tokenizer/processor directory; default: init_from's files
+    c.model.param_dtype = "float32"  # storage (master) dtype of the parameters
+    c.model.compute_dtype = "bfloat16"  # dtype of activations and matmuls
+    c.model.remat = "full"  # activation checkpointing per layer: none | full | dots
+    c.model.loss_chunk = 512  # tokens per chunk of the cross-entropy (logits are never whole in memory)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # tools/prepare_data.py output dir, a JSONL file (+ image_root), or a dir with train.jsonl
+    c.data.image_root = ""
+    # Which records of a JSONL file train: "llava_cot" (every record with an image, as LLaVA-CoT's loader) or
+    # "strict" (one question, one answer with four well-formed stages). A prepared TFDS set was filtered by
+    # tools/prepare_data.py --record_filter.
+    c.data.record_filter = "llava_cot"
+    c.data.eval = ""  # optional held-out set, same forms
+    c.data.eval_image_root = ""
+    c.data.synthetic_samples = 0  # > 0: write a synthetic set into data.train (default DIR/data/synthetic) if empty
+    c.data.synthetic_seed = 0
+    c.data.synthetic_image_size = 224
+    c.data.seq_buckets = (512, 1024, 2048)  # batches pad to the smallest bucket that fits (one compile per bucket)
+    c.data.max_images = 1
+    c.data.shuffle_seed = 0
+    c.data.pixel_dtype = "uint8"  # uint8 tiles to the device, normalised there (4x fewer bytes than float32)
+    c.data.read_threads = 4
+    c.data.worker_count = 0  # grain worker processes decoding images (0: threads of this process)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch = 32
+    c.train.micro_batches = 1  # gradient accumulation: the global batch is split into this many sequential parts
+    c.train.epochs = 3
+    c.train.num_steps = 0  # > 0 overrides epochs
+    c.train.freeze = ""  # comma-separated groups kept fixed: vision, projector, language
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.schedule = "step"  # step (x epoch_decay per epoch) | cosine | constant
+    c.optimizer.epoch_decay = 0.85
+    c.optimizer.warmup_steps = 0
+    c.optimizer.final_lr_fraction = 0.0  # cosine: the last step's lr as a fraction of learning_rate
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
+    c.optimizer.moment_dtype = "float32"  # float32 | bfloat16 | param (each parameter's own dtype)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: every device not used by the other axes
+    c.mesh.tensor = 1  # 0: FSDP over as many devices as the batch allows, tensor parallelism over the rest
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every = 10
+    c.eval_every = 0  # > 0 (with data.eval): held-out loss every this many steps
+    c.eval_batches = 8
+    c.peak_tflops_per_device = 0.0  # for MFU; 0: looked up from the device kind (none on CPU)
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = "auto"  # auto (TPU pods, or a coordinator address set) | on | off
+    c.distributed.coordinator_address = ""  # host:port of process 0 (multi-node GPU); empty on TPU pods
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    c.distributed.cpu_collectives = ""  # "gloo" for multi-process CPU runs (tests)
+    return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a config to a few CPU steps on synthetic data with the tiny architecture (smoke runs)."""
+    c.model.init_from = ""
+    c.model.preset = "tiny"
+    c.model.compute_dtype = "float32"
+    c.model.remat = "none"
+    c.data.train = ""
+    c.data.synthetic_samples = 64
+    c.data.synthetic_image_size = 56
+    c.data.seq_buckets = (256, 512)
+    c.data.read_threads = 2
+    c.train.global_batch = 8
+    c.train.num_steps = 6
+    c.train.micro_batches = 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.checkpoint.every_steps = 3
+    c.log_every = 1
+    return c
+
+
+def with_arg(c: ml_collections.ConfigDict, arg: str | None, meshes: dict[str, tuple[int, int, int]]):
+    """Applies a config file's argument: a named (data, fsdp, tensor) mesh preset, or "runlocal"."""
+    arg = arg or next(iter(meshes))
+    if arg == "runlocal":
+        return runlocal(c)
+    if arg not in meshes:
+        raise ValueError(f"unknown config argument {arg!r}: {' | '.join([*meshes, 'runlocal'])}")
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = meshes[arg]
+    return c

@@ -1,0 +1,457 @@
+"""The trainer: loss and gradients against transformers and finite differences, sharded steps against one device,
+gradient accumulation, frozen groups, Orbax train-state checkpoints with exact resume after SIGKILL and SIGTERM,
+a two-process run, and the start-up errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
+
+from llava_cot_jax import checkpoint as weights
+from llava_cot_jax.data import synthetic
+from llava_cot_jax.models.mllama import params as hf_params
+from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.params import from_hf
+from llava_cot_jax.train import config as train_config
+from llava_cot_jax.train import loss as loss_lib
+from llava_cot_jax.train import step as step_lib
+from llava_cot_jax.train import trainer as trainer_lib
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+SFT_TINY = os.path.join(REPO, "configs", "sft_tiny.py")
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's processes: the same train step compiles once."""
+    path = str(tmp_path_factory.mktemp("xla"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield path
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return synthetic.write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", 48, image_size=56)
+
+
+def labelled(inputs, config, supervised_from=4):
+    labels = np.where(inputs["attention_mask"] == 1, inputs["input_ids"], -100)
+    labels[:, :supervised_from] = -100
+    labels[labels == config.image_token_id] = -100
+    return {**inputs, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------- against transformers
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    config = MllamaConfig.tiny()
+    hf = build_hf_model(config, seed=2)
+    path = save_hf_checkpoint(hf, config, str(tmp_path_factory.mktemp("hf") / "ckpt"))
+    return config, hf, from_hf(path)
+
+
+def test_loss_and_gradients_equal_transformers(hf_pair):
+    """Two images per sample with multi-tile aspect ratios and padded tiles, right-padded text; no padded image
+    slot (transformers' gradients are unsound there, see the finite-difference test)."""
+    config, hf, ours = hf_pair
+    rng = np.random.default_rng(5)
+    inputs = random_inputs(config, rng, 2, 14, [2, 2], [[2, 4], [3, 1]], pad_right=[0, 4])
+    batch = labelled(inputs, config)
+
+    hf.zero_grad()
+    torch_inputs = {k: torch.as_tensor(v) for k, v in batch.items()}
+    ref = hf(**torch_inputs)
+    ref.loss.backward()
+    ref_grads = {hf_params.hub_name(n): p.grad.numpy() for n, p in hf.named_parameters() if p.grad is not None}
+
+    graphdef, state = nnx.split(ours)
+    (loss, aux), grads = jax.value_and_grad(
+        lambda s: loss_lib.loss_fn(nnx.merge(graphdef, s), batch, chunk_size=5), has_aux=True
+    )(state)
+    assert abs(float(loss) - ref.loss.item()) < 1e-5
+    assert int(aux["tokens"]) == int(np.sum(batch["labels"][:, 1:] != -100))
+
+    flat = {tuple(str(k) for k in path): np.asarray(v) for path, v in nnx.to_flat_state(grads)}
+    ours_hf = dict(hf_params.hf_tensors(flat, config))
+    assert set(ref_grads) <= set(ours_hf)
+    scale = max(float(np.abs(g).max()) for g in ref_grads.values())
+    worst = max((float(np.abs(ours_hf[n] - g).max()), n) for n, g in ref_grads.items())
+    assert worst[0] <= 1e-5 * max(scale, 1.0), worst
+    # The vision tower, the projector and the gated cross-attention all receive gradient (nothing is cut off).
+    for name in (
+        "vision_model.class_embedding",
+        "multi_modal_projector.weight",
+        "language_model.model.layers.3.cross_attn_attn_gate",
+    ):
+        assert np.abs(ref_grads[name]).max() > 1e-6
+
+
+def test_gradient_matches_finite_differences_with_a_padded_image_slot():
+    """Row 1 has one image in a batch whose rows hold two image slots: its second slot is all padding. In float64
+    the directional derivative of the loss along random directions, per parameter group, equals central
+    differences of the loss itself."""
+    with jax.enable_x64(True):
+        config = MllamaConfig.tiny().replace(param_dtype="float64", dtype="float64")
+        from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
+
+        model = MllamaForConditionalGeneration(config, rngs=nnx.Rngs(3))
+        cross = model.language_model.cross_layers
+        cross.cross_attn_attn_gate[...] = cross.cross_attn_attn_gate[...] + 0.8
+        cross.cross_attn_mlp_gate[...] = cross.cross_attn_mlp_gate[...] - 0.5
+        rng = np.random.default_rng(11)
+        inputs = random_inputs(config, rng, 2, 12, [2, 1], [[2, 3], [4]], pad_right=[0, 2])
+        batch = labelled(inputs, config)
+        graphdef, state = nnx.split(model)
+        params = nnx.to_pure_dict(state)
+
+        def loss(p):
+            merged = jax.tree.map(lambda x: x, state)
+            nnx.replace_by_pure_dict(merged, p)
+            return loss_lib.loss_fn(nnx.merge(graphdef, merged), batch, chunk_size=4)[0]
+
+        loss = jax.jit(loss)
+        grads = jax.jit(jax.grad(loss))(params)
+        groups = {
+            "vision embeddings": lambda path: path[0] == "vision_model" and "transformer" not in path[1],
+            "vision local layers": lambda path: path[:2] == ("vision_model", "transformer"),
+            "vision global layers": lambda path: path[:2] == ("vision_model", "global_transformer"),
+            "projector": lambda path: path[0].startswith("multi_modal_projector"),
+            "cross-attention layers": lambda path: path[:2] == ("language_model", "cross_layers"),
+            "self-attention layers": lambda path: path[:2] == ("language_model", "self_layers"),
+        }
+        eps, results = 1e-6, {}
+
+        def unit_direction(in_group):
+            """A random direction over one group's parameters, of unit length (truncation error ~ eps^2)."""
+            direction = jax.tree_util.tree_map_with_path(
+                lambda path, x: np.asarray(rng.standard_normal(x.shape)) * in_group(tuple(k.key for k in path)),
+                params,
+            )
+            norm = np.sqrt(sum(float(np.sum(d * d)) for d in jax.tree.leaves(direction)))
+            return jax.tree.map(lambda d: d / norm, direction)
+
+        def moved(direction, distance):
+            return jax.tree.map(lambda p, d: p + distance * d, params, direction)
+
+        for name, in_group in groups.items():
+            direction = unit_direction(in_group)
+            analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+            numeric = (float(loss(moved(direction, eps))) - float(loss(moved(direction, -eps)))) / (2 * eps)
+            results[name] = (analytic, numeric)
+        for name, (analytic, numeric) in results.items():
+            assert abs(analytic - numeric) <= 1e-9 + 1e-6 * abs(numeric), (name, analytic, numeric)
+            assert abs(numeric) > 1e-7, name  # the direction actually moves the loss
+
+
+# ------------------------------------------------------------------------------------------------ sharded steps
+
+
+def test_sharded_steps_equal_one_device_and_accumulation_equals_one_batch(xla_cache):
+    """tests/train_worker.py on 8 simulated devices: fsdp=8, fsdp=4 x tensor=2, data=2 x fsdp=2 x tensor=2 against
+    one device (two steps, fp32, activation checkpointing on), and 4 micro-batches against one batch of 4x."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(TESTS, "train_worker.py"), xla_cache],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULTS "))[8:])
+    assert results["param_change"] > 1e-2  # the steps move the parameters far more than the tolerance
+    for mesh in ("fsdp8", "fsdp4_tensor2", "data2_fsdp2_tensor2", "accumulation"):
+        assert results[mesh]["loss_diff"] <= 1e-5 and results[mesh]["param_diff"] <= 1e-5, (mesh, results[mesh])
+    assert results["auto_mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    errors = results["errors"]
+    assert "tensor=2 does not divide text num_attention_heads=3" in errors["heads"]
+    assert "global batch 12" in errors["batch"] and "data x fsdp = 1 x 8 = 8" in errors["batch"]
+    assert "language_model/cross_layers/k_proj" in errors["parameter"] and "size 8" in errors["parameter"]
+    assert "data=3" in errors["devices"]
+
+
+# ------------------------------------------------------------------------------------------------ frozen groups
+
+
+def tiny_run_config(data_dir, **overrides):
+    c = train_config.runlocal(train_config.default_config())
+    c.data.train = str(data_dir)
+    c.data.synthetic_samples = 0
+    c.compilation_cache = ""
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return c
+
+
+def test_frozen_groups_do_not_change_and_have_no_optimizer_state(scenes, tmp_path, xla_cache):
+    config = tiny_run_config(
+        scenes.jsonl_path.parent,
+        **{"train.freeze": "vision,projector", "train.num_steps": 2, "optimizer.learning_rate": 1e-2},
+    )
+    trainer = trainer_lib.Trainer(config, str(tmp_path / "run"))
+    params = trainer_lib.initial_params(config.model, trainer.model_config, seed=0)
+    state = step_lib.init_state(trainer.spec, params, seed=0)
+    assert set(state["params"]) == {"language_model"}
+    assert set(state["frozen"]) == {"vision_model", "multi_modal_projector", "multi_modal_projector_bias"}
+    moment_leaves = jax.tree.leaves(state["opt_state"])
+    assert sum(x.size for x in moment_leaves) < 2.5 * sum(x.size for x in jax.tree.leaves(state["params"]))
+    train_step = step_lib.jit_train_step(trainer.spec)
+    iterator = iter(trainer._dataset(trainer.source, train=True))
+    frozen_before = jax.device_get(state["frozen"])
+    trained_before = jax.device_get(state["params"])
+    for _ in range(2):
+        state, _ = train_step(state, trainer._device_batch(next(iterator)))
+    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(state["frozen"]))):
+        np.testing.assert_array_equal(before, after)  # bit-identical
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(trained_before), jax.tree.leaves(jax.device_get(state["params"])))
+    ]
+    assert sum(changed) >= len(changed) - 1  # every trained tensor moves (the unused embedding rows may not)
+
+
+# ------------------------------------------------------------------------------------------- the command line
+
+
+def cli(workdir, *overrides, cache, data, env=None):
+    return [
+        sys.executable,
+        "-m",
+        "llava_cot_jax.main",
+        f"--config={SFT_TINY}:runlocal",
+        f"--workdir={workdir}",
+        f"--config.data.train={data}",
+        "--config.data.synthetic_samples=0",
+        f"--config.compilation_cache={cache}",
+        *overrides,
+    ]
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+RUN = ("--config.train.num_steps=8", "--config.checkpoint.every_steps=2", "--config.log_every=1")
+
+
+def test_resume_after_sigkill_and_sigterm_equals_an_uninterrupted_run(scenes, tmp_path, xla_cache):
+    data = scenes.jsonl_path.parent
+    reference_dir = tmp_path / "reference"
+    out = subprocess.run(
+        cli(reference_dir, *RUN, cache=xla_cache, data=data),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    reference = read_metrics(reference_dir)
+    assert [m["step"] for m in reference] == list(range(1, 9))
+    assert sorted(os.listdir(reference_dir / "checkpoints")) == ["4", "6", "8"]  # keep=3
+    assert (reference_dir / "config.json").exists() and os.listdir(reference_dir / "tb")
+
+    workdir = tmp_path / "interrupted"
+    command = cli(workdir, *RUN, cache=xla_cache, data=data)
+    checkpoints = workdir / "checkpoints"
+
+    def saving():
+        return checkpoints.is_dir() and any("tmp" in name for name in os.listdir(checkpoints))
+
+    def logged_steps():
+        path = workdir / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    # 1. SIGKILL while Orbax is writing a checkpoint.
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    while proc.poll() is None and not saving():
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    killed_during_save = saving()
+    # 2. SIGKILL at a random moment of the steps after the restart.
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    start = logged_steps()
+    while proc.poll() is None and logged_steps() <= start:
+        time.sleep(0.01)
+    time.sleep(random.Random(0).uniform(0.0, 1.5))
+    proc.kill()
+    proc.wait()
+    # 3. SIGTERM: saves, waits for the save, exits cleanly.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    start = logged_steps()
+    while proc.poll() is None and logged_steps() <= start:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    terminated_at = logged_steps()
+    if terminated_at < 8:  # it was still training when the signal came
+        assert "preempted" in stdout and str(terminated_at) in os.listdir(checkpoints)
+    # 4. The same command finishes the run.
+    out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    assert killed_during_save, "the first kill was meant to land while a checkpoint was being written"
+    resumed = read_metrics(workdir)
+    assert [m["step"] for m in resumed] == list(range(1, 9))  # every step logged once (a killed run's extras dropped)
+    for want, got in zip(reference, resumed):
+        assert got["data_crc32"] == want["data_crc32"], got["step"]  # the same data, in the same order
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), got["step"]
+    assert not any("tmp" in name for name in os.listdir(checkpoints))
+    # training makes progress; compared over halves, since single steps are noisy (lr warms up to 3e-3 by step 8)
+    assert np.mean([m["loss"] for m in reference[4:]]) < np.mean([m["loss"] for m in reference[:4]])
+
+
+def test_two_processes_equal_one(scenes, tmp_path, xla_cache):
+    """Two processes of 4 CPU devices each (jax.distributed on localhost, gloo collectives) train exactly as one
+    process of 8 devices: the global batches hold the same samples, so the losses agree."""
+    data = scenes.jsonl_path.parent
+    run = ("--config.train.num_steps=3", "--config.checkpoint.every_steps=3", "--config.log_every=1")
+    env8 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    single = subprocess.run(
+        cli(tmp_path / "one", *run, cache=xla_cache, data=data),
+        env=env8,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        check=False,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [
+        subprocess.Popen(
+            cli(
+                tmp_path / "two",
+                *run,
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+                "--config.distributed.cpu_collectives=gloo",
+                cache=xla_cache,
+                data=data,
+            ),
+            env=env4,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for i in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["supervised_tokens"] == a["supervised_tokens"]
+    assert weights.load_params(str(tmp_path / "two" / "checkpoints" / "3"))[1]  # both processes wrote one checkpoint
+
+
+# ------------------------------------------------------------------------------------------- outputs and errors
+
+
+def test_training_checkpoint_exports_to_hf_and_loads_for_inference(scenes, tmp_path, xla_cache):
+    """Also: the held-out loss is logged when data.eval is set."""
+    config = tiny_run_config(
+        scenes.jsonl_path.parent,
+        **{
+            "train.num_steps": 1,
+            "checkpoint.every_steps": 1,
+            "data.eval": str(scenes.jsonl_path.parent),
+            "eval_every": 1,
+            "eval_batches": 2,
+        },
+    )
+    assert trainer_lib.run(config, str(tmp_path / "run")) == 0
+    logged = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in logged] == [1, 1] and np.isfinite(logged[-1]["eval_loss"])
+    step_dir = str(tmp_path / "run" / "checkpoints" / "1")
+    model = weights.load_model(step_dir)
+    assert model.config.text.hidden_size == MllamaConfig.tiny().text.hidden_size
+    out = weights.export_to_hf(step_dir, str(tmp_path / "hf"), progress=False)
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))  # the run's processor files travel along
+    exported = from_hf(out)
+    ids = np.array([[5, 6, 7, 8]], np.int32)
+    np.testing.assert_array_equal(np.asarray(exported(input_ids=ids).logits), np.asarray(model(input_ids=ids).logits))
+    from llava_cot_jax.generate import cli as infer_cli
+
+    _, processor = infer_cli.load(step_dir, "float32")
+    assert processor.tokenizer.pad_token_id is not None
+
+
+def test_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    scenes, tmp_path, xla_cache, capsys
+):
+    config = tiny_run_config(
+        scenes.jsonl_path.parent,
+        **{
+            "train.num_steps": 6,
+            "checkpoint.every_steps": 1,
+            "optimizer.learning_rate": 1e30,
+            "optimizer.schedule": "constant",
+        },
+    )
+    code = trainer_lib.run(config, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert code == 2 and "not finite" in out, out[-2000:]
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints"))
+    _, params = weights.load_params(str(tmp_path / "run" / "checkpoints" / str(steps[-1])))
+    assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_startup_errors_are_one_clear_line(scenes, tmp_path):
+    data = scenes.jsonl_path.parent
+    cases = {
+        "unknown config key": (["--config.train.nope=1"], "unknown config key"),
+        "no dataset": ([f"--config.data.train={tmp_path}"], "holds no dataset"),
+        "missing start checkpoint": (
+            [f"--config.model.init_from={tmp_path}/missing"],
+            "checkpoint directory not found",
+        ),
+        "mesh": (["--config.mesh.data=3", "--config.mesh.fsdp=1"], "needs 3 devices, have 1"),
+        "batch": (["--config.train.global_batch=6", "--config.train.micro_batches=4"], "not divisible into 4"),
+    }
+    for name, (overrides, message) in cases.items():
+        command = [
+            sys.executable,
+            "-m",
+            "llava_cot_jax.main",
+            f"--config={SFT_TINY}:runlocal",
+            f"--workdir={tmp_path / name}",
+            f"--config.data.train={data}",
+            *overrides,
+        ]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode != 0 and message in out.stderr, (name, out.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error:"), (name, lines)
