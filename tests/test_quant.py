@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
+
 from llava_cot_jax import checkpoint
 from llava_cot_jax.generate import sampler as S
 from llava_cot_jax.models.mllama import quant

@@ -3,6 +3,7 @@
 import json
 import re
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -217,6 +218,26 @@ def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
 
     text_only = searcher.ask(["What is 2 + 3?"])[0]  # no image: cross-attention layers are skipped
     assert set(text_only.stages) == set(chat.STAGES)
+
+
+@pytest.mark.parametrize("procedure", ["ours", "llava_cot"])
+def test_warmup_compiles_every_program_of_a_question(setup, procedure):
+    """Shapes follow from the config and the question's bucket, not from what is generated: a stage search compiles
+    at most 10 programs (judge verdict stops, LLaVA-CoT's pool bracket and per-match screen included), all of them
+    in `warmup()`, and questions of that size afterwards compile none."""
+    model, processor, image = setup
+    cfg = SS.SearchConfig(num_candidates=4, stage_max_new_tokens=8, judge_max_new_tokens=8, procedure=procedure, seed=0)
+    searcher = SS.Searcher(model, processor, cfg)
+    searcher.sampler.eos_token_ids = ()  # random weights: every budget runs in full
+    jax.clear_caches()  # count this search's programs only
+    searcher.warmup()
+    warm = S.compile_count()
+    assert 0 < warm <= 10, warm
+    for question in ("How many cubes?", "What color is the big sphere left of the small red cube?"):
+        result = searcher.ask([question], [[image]])[0]
+        assert set(result.stages) == set(chat.STAGES)
+        assert sum(result.verdicts.values()) > 0  # the judge was asked (read or fallen back)
+    assert S.compile_count() == warm, "a question after warmup() compiled a program"
 
 
 def test_baselines_share_the_interface(setup):
