@@ -108,6 +108,17 @@ def test_examples_per_kind_are_capped(tmp_path):
     assert str(report.examples["malformed_json"][1]).endswith(":3: Expecting value at column 1")
 
 
+def test_answers_without_stages_are_kept_only_when_stages_are_not_required(tmp_path):
+    data = synthetic.write_synthetic_dataset(tmp_path / "d", 1, image_size=16)
+    with open(data.jsonl_path, "a") as f:
+        f.write(_record("judge", "synthetic/scene_000000.jpg", "Better response: 1") + "\n")
+    samples, report = sources.validate_jsonl(data.jsonl_path, data.image_root)
+    assert [s.id for s in samples] == ["synthetic_0_000000"] and report.counts["missing_stage"] == 1
+    samples, report = sources.validate_jsonl(data.jsonl_path, data.image_root, require_stages=False)
+    assert [s.id for s in samples] == ["synthetic_0_000000", "judge"] and report.ok
+    assert "stage tags (require_stages=False)" in report.summary()
+
+
 def test_token_budget(broken_dataset):
     jsonl, image_root = broken_dataset
 

@@ -318,15 +318,17 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def open_source(path: str | os.PathLike, image_root: str | os.PathLike | None = None, split: str = "train"):
-    """A prepared TFDS dataset directory (…/llava_cot/1.0.0), or a JSONL file with its `image_root` (validated,
-    bad samples skipped and reported)."""
+def open_source(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, split: str = "train", **validate_kwargs
+):
+    """A prepared TFDS dataset directory (…/llava_cot/1.0.0), or a JSONL file with its `image_root` (validated by
+    `sources.validate_jsonl`, which takes `validate_kwargs`; bad samples skipped and reported)."""
     path = Path(path)
     if path.is_dir():
         return tfds_builder.load_tfds_source(path, split=split)
     if image_root is None:
         raise ValueError(f"{path} is not a TFDS dataset directory; a JSONL source also needs image_root")
-    return sources.JsonlSource(path, image_root)  # logs its validation summary when it skipped anything
+    return sources.JsonlSource(path, image_root, **validate_kwargs)  # logs its validation summary when it skipped anything
 
 
 def pad_sequence_axis(batch: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -147,7 +147,9 @@ def check_image(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _parse_record(record: Any, location: str, image_root: Path) -> tuple[Sample | None, list[Issue]]:
+def _parse_record(
+    record: Any, location: str, image_root: Path, require_stages: bool = True
+) -> tuple[Sample | None, list[Issue]]:
     """Schema, turn and image-field checks that need no file access."""
     issues: list[Issue] = []
 
@@ -186,7 +188,7 @@ def _parse_record(record: Any, location: str, image_root: Path) -> tuple[Sample 
     if image_field is None and placeholders:
         return fail("missing_image", f"question contains {IMAGE_PLACEHOLDER} but the record has no image", sample_id)
 
-    kind_and_message = stage_issue(conversations[1]["value"])
+    kind_and_message = stage_issue(conversations[1]["value"]) if require_stages else None
     if kind_and_message:
         return fail(*kind_and_message, sample_id)
     image_path = str(image_root / image_field) if image_field is not None else None
@@ -218,6 +220,7 @@ def validate_jsonl(
     *,
     on_error: OnError = "skip",
     check_images: bool = True,
+    require_stages: bool = True,
     token_counter: TokenCounter | None = None,
     max_tokens: int | None = None,
     max_examples: int = 3,
@@ -229,6 +232,8 @@ def validate_jsonl(
     Args:
       on_error: "skip" leaves bad samples out; "fail" raises `DataValidationError` (after checking everything).
       check_images: open and decode each image (threads, since PIL releases the GIL while decoding).
+      require_stages: an answer must hold the four stage tags; False keeps other replies too (the demo's judge
+        examples, "Better response: 1").
       token_counter, max_tokens: the token budget; both or neither. `make_token_counter(tokenizer)` builds one.
     """
     if on_error not in ("skip", "fail"):
@@ -244,7 +249,7 @@ def validate_jsonl(
     report = ValidationReport(source=str(jsonl_path), max_examples=max_examples)
     parsed: list[Sample] = []
     for location, record in tqdm(_read_lines(jsonl_path, report), desc="reading", unit=" lines", disable=not progress):
-        sample, issues = _parse_record(record, location, image_root)
+        sample, issues = _parse_record(record, location, image_root, require_stages)
         for issue in issues:
             report.add(issue)
         if sample is None:
@@ -280,6 +285,8 @@ def validate_jsonl(
     report.kept = len(kept)
     if not check_images:
         report.checks_not_run.append("image files (check_images=False)")
+    if not require_stages:
+        report.checks_not_run.append("stage tags (require_stages=False)")
     if token_counter is None:
         report.checks_not_run.append("token budget (no token_counter/max_tokens given)")
 

@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.image_root = ""
     c.data.eval = ""  # optional held-out set, same forms
     c.data.eval_image_root = ""
+    c.data.require_stages = True  # JSONL data: skip answers without the four stage tags (False: keep them)
     c.data.synthetic_samples = 0  # > 0: write a synthetic set into data.train (default DIR/data/synthetic) if empty
     c.data.synthetic_seed = 0
     c.data.synthetic_image_size = 224

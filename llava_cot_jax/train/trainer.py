@@ -134,9 +134,10 @@ def load_processor(cfg, model_config: MllamaConfig):
     return MllamaProcessor(image, build_tiny_tokenizer())
 
 
-def open_data(path: str, image_root: str, what: str):
+def open_data(path: str, image_root: str, what: str, require_stages: bool = True):
     """A prepared TFDS dataset (tools/prepare_data.py's --out_dir or its .../llava_cot/1.0.0), a JSONL file with
-    its image root, or a directory holding train.jsonl and images/ (the synthetic set's layout)."""
+    its image root, or a directory holding train.jsonl and images/ (the synthetic set's layout). A JSONL answer
+    without the four stage tags is skipped unless `require_stages` is False."""
     from llava_cot_jax.data import synthetic, tfds_builder
 
     if not path:
@@ -148,7 +149,8 @@ def open_data(path: str, image_root: str, what: str):
                 return pipeline.open_source(candidate)
         jsonl = os.path.join(path, synthetic.JSONL_NAME)
         if os.path.isfile(jsonl):
-            return pipeline.open_source(jsonl, image_root or os.path.join(path, synthetic.IMAGE_ROOT_NAME))
+            root = image_root or os.path.join(path, synthetic.IMAGE_ROOT_NAME)
+            return pipeline.open_source(jsonl, root, require_stages=require_stages)
         raise FileNotFoundError(
             f"{what}={path} holds no dataset: expected tools/prepare_data.py output (…/{tfds_builder.DATASET_NAME}/"
             f"{tfds_builder.VERSION}/dataset_info.json) or {synthetic.JSONL_NAME}"
@@ -156,7 +158,7 @@ def open_data(path: str, image_root: str, what: str):
     if os.path.isfile(path):
         if not image_root:
             raise ValueError(f"{what}={path} is a JSONL file: set the matching image root too")
-        return pipeline.open_source(path, image_root)
+        return pipeline.open_source(path, image_root, require_stages=require_stages)
     raise FileNotFoundError(f"{what}: no such file or directory: {path}")
 
 
@@ -267,8 +269,9 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
 
         ensure_synthetic_data(c.data, self.workdir)
-        self.source = open_data(c.data.train, c.data.image_root, "data.train")
-        self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval") if c.data.eval else None
+        stages = c.data.require_stages
+        self.source = open_data(c.data.train, c.data.image_root, "data.train", stages)
+        self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval", stages) if c.data.eval else None
         self.processor = load_processor(c.model, self.model_config)
 
         per_process = c.train.global_batch // jax.process_count()
