@@ -44,7 +44,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.model.compute_dtype = "float32"
     t.model.remat = "none"
     t.data.seq_buckets = (160, 208)  # every question and answer fits 160 (one compiled step); judge examples 208
-    t.data.require_stages = False  # the judge examples answer "Better response: N"
     t.data.read_threads = 2
     t.train.global_batch = 16
     t.train.num_steps = 600

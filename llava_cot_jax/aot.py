@@ -62,6 +62,7 @@ def _slices() -> dict[str, Topology]:
         Topology("v6e-8", "v6e:2x4", 8, 8, 32),
         Topology("v6e-64", "v6e:8x8", 64, 64, 32),
         Topology("v5p-8", "v5p:2x2x1", 4, 4, 95, "megacore", (2, 2, 1)),
+        Topology("v5p-32", "v5p:2x2x4", 16, 16, 95, "megacore", (2, 2, 1)),
         Topology("v5p-64", "v5p:2x4x4", 32, 32, 95, "megacore", (2, 2, 1)),
         Topology("v5p-128", "v5p:4x4x4", 64, 64, 95, "megacore", (2, 2, 1)),
         Topology("v4-8", "v4:2x2x1", 4, 4, 32, "megacore", (2, 2, 1)),
@@ -152,18 +153,32 @@ class Program:
 class CompileResult:
     program: Program
     seconds: float  # lowering + compilation
-    memory: MemoryReport
+    memory: MemoryReport | None  # None when XLA refused to compile for lack of memory (see `error`)
     compiled: object = dataclasses.field(repr=False, default=None)
+    error: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None and self.memory.fits
 
     def row(self) -> str:
         notes = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.program.notes.items())
-        return f"{self.program.name:<28} {self.seconds:7.1f}s {self.memory.row()}  {notes}".rstrip()
+        memory = self.memory.row() if self.memory is not None else f"does not fit: {self.error}"
+        return f"{self.program.name:<28} {self.seconds:7.1f}s {memory}  {notes}".rstrip()
 
 
 def compile_program(program: Program, hbm_gib: float) -> CompileResult:
     """Lowers and compiles one program for the devices its arguments' shardings name."""
+    import jax  # pylint: disable=g-import-not-at-top
+
     start = time.perf_counter()
-    compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
+    try:
+        compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        # XLA's TPU compiler stops when even its best buffer assignment exceeds the HBM: that is the answer.
+        return CompileResult(program, time.perf_counter() - start, None, error=str(err).split("\n")[0])
     seconds = time.perf_counter() - start
     return CompileResult(program, seconds, memory_report(compiled, hbm_gib), compiled)
 
@@ -201,9 +216,11 @@ def compile_for_topology(config, topology_name: str) -> list[CompileResult]:
     t = topology(topology_name)
     mesh = mesh_from_config(config, topology_devices(topology_name))
     results = []
+    # A training config lays out its own mesh from the batch (its row's notes name it).
+    mesh_note = "" if config.get("mode") == "train" else f", mesh {dict(mesh.shape)}"
     print(
         f"{t.name} ({t.topology_name}, {t.chips} chips, {t.devices} devices, {t.hbm_gib_per_device:g} GiB HBM per "
-        f"device), mesh {dict(mesh.shape)}"
+        f"device){mesh_note}"
     )
     print(f"{'program':<28} {'compile':>8} {MemoryReport.HEADER}   (GiB per device)")
     for program in programs_for_config(config, mesh):

@@ -143,18 +143,41 @@ LLAVA_SAMPLE = [{"from": "human", "value": "<image>\nHow many cubes?"}, {"from":
 
 
 def test_single_turn_real_llama3_ids_and_labels(llama3):
-    encoded = chat.encode_training_example(llama3, LLAVA_SAMPLE, has_image=True, num_tiles=[4])
+    """The default encoding is LLaVA-CoT's: two BOS, labels from the "\\n\\n" after the assistant header through
+    the answer's <|eot_id|>, question and answer stripped."""
+    padded = [{"from": "human", "value": "<image>\n How many cubes?  "}, {"from": "gpt", "value": "\n" + ANSWER + " "}]
+    encoded = chat.encode_training_example(llama3, padded, has_image=True, num_tiles=[4])
     ids = encoded["input_ids"].tolist()
-    prompt = [128000, 128006, 882, 128007, 271, 128256, 4438, 1690, 55204, 30, 128009, 128006, 78191, 128007, 271]
-    assert ids[: len(prompt)] == prompt
-    assert ids[-1] == 128009 and ids.count(128000) == 1
+    prompt = [128000, 128000, 128006, 882, 128007, 271, 128256, 4438, 1690, 55204, 30, 128009, 128006, 78191, 128007]
+    assert ids[: len(prompt)] == prompt and ids[len(prompt)] == 271
+    assert ids[-1] == 128009 and ids.count(128000) == 2
     labels = encoded["labels"]
     assert (labels[: len(prompt)] == chat.IGNORE_INDEX).all()
     assert (labels[len(prompt) :] == encoded["input_ids"][len(prompt) :]).all()
-    assert _labelled_text(llama3, encoded) == [ANSWER + chat.EOT]
+    assert labels[len(prompt)] == 271 and labels[-1] == 128009
+    assert _labelled_text(llama3, encoded) == ["\n\n" + ANSWER + chat.EOT]
+    assert labels.tolist() == llava_cot_labels(ids)
     mask = encoded["cross_attention_mask"]
     assert mask.shape == (len(ids), 1, 4)
-    assert (mask[:5] == 0).all() and (mask[5:] == 1).all()
+    assert (mask[:6] == 0).all() and (mask[6:] == 1).all()
+
+
+def llava_cot_labels(ids):
+    """LLaVA-CoT's label rule (train/datasets/cot_dataset.py), restated independently: cut the ids after every
+    <|eot_id|>; a piece holding a system or user header (start, role, end ids) is masked whole; then every
+    assistant header and every pad and image token are masked."""
+    labels, piece = [], []
+    for token in ids:
+        piece.append(token)
+        if token == 128009 or len(labels) + len(piece) == len(ids):
+            headers = {tuple(piece[i : i + 3]) for i in range(len(piece) - 2)}
+            prompt_turn = headers & {(128006, 9125, 128007), (128006, 882, 128007)}
+            labels += [chat.IGNORE_INDEX] * len(piece) if prompt_turn else piece
+            piece = []
+    for i in range(len(ids) - 2):
+        if ids[i : i + 3] == [128006, 78191, 128007]:
+            labels[i : i + 3] = [chat.IGNORE_INDEX] * 3
+    return [chat.IGNORE_INDEX if token in (128004, 128256) else label for token, label in zip(ids, labels)]
 
 
 def test_llava_and_chat_formats_encode_alike(tiny):
@@ -164,22 +187,21 @@ def test_llava_and_chat_formats_encode_alike(tiny):
     for key in from_llava:
         np.testing.assert_array_equal(from_llava[key], from_chat[key])
     rendered = chat.render_prompt(messages, add_generation_prompt=False)
-    assert from_chat["input_ids"].tolist() == tiny(rendered, add_special_tokens=False)["input_ids"]
+    assert from_chat["input_ids"].tolist() == tiny(rendered)["input_ids"]  # the tokenizer adds the second BOS
 
 
 def test_multi_turn_labels_only_assistant_turns(llama3):
     conversation = LLAVA_SAMPLE + [
         {"from": "human", "value": "Are you sure?"},
-        {"from": "gpt", "value": "\nYes, three."},  # leading newline merges with the header's "\n\n"
+        {"from": "gpt", "value": "\nYes, three. "},  # stripped, as LLaVA-CoT's loader does
     ]
     encoded = chat.encode_training_example(llama3, conversation, has_image=True, num_tiles=[1], max_images=2)
     runs = _labelled_text(llama3, encoded)
-    assert runs[0] == ANSWER + chat.EOT
-    assert runs[1].endswith("\nYes, three." + chat.EOT) and len(runs) == 2
-    assert "Are you sure?" not in "".join(runs)
+    assert runs == ["\n\n" + ANSWER + chat.EOT, "\n\nYes, three." + chat.EOT]
+    assert encoded["labels"].tolist() == llava_cot_labels(encoded["input_ids"].tolist())
     assert encoded["cross_attention_mask"].shape[1:] == (2, 4)
     assert (encoded["cross_attention_mask"][:, 1] == 0).all()
-    assert (encoded["cross_attention_mask"][5:, 0, 0] == 1).all()
+    assert (encoded["cross_attention_mask"][6:, 0, 0] == 1).all()
     assert (encoded["cross_attention_mask"][:, 0, 1:] == 0).all()
 
 
@@ -190,7 +212,8 @@ def test_text_only_sample_masks_the_system_block(llama3):
         {"from": "gpt", "value": "<CONCLUSION>4</CONCLUSION>"},
     ]
     encoded = chat.encode_training_example(llama3, conversation, has_image=False)
-    assert _labelled_text(llama3, encoded) == ["<CONCLUSION>4</CONCLUSION>" + chat.EOT]
+    assert _labelled_text(llama3, encoded) == ["\n\n<CONCLUSION>4</CONCLUSION>" + chat.EOT]
+    assert encoded["labels"].tolist() == llava_cot_labels(encoded["input_ids"].tolist())
     assert 9125 in encoded["input_ids"].tolist()  # "system" header is present but ignored
     assert encoded["cross_attention_mask"].shape == (len(encoded["input_ids"]), 1, 4)
     assert not encoded["cross_attention_mask"].any()
@@ -215,22 +238,25 @@ def _hf_processor(tokenizer, tile_size=28):
 def test_bos_modes(tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
     bos_id = tokenizer.bos_token_id
-    once = chat.encode_training_example(tokenizer, LLAVA_SAMPLE, has_image=True, num_tiles=[3])
-    like_hf = chat.encode_training_example(tokenizer, LLAVA_SAMPLE, has_image=True, num_tiles=[3], bos="transformers")
+    default = chat.encode_training_example(tokenizer, LLAVA_SAMPLE, has_image=True, num_tiles=[3])
+    once = chat.encode_training_example(tokenizer, LLAVA_SAMPLE, has_image=True, num_tiles=[3], bos="once")
     none = chat.encode_training_example(tokenizer, LLAVA_SAMPLE, has_image=True, num_tiles=[3], bos="none")
+    assert default["input_ids"][:2].tolist() == [bos_id, bos_id]  # tokenizer BOS + template BOS
     assert once["input_ids"][0] == bos_id and once["input_ids"].tolist().count(bos_id) == 1
-    assert like_hf["input_ids"][:2].tolist() == [bos_id, bos_id]  # tokenizer BOS + template BOS
     assert bos_id not in none["input_ids"].tolist()
-    np.testing.assert_array_equal(once["input_ids"][1:], none["input_ids"])
-    np.testing.assert_array_equal(once["labels"][1:], none["labels"])
+    for key in ("input_ids", "labels"):
+        np.testing.assert_array_equal(default[key][1:], once[key])
+        np.testing.assert_array_equal(once[key][1:], none[key])
 
-    # "transformers" reproduces transformers' MllamaProcessor on the rendered conversation.
+    # The default reproduces transformers' MllamaProcessor on the rendered conversation (what LLaVA-CoT ran).
     messages = chat.to_messages(LLAVA_SAMPLE, has_image=True)
     rendered = chat.render_prompt(messages, add_generation_prompt=False)
     image = PIL.Image.new("RGB", (84, 30))  # 1 x 3 tiles of 28 px
     hf = _hf_processor(tokenizer)(images=[image], text=rendered, return_tensors="np")
-    assert like_hf["input_ids"].tolist() == hf["input_ids"][0].tolist()
-    np.testing.assert_array_equal(like_hf["cross_attention_mask"], hf["cross_attention_mask"][0])
+    assert default["input_ids"].tolist() == hf["input_ids"][0].tolist()
+    np.testing.assert_array_equal(default["cross_attention_mask"], hf["cross_attention_mask"][0])
+    assert chat.encode_prompt(tokenizer, rendered) == default["input_ids"].tolist()
+    assert chat.encode_prompt(tokenizer, rendered, bos="once") == once["input_ids"].tolist()
     with pytest.raises(ValueError, match="bos must be one of"):
         chat.encode_training_example(tokenizer, LLAVA_SAMPLE, has_image=True, num_tiles=[3], bos="twice")
 

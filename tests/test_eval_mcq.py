@@ -339,7 +339,9 @@ def test_eval_resumes_without_redoing_rows(tiny_checkpoint, tmp_path, monkeypatc
     for p, item in zip(predictions, [i for i in items if i.index in ("1", "2", "3")]):
         assert p["extracted"] == mcq.extract_choice(p["prediction"], item.options)
         assert p["hit"] == str(int(p["extracted"] == item.answer))
-        assert p["prediction"] == chat.extract_conclusion(p["raw_output"]) and p["raw_output"]
+        assert p["prediction"] == chat.extract_conclusion(p["raw_output"])
+    # random weights may write only special tokens (decoded to nothing) on a row, not on every row
+    assert any(p["raw_output"] for p in predictions)
     result = json.loads(Path(workdir, "accuracy.json").read_text())
     assert (result["num_rows"], result["num_evaluated"], result["num_scored"]) == (5, 3, 3)
     assert result["accuracy"] == sum(int(p["hit"]) for p in predictions) / 3

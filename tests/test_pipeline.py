@@ -43,7 +43,7 @@ def numbered(tmp_path_factory):
         for i in range(11):
             turns = [{"from": "human", "value": f"Record {i} here"}, {"from": "gpt", "value": answer}]
             f.write(json.dumps({"id": str(i), "conversations": turns}) + "\n")
-    return sources.JsonlSource(root / "train.jsonl", root / "images")
+    return sources.JsonlSource(root / "train.jsonl", root / "images", record_filter="strict")  # strict keeps text-only
 
 
 def _record_numbers(batch, tokenizer):
@@ -89,9 +89,9 @@ def test_batch_contents_match_direct_encoding(scenes, tokenizer, processor):
     np.testing.assert_array_equal(batch["pixel_values"][0], image["pixel_values"][0])
     np.testing.assert_array_equal(batch["aspect_ratio_ids"][0], image["aspect_ratio_ids"][0])
     np.testing.assert_array_equal(batch["aspect_ratio_mask"][0], image["aspect_ratio_mask"][0])
-    # Only the assistant answer is trained on: decoding the labels gives the four stages back.
+    # Only the assistant turn is trained on (from the header's "\n\n", as LLaVA-CoT): the four stages come back.
     answer = tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
-    assert answer.startswith("<SUMMARY>") and answer.endswith(f"</CONCLUSION>{chat.EOT}")
+    assert answer.startswith("\n\n<SUMMARY>") and answer.endswith(f"</CONCLUSION>{chat.EOT}")
 
 
 def test_uint8_tiles_normalise_to_the_float_batch(scenes, tokenizer, processor):

@@ -91,7 +91,7 @@ def test_single_prompt_and_chat_template(processors, tokenizer):
     image = _image(100, 40, 7)
     out = ours(images=image, text=prompt)
     _assert_same(out, reference(images=image, text=prompt, return_tensors="np"))
-    # transformers' default gives a templated prompt two BOS; bos="once" gives the one LLaVA-CoT trained with.
+    # transformers' default (ours too) gives a templated prompt two BOS, as LLaVA-CoT trained and ran; "once" one.
     bos = tokenizer.bos_token_id
     assert out["input_ids"][0, :2].tolist() == [bos, bos]
     once = ours(images=image, text=prompt, bos="once")
@@ -102,6 +102,8 @@ def test_single_prompt_and_chat_template(processors, tokenizer):
     # Raw text without BOS: "once" puts BOS first, transformers after the leading image tokens.
     raw = ours(images=image, text="<|image|>Describe.", bos="once")["input_ids"][0]
     assert raw[:2].tolist() == [bos, ours.image_token_id]
+    none = ours(images=image, text=prompt, bos="none")["input_ids"][0]
+    assert none.tolist() == out["input_ids"][0, 2:].tolist()
     assert ours.apply_chat_template(messages, tokenize=True) == tokenizer(
         chat.render_prompt(messages, add_generation_prompt=False), add_special_tokens=False
     )["input_ids"]

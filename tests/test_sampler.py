@@ -161,6 +161,40 @@ def test_stop_string_fires_on_the_completing_token_however_tokenised():
     assert _run_matcher(long_table, [4, 1, 0, 2]) == [False, False, False, False]
 
 
+def test_text_end_stop_fires_only_where_the_text_ends_with_it():
+    """TextEnd(".") (LLaVA-CoT's sentence end) against a brute-force check on random token streams, next to a plain
+    stop string in the same table."""
+    tokenizer = build_tiny_tokenizer()
+    vocab_bytes = stop_lib.token_bytes(tokenizer)
+    stops = [stop_lib.TextEnd("."), "</CAPTION>"]
+    table = stop_lib.build_stop_table(vocab_bytes, stops, window=32, num_slots=4)
+    assert stop_lib.TextEnd(".") != "." and len({(".",), (stop_lib.TextEnd("."),)}) == 2  # distinct stop sets
+    dotted = [i for i, b in enumerate(vocab_bytes) if b"." in b]
+    ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any(not vocab_bytes[i].endswith(b".") for i in dotted)  # e.g. ".\n": holds a period, does not end with one
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    chunks = [[i] for i in dotted] + [ids_of(" the red cube"), ids_of(" </CAPTION>")]
+    chunks += [ids_of(" </CAP") + ids_of("TION>")]
+    chunks += [[eot], ids_of(" </CAP") + [eot] + ids_of("TION>")]
+    rng = np.random.default_rng(0)
+    fired = {0: 0, 1: 0}
+    step = jax.jit(stop_lib.step)
+    for _ in range(12):
+        window, filled = stop_lib.init_window(1, table)
+        text = b""
+        for token in [t for k in rng.integers(len(chunks), size=15) for t in chunks[k]]:
+            before, piece = text, vocab_bytes[token]
+            text += piece
+            window, filled, hit = step(table, window, filled, jnp.asarray([token]))
+            expected_end = bool(piece) and text.endswith(b".")
+            expected_tag = b"</CAPTION>" in text[max(0, len(before) - 9) :]  # an occurrence ends inside `piece`
+            assert bool(hit[0, 0]) == expected_end, (before, piece)
+            assert bool(hit[0, 1]) == expected_tag, (before, piece)
+            fired[0] += expected_end
+            fired[1] += expected_tag
+    assert fired[0] > 10 and fired[1] > 5  # both kinds were exercised
+
+
 def test_decode_loop_stops_at_the_token_completing_a_stop_string(models):
     """Pick a stop string that straddles a token boundary of a greedy run; the rerun must end on that token."""
     config, _, model = models

@@ -47,45 +47,59 @@ def broken_dataset(tmp_path_factory):
         _record("missing_file", "synthetic/no_such_scene.jpg", _answer()),
         _record("truncated_jpeg", "truncated.jpg", _answer()),
         _record("text_as_jpeg", "not_an_image.jpg", _answer()),
-        _record("multi_turn", good_image, _answer(), extra_turns=[{"from": "human", "value": "And?"}]),
+        _record("dangling_question", good_image, _answer(), extra_turns=[{"from": "human", "value": "And?"}]),
+        _record("two_pairs", good_image, _answer(), extra_turns=[{"from": "human", "value": "And?"},
+                                                                 {"from": "gpt", "value": _answer(conclusion="4")}]),
         _record("multi_image", [good_image, good_image], _answer()),
         json.dumps({"id": "no_turns", "image": good_image}),
+        _record("text_only", None, _answer(), question="What is 1 + 2?"),
     ]
     with open(data.jsonl_path, "a") as f:
         f.write("\n".join(bad_lines) + "\n\n")
     return data.jsonl_path, data.image_root
 
 
-EXPECTED_COUNTS = {
-    "malformed_json": 1,
-    "missing_stage": 1,
-    "empty_stage": 1,
-    "stage_order": 1,
-    "missing_image": 1,
-    "corrupt_image": 2,
-    "multi_turn": 1,
-    "multi_image": 1,
-    "bad_schema": 1,
-}
+# Left out whatever the record filter: unreadable, unusable or without a usable image.
+ALWAYS_SKIPPED = {"malformed_json": 1, "missing_image": 1, "corrupt_image": 2, "multi_image": 1, "bad_schema": 1}
+# LLaVA-CoT's loader trains on these (kept and counted by default); record_filter="strict" leaves them out.
+IRREGULAR = {"missing_stage": 1, "empty_stage": 1, "stage_order": 1, "turn_layout": 1, "multi_turn": 1}
+EXPECTED_COUNTS = {**ALWAYS_SKIPPED, "no_image": 1}  # default (llava_cot): a record without an image is left out
+KEPT = GOOD + sum(IRREGULAR.values())
 
 
-def test_skip_mode_counts_and_explains_every_problem(broken_dataset):
+def test_default_keeps_what_llava_cot_trained_on_and_counts_every_irregular_record(broken_dataset):
     jsonl, image_root = broken_dataset
     samples, report = sources.validate_jsonl(jsonl, image_root, on_error="skip")
-    assert [s.id for s in samples] == [f"synthetic_0_{i:06d}" for i in range(GOOD)]
-    assert dict(report.counts) == EXPECTED_COUNTS
-    assert report.kept == GOOD and report.skipped == sum(EXPECTED_COUNTS.values()) and report.blank_lines == 1
+    irregular_ids = ["missing_stage", "empty_stage", "out_of_order", "dangling_question", "two_pairs"]
+    assert [s.id for s in samples] == [f"synthetic_0_{i:06d}" for i in range(GOOD)] + irregular_ids
+    assert dict(report.counts) == EXPECTED_COUNTS and dict(report.irregular) == IRREGULAR
+    assert report.kept == KEPT and report.skipped == sum(EXPECTED_COUNTS.values()) and report.blank_lines == 1
+    by_id = {s.id: s for s in samples}
+    # paired as LLaVA-CoT's loader pairs turns: the dangling question is dropped, both pairs of two_pairs train
+    assert [t["from"] for t in by_id["dangling_question"].conversations] == ["human", "gpt"]
+    assert [t["value"] for t in by_id["two_pairs"].conversations[1::2]] == [_answer(), _answer(conclusion="4")]
 
     summary = report.summary()
-    assert f"{GOOD} samples kept, {sum(EXPECTED_COUNTS.values())} skipped" in summary
+    assert f"{KEPT} samples kept, {sum(EXPECTED_COUNTS.values())} skipped" in summary
+    assert "record_filter='llava_cot'" in summary and "kept, irregular:" in summary and "left out:" in summary
     # file:line of the malformed line (the first bad line follows the GOOD good ones)
     assert f"{jsonl}:{GOOD + 1}: " in summary
     assert "[id truncated_jpeg]" in summary and "[id text_as_jpeg]" in summary
-    assert "missing stage REASONING" in summary
-    assert "stage REASONING is empty" in summary
+    assert "missing stage REASONING" in summary and "stage REASONING is empty" in summary
     assert "no such file" in summary and "no_such_scene.jpg" in summary
-    assert "3 turns" in summary and "2 images" in summary
+    assert "train as 1 question/answer pair" in summary and "2 images" in summary and "[id text_only]" in summary
     assert "not checked: token budget" in summary
+
+
+def test_strict_filter_keeps_single_turn_four_stage_records_only(broken_dataset):
+    jsonl, image_root = broken_dataset
+    samples, report = sources.validate_jsonl(jsonl, image_root, record_filter="strict")
+    assert [s.id for s in samples] == [f"synthetic_0_{i:06d}" for i in range(GOOD)] + ["text_only"]
+    assert samples[-1].image is None
+    assert dict(report.counts) == {**ALWAYS_SKIPPED, **IRREGULAR} and not report.irregular
+    assert report.kept == GOOD + 1 and report.skipped == sum(ALWAYS_SKIPPED.values()) + sum(IRREGULAR.values())
+    with pytest.raises(ValueError, match="record_filter must be one of"):
+        sources.validate_jsonl(jsonl, image_root, record_filter="loose")
 
 
 def test_fail_mode_raises_with_the_full_report(broken_dataset):
@@ -93,9 +107,16 @@ def test_fail_mode_raises_with_the_full_report(broken_dataset):
     with pytest.raises(sources.DataValidationError) as info:
         sources.validate_jsonl(jsonl, image_root, on_error="fail")
     message = str(info.value)
-    for kind in EXPECTED_COUNTS:
+    for kind in [*EXPECTED_COUNTS, *IRREGULAR]:
         assert kind in message
     assert "on_error='fail'" in message
+    # irregular records that the filter keeps are no reason to fail
+    good_only = jsonl.parent / "good_only.jsonl"
+    follow_up = [{"from": "human", "value": "And?"}, {"from": "gpt", "value": _answer()}]
+    two_pairs = _record("two", "synthetic/scene_000000.jpg", _answer(), extra_turns=follow_up)
+    good_only.write_text("".join(jsonl.read_text().splitlines(keepends=True)[:GOOD]) + two_pairs + "\n")
+    samples, report = sources.validate_jsonl(good_only, image_root, on_error="fail")
+    assert len(samples) == GOOD + 1 and report.ok and report.irregular == {"multi_turn": 1}
 
 
 def test_examples_per_kind_are_capped(tmp_path):
@@ -108,15 +129,16 @@ def test_examples_per_kind_are_capped(tmp_path):
     assert str(report.examples["malformed_json"][1]).endswith(":3: Expecting value at column 1")
 
 
-def test_answers_without_stages_are_kept_only_when_stages_are_not_required(tmp_path):
+def test_judge_examples_train_under_the_default_filter_only(tmp_path):
+    # The demo's judge examples answer "Better response: N" without stage tags.
     data = synthetic.write_synthetic_dataset(tmp_path / "d", 1, image_size=16)
     with open(data.jsonl_path, "a") as f:
         f.write(_record("judge", "synthetic/scene_000000.jpg", "Better response: 1") + "\n")
     samples, report = sources.validate_jsonl(data.jsonl_path, data.image_root)
-    assert [s.id for s in samples] == ["synthetic_0_000000"] and report.counts["missing_stage"] == 1
-    samples, report = sources.validate_jsonl(data.jsonl_path, data.image_root, require_stages=False)
     assert [s.id for s in samples] == ["synthetic_0_000000", "judge"] and report.ok
-    assert "stage tags (require_stages=False)" in report.summary()
+    assert report.irregular["missing_stage"] == 1
+    samples, report = sources.validate_jsonl(data.jsonl_path, data.image_root, record_filter="strict")
+    assert [s.id for s in samples] == ["synthetic_0_000000"] and report.counts["missing_stage"] == 1
 
 
 def test_token_budget(broken_dataset):
@@ -150,8 +172,9 @@ def test_token_counter_from_tokenizer(tmp_path):
 def test_jsonl_source_with_grain(broken_dataset, caplog):
     jsonl, image_root = broken_dataset
     source = sources.JsonlSource(jsonl, image_root)
-    assert len(source) == GOOD
-    assert f"{GOOD} samples kept, {sum(EXPECTED_COUNTS.values())} skipped" in caplog.text  # never silent
+    assert len(source) == KEPT
+    assert f"{KEPT} samples kept, {sum(EXPECTED_COUNTS.values())} skipped" in caplog.text  # never silent
+    assert len(sources.JsonlSource(jsonl, image_root, record_filter="strict")) == GOOD + 1
     record = grain.MapDataset.source(source)[2]
     assert record["id"] == "synthetic_0_000002"
     assert record["image"][:2] == b"\xff\xd8"  # JPEG magic
@@ -172,16 +195,17 @@ def test_missing_inputs_have_clear_errors(tmp_path):
 def test_prepare_tfds_writes_shards_and_report(broken_dataset, tmp_path):
     jsonl, image_root = broken_dataset
     prepared = tfds_builder.prepare_tfds(jsonl, image_root, tmp_path / "tfds", num_shards=3, progress=False)
-    assert prepared.num_examples == GOOD
+    assert prepared.num_examples == KEPT
     shards = sorted(p.name for p in prepared.builder_dir.glob("*.array_record-*"))
     assert len(shards) == 3
-    assert "corrupt_image: 2" in (prepared.builder_dir / tfds_builder.REPORT_FILE).read_text()
+    report_text = (prepared.builder_dir / tfds_builder.REPORT_FILE).read_text()
+    assert "corrupt_image: 2" in report_text and "multi_turn: 1" in report_text
 
     source = tfds_builder.load_tfds_source(prepared.builder_dir)
-    assert len(source) == GOOD
+    assert len(source) == KEPT
     by_id = {source[i]["id"].decode(): source[i] for i in range(len(source))}
     originals = sources.JsonlSource(jsonl, image_root)
-    for i in range(GOOD):
+    for i in range(KEPT):
         original = originals[i]
         stored = by_id[original["id"]]
         assert stored["image"] == original["image"]
@@ -249,7 +273,10 @@ def test_prepare_data_cli(broken_dataset, tmp_path):
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
     ok = subprocess.run(command + ["--out_dir", str(tmp_path / "a")], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
-    assert f"wrote {GOOD} examples" in ok.stdout and "multi_turn: 1" in ok.stdout
+    assert f"wrote {KEPT} examples" in ok.stdout and "multi_turn: 1" in ok.stdout
+    strict_command = command + ["--out_dir", str(tmp_path / "s"), "--record_filter", "strict"]
+    strict = subprocess.run(strict_command, check=False, capture_output=True, text=True, env=env)
+    assert strict.returncode == 0 and f"wrote {GOOD + 1} examples" in strict.stdout, strict.stderr
     failed = subprocess.run(
         command + ["--out_dir", str(tmp_path / "b"), "--on_error", "fail"], capture_output=True, text=True, env=env
     )

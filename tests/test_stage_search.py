@@ -40,13 +40,42 @@ def test_prompts_file_overrides(tmp_path):
     p = J.JudgePrompts.load(str(path))
     assert p.compare_text("summary", "q", "a", "b") == "Q=q A=a B=b"
     assert p.compare["caption"] == J.DEFAULT_COMPARE["caption"]
-    assert p.parse_choice("the winner is 2") == 1 and p.parse_choice("Better response: 1") is None
+    assert p.parse_choice("the winner is 2") == 1 and p.parse_choice("I choose response 1") is None
+    assert p.parse_choice("Better response: 1") == 0  # the verdict phrases were not overridden
     path.write_text(json.dumps({"nonsense": 1}))
     with pytest.raises(ValueError, match="unknown keys"):
         J.JudgePrompts.load(str(path))
     path.write_text(json.dumps({"compare": {"summary": "{question} {oops}"}}))
     with pytest.raises(ValueError, match="unknown field"):
         J.JudgePrompts.load(str(path))
+
+
+def test_prompts_tokenise_as_llava_cot_did_on_the_real_vocabulary():
+    """Question and judge prompts start with two BOS, as LLaVA-CoT's apply_chat_template + processor gave them
+    (inference/demo/simple_inference.py); the question's ids equal transformers' processor's."""
+    pytest.importorskip("quicktok")
+    pytest.importorskip("tiktoken")
+    from transformers import MllamaImageProcessorPil
+    from transformers import MllamaProcessor as HFMllamaProcessor
+
+    from llava_cot_jax.data.tokenizer import build_llama3_tokenizer
+
+    llama3 = build_llama3_tokenizer()
+    processor = MllamaProcessor(MllamaImageProcessor(size=28, max_image_tiles=4), llama3)
+    image = PIL.Image.new("RGB", (56, 28))
+    ours = SS.question_inputs(processor, ["How many cubes?"], [[image]])["input_ids"][0].tolist()
+    header = [128006, 882, 128007, 271]
+    assert ours == [128000, 128000, *header, 128256, 4438, 1690, 55204, 30, 128009, 128006, 78191, 128007, 271]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many cubes?"}]}]
+    hf = HFMllamaProcessor(MllamaImageProcessorPil(size={"height": 28, "width": 28}), llama3)
+    assert ours == hf(images=[image], text=chat.render_prompt(messages), return_tensors="np")["input_ids"][0].tolist()
+    once = SS.question_inputs(processor, ["How many cubes?"], [[image]], bos="once")
+    assert once["input_ids"][0].tolist() == ours[1:]
+
+    compare = SS.judge_prompt_ids(llama3, "Which is better?", num_images=1)
+    assert compare[:7] == [128000, 128000, *header, 128256] and compare[-5:] == [128009, 128006, 78191, 128007, 271]
+    screen = SS.judge_prompt_ids(llama3, "Is it correct?", num_images=0)  # text only: the template's system block
+    assert screen[:5] == [128000, 128000, 128006, 9125, 128007]
 
 
 # --- tournament ----------------------------------------------------------------------------------------------
@@ -169,10 +198,11 @@ def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
     # judge prefixes here run to ~150-190 tokens: with 128-token buckets both questions share every shape
     cfg = SS.SearchConfig(num_candidates=2, stage_max_new_tokens=4, judge_max_new_tokens=4, judge_bucket_step=128, seed=0)
     searcher = SS.Searcher(model, processor, cfg)
+    searcher.sampler.eos_token_ids = ()  # random weights may sample an EOS, which ends an answer early
     first = searcher.ask(["How many cubes?"], [[image]])[0]
     assert set(first.stages) == set(chat.STAGES)
     for step in first.trace:
-        assert all(c["finish"] in ("budget", "eos") and not c["closed"] for c in step["candidates"])
+        assert all(c["finish"] == "budget" and not c["closed"] for c in step["candidates"])
     compiled = S.compile_count()
     searcher.ask(["What color is the big sphere?"], [[image]])  # another length, same bucket
     assert S.compile_count() == compiled, "a second question in the same shape bucket must not recompile"
@@ -185,7 +215,6 @@ def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
         assert all(m["winner"] in (m["first"], m["second"]) for m in step["matches"])
         assert all(m["rule"] in ("judge", "fallback:closed", "fallback:logprob", "fallback:coin") for m in step["matches"])
 
-    searcher.sampler.eos_token_ids = ()  # random weights may sample an EOS, which ends an answer early
     text_only = searcher.ask(["What is 2 + 3?"])[0]  # no image: cross-attention layers are skipped
     assert set(text_only.stages) == set(chat.STAGES)
 
@@ -221,16 +250,14 @@ def test_judge_calls_continue_a_shared_prefix_exactly(setup):
     cfg = SS.SearchConfig(num_candidates=2, judge_max_new_tokens=6, judge_do_sample=False)
     searcher = SS.Searcher(model, processor, cfg)
     questions = ["How many cubes are there?", "What color is the car?"]
-    inputs = processor(images=[[image], [image]],
-                       text=[chat.render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}])
-                             for q in questions], padding=True, bos="once")
+    inputs = SS.question_inputs(processor, questions, [[image], [image]])
     batch, _ = searcher._prefill(inputs, questions, 2)
     hint = "A red cube next to a blue sphere."
 
     def expected(text, with_image):
         parts = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
         prompt = processor(images=[[image]] if with_image else None,
-                           text=[chat.render_prompt([{"role": "user", "content": parts}])], bos="once")
+                           text=[chat.render_prompt([{"role": "user", "content": parts}])])  # two BOS, as the search
         out = S.generate(model, **prompt, max_new_tokens=6, sampler=searcher.sampler)
         return searcher._decode_text(out[0, prompt["input_ids"].shape[1]:])
 

@@ -319,7 +319,8 @@ def test_resume_after_sigkill_and_sigterm_equals_an_uninterrupted_run(scenes, tm
         assert got["data_crc32"] == want["data_crc32"], got["step"]  # the same data, in the same order
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), got["step"]
     assert not any("tmp" in name for name in os.listdir(checkpoints))
-    assert reference[-1]["loss"] < reference[0]["loss"]
+    # training makes progress; compared over halves, since single steps are noisy (lr warms up to 3e-3 by step 8)
+    assert np.mean([m["loss"] for m in reference[4:]]) < np.mean([m["loss"] for m in reference[:4]])
 
 
 def test_two_processes_equal_one(scenes, tmp_path, xla_cache):
@@ -380,8 +381,20 @@ def test_two_processes_equal_one(scenes, tmp_path, xla_cache):
 
 
 def test_training_checkpoint_exports_to_hf_and_loads_for_inference(scenes, tmp_path, xla_cache):
-    config = tiny_run_config(scenes.jsonl_path.parent, **{"train.num_steps": 1, "checkpoint.every_steps": 1})
+    """Also: the held-out loss is logged when data.eval is set."""
+    config = tiny_run_config(
+        scenes.jsonl_path.parent,
+        **{
+            "train.num_steps": 1,
+            "checkpoint.every_steps": 1,
+            "data.eval": str(scenes.jsonl_path.parent),
+            "eval_every": 1,
+            "eval_batches": 2,
+        },
+    )
     assert trainer_lib.run(config, str(tmp_path / "run")) == 0
+    logged = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in logged] == [1, 1] and np.isfinite(logged[-1]["eval_loss"])
     step_dir = str(tmp_path / "run" / "checkpoints" / "1")
     model = weights.load_model(step_dir)
     assert model.config.text.hidden_size == MllamaConfig.tiny().text.hidden_size

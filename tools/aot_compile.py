@@ -38,7 +38,7 @@ def main(argv):
     if _CONFIG.value is None or not _TOPOLOGY.value:
         raise app.UsageError("--config=configs/NAME.py and --topology=SLICE are required")
     results = aot.compile_for_topology(_CONFIG.value, _TOPOLOGY.value)
-    if not all(r.memory.fits for r in results):
+    if not all(r.fits for r in results):
         raise SystemExit(1)
 
 

@@ -1,9 +1,12 @@
 """LLaVA-CoT JSONL + image root → TFDS ArrayRecord dataset that the training pipeline reads.
 
     python tools/prepare_data.py --jsonl DATA/train.jsonl --image_root DATA/images --out_dir DATA/tfds \
-        [--num_shards 16] [--on_error skip|fail] [--tokenizer TOKENIZER_DIR --max_tokens 2048] [--overwrite]
+        [--num_shards 16] [--on_error skip|fail] [--record_filter llava_cot|strict] \
+        [--tokenizer TOKENIZER_DIR --max_tokens 2048] [--overwrite]
 
-Prints a summary of every skipped sample and why (also saved as validation_report.txt next to the shards).
+Prints a summary of every skipped sample and why, and of every irregular sample kept (also saved as
+validation_report.txt next to the shards). `--record_filter llava_cot` (default) keeps the records LLaVA-CoT trained
+on; `strict` keeps only single-turn records with four well-formed stages (llava_cot_jax/data/sources.py).
 The dataset appears at OUT_DIR/llava_cot/1.0.0 only once complete; an interrupted run can simply be rerun.
 """
 
@@ -23,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", default="train")
     parser.add_argument("--num_shards", type=int, default=None, help="ArrayRecord shard count (default: by size)")
     parser.add_argument("--on_error", choices=("skip", "fail"), default="skip", help="what to do with bad samples")
+    parser.add_argument(
+        "--record_filter", choices=sources.RECORD_FILTERS, default="llava_cot", help="which records train (see above)"
+    )
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer directory, for the --max_tokens budget")
     parser.add_argument("--max_tokens", type=int, default=None, help="skip/fail samples longer than this")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
@@ -48,6 +54,7 @@ def main(argv=None) -> int:
             split=args.split,
             num_shards=args.num_shards,
             on_error=args.on_error,
+            record_filter=args.record_filter,
             token_counter=token_counter,
             max_tokens=args.max_tokens,
             overwrite=args.overwrite,

@@ -15,11 +15,18 @@ date; we default to its fallback date so that renders (and token ids) are reprod
 
 BOS. transformers' MllamaProcessor prepends `<|begin_of_text|>` to a text lacking one, and a Llama-3 tokenizer
 adds another one on `add_special_tokens=True`, so a templated prompt run through it starts with two BOS tokens.
-LLaVA-CoT trained (llama-recipes) with exactly one. `encode_training_example(bos=...)` therefore offers:
-  "once"          one BOS at the start (default; what LLaVA-CoT trained on),
-  "transformers"  what transformers' MllamaProcessor gives for the rendered text (two BOS with a tokenizer that
-                  adds BOS itself, one otherwise),
+LLaVA-CoT did exactly that in training (`train/datasets/cot_dataset.py`: `apply_chat_template`, then the processor
+with its defaults) and in inference, judge prompts included (`inference/demo/simple_inference.py`,
+`inference/VLMEvalKit/inference_demo.py`): the released weights saw two BOS everywhere. The modes (`BOS_MODES`):
+  "transformers"  what transformers' MllamaProcessor gives for the rendered text: two BOS with a tokenizer that
+                  adds BOS itself (the Llama-3.2-Vision one does), one otherwise. The default everywhere.
+  "once"          one BOS at the start,
   "none"          no BOS at all.
+`apply_bos` is the one place that turns a mode into the text and tokenizer flag that produce it.
+
+Labels (`encode_training_example`) follow the same file: everything up to and including each assistant header
+`<|start_header_id|>assistant<|end_header_id|>` is masked; the `\n\n` after the header, the answer and its
+`<|eot_id|>` are supervised; LLaVA records have their question and answer `.strip()`ped first.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ DEFAULT_DATE_STRING = "26 Jul 2024"
 # LLaVA-style data marks the image with this placeholder inside the human turn.
 LLAVA_IMAGE_PLACEHOLDER = "<image>"
 
-BOS_MODES = ("once", "transformers", "none")
+BOS_MODES = ("transformers", "once", "none")
+DEFAULT_BOS = "transformers"  # what LLaVA-CoT's training and inference gave the model (module docstring)
 
 # --- LLaVA-CoT stages --------------------------------------------------------------------------------------
 STAGES = ("SUMMARY", "CAPTION", "REASONING", "CONCLUSION")
@@ -155,9 +163,10 @@ def to_messages(conversations: Sequence[Mapping], has_image: bool = False) -> li
     """Normalise a conversation to chat messages [{"role", "content": [parts]}].
 
     Accepts LLaVA records ({"from": "human"|"gpt"|"system", "value": str}) and chat messages
-    ({"role", "content": str | parts}). For LLaVA records with `has_image`, `<image>` placeholders are
-    dropped and one image part leads the first user turn, as LLaVA-CoT's training dialogs had it. Chat
-    messages keep their own image parts; `has_image` then only checks that they have one.
+    ({"role", "content": str | parts}). LLaVA records are stripped of surrounding whitespace; with `has_image`
+    their `<image>` placeholders are dropped and one image part leads the first user turn, as LLaVA-CoT's
+    training dialogs had it. Chat messages are taken as they are (their own image parts; `has_image` then
+    only checks that they have one).
     """
     if not conversations:
         raise ValueError("empty conversation")
@@ -176,7 +185,8 @@ def to_messages(conversations: Sequence[Mapping], has_image: bool = False) -> li
             text = turn["value"]
             if has_image:
                 text = re.sub(re.escape(LLAVA_IMAGE_PLACEHOLDER) + r"\n?", "", text)
-            messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+            # LLaVA-CoT's loader strips each question and answer (train/datasets/cot_dataset.py).
+            messages.append({"role": role, "content": [{"type": "text", "text": text.strip()}]})
         elif "role" in turn and "content" in turn:
             messages.append({"role": turn["role"], "content": _content_parts(turn["content"], f"turn {i}")})
         else:
@@ -215,9 +225,10 @@ def _render_segments(messages, add_generation_prompt, add_bos, date_string):
         role = message["role"]
         if role not in ("user", "assistant"):
             raise ValueError(f"role {role!r} is not supported here (only a leading 'system', then user/assistant)")
-        segments.append((f"{START_HEADER}{role}{END_HEADER}\n\n", None))
+        # The "\n\n" after a header belongs to the message: LLaVA-CoT supervises it in assistant turns.
+        segments.append((f"{START_HEADER}{role}{END_HEADER}", None))
         body = "".join(IMAGE if p["type"] == "image" else p["text"] for p in message["content"])
-        segments.append((body + EOT, role))
+        segments.append(("\n\n" + body + EOT, role))
     if add_generation_prompt:
         segments.append((f"{START_HEADER}assistant{END_HEADER}\n\n", None))
     return segments
@@ -282,10 +293,35 @@ def cross_attention_mask(
     return mask
 
 
-def _tokenizer_adds_bos(tokenizer) -> bool:
-    bos_id = tokenizer.convert_tokens_to_ids(BOS)
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(probe) and probe[0] == bos_id
+def transformers_bos(text: str) -> str:
+    """transformers' MllamaProcessor rule: keep a text that contains BOS; else put BOS after its leading images."""
+    if BOS in text:
+        return text
+    body = text
+    while body.startswith(IMAGE):
+        body = body[len(IMAGE) :]
+    leading_images = (len(text) - len(body)) // len(IMAGE)
+    return IMAGE * leading_images + BOS + body
+
+
+def apply_bos(text: str, bos: str = DEFAULT_BOS) -> tuple[str, bool]:
+    """(text, add_special_tokens) that, tokenised, give `text` the BOS tokens of mode `bos` (module docstring).
+
+    Only "transformers" leaves BOS to the tokenizer as well; a rendered prompt (which starts with BOS) keeps its
+    text in every mode but "none"."""
+    if bos == "transformers":
+        return transformers_bos(text), True
+    if bos == "once":
+        return (text if text.startswith(BOS) else BOS + text), False
+    if bos == "none":
+        return (text[len(BOS) :] if text.startswith(BOS) else text), False
+    raise ValueError(f"bos must be one of {BOS_MODES}, got {bos!r}")
+
+
+def encode_prompt(tokenizer, text: str, bos: str = DEFAULT_BOS) -> list[int]:
+    """Token ids of one prompt string (e.g. from `render_prompt`) with the BOS tokens of mode `bos`."""
+    text, add_special_tokens = apply_bos(text, bos)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def encode_training_example(
@@ -296,7 +332,7 @@ def encode_training_example(
     num_tiles: Sequence[int] | None = None,
     max_images: int | None = None,
     max_tiles: int = 4,
-    bos: str = "once",
+    bos: str = DEFAULT_BOS,
     date_string: str = DEFAULT_DATE_STRING,
 ) -> dict[str, np.ndarray]:
     """Tokenise one conversation for supervised fine-tuning.
@@ -308,26 +344,30 @@ def encode_training_example(
         turn).
       num_tiles: tiles of each image (from `MllamaImageProcessor(...)["num_tiles"][i]`); required with images.
       max_images, max_tiles: shape of the cross-attention mask; `max_images` defaults to max(1, #images).
-      bos: "once" | "transformers" | "none" (module docstring).
+      bos: "transformers" (default: two BOS with a Llama-3 tokenizer, as LLaVA-CoT trained) | "once" | "none"
+        (module docstring).
 
     Returns numpy arrays:
-      input_ids [seq] int32: the tokens of `render_prompt(messages, add_generation_prompt=False)`;
-      labels [seq] int32: the token id on assistant answer tokens and their closing `<|eot_id|>`, IGNORE_INDEX
-        (-100) elsewhere (BOS, system and user turns, headers, image and pad tokens). A token that straddles
-        the header's "\\n\\n" and the answer (an answer starting with a newline) counts as answer;
+      input_ids [seq] int32: the tokens of `render_prompt(messages, add_generation_prompt=False)` with the BOS
+        tokens of `bos`;
+      labels [seq] int32: the token id on each assistant turn's tokens after its header (the "\\n\\n", the
+        answer and its `<|eot_id|>`), IGNORE_INDEX (-100) elsewhere (BOS, system and user turns, headers, image
+        and pad tokens) — LLaVA-CoT's rule (train/datasets/cot_dataset.py);
       cross_attention_mask [seq, max_images, max_tiles] int32: which tiles each token attends to.
     """
-    if bos not in BOS_MODES:
-        raise ValueError(f"bos must be one of {BOS_MODES}, got {bos!r}")
     messages = to_messages(conversations, has_image)
     segments = _render_segments(messages, add_generation_prompt=False, add_bos=bos != "none", date_string=date_string)
-    text = "".join(segment for segment, _ in segments)
+    rendered = "".join(segment for segment, _ in segments)
+    text, add_special_tokens = apply_bos(rendered, bos)
+    if text != rendered:  # the label spans below are positions in `rendered`
+        raise AssertionError(f"apply_bos({bos!r}) changed a rendered conversation")
 
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # A BOS the tokenizer adds has an empty offset span and is never labelled.
+    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
     offsets = list(encoding["offset_mapping"])
 
-    # Character spans of assistant content (with its <|eot_id|>): tokens overlapping them are trained on.
+    # Character spans of assistant turns ("\n\n", content, <|eot_id|>): tokens overlapping them are trained on.
     answer_spans, position = [], 0
     for segment, role in segments:
         if role == "assistant":
@@ -337,10 +377,6 @@ def encode_training_example(
     for i, (start, end) in enumerate(offsets):
         if end > start and any(start < span_end and end > span_start for span_start, span_end in answer_spans):
             labels[i] = input_ids[i]
-
-    if bos == "transformers" and _tokenizer_adds_bos(tokenizer):
-        input_ids.insert(0, tokenizer.convert_tokens_to_ids(BOS))
-        labels.insert(0, IGNORE_INDEX)
 
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     ignored = {image_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(BOS)}

@@ -62,7 +62,7 @@ class PipelineConfig:
     pixel_dtype: Literal["float32", "uint8"] = "float32"
     overlong: Literal["truncate", "error"] = "truncate"
     jpeg_draft: bool = False  # decode big JPEGs at reduced scale (faster; pixels differ slightly from full decode)
-    bos: str = "once"  # see chat.encode_training_example
+    bos: str = chat.DEFAULT_BOS  # "transformers": two BOS, as LLaVA-CoT trained (chat module docstring)
     read_threads: int = 2  # threads per process (or per worker) running the encode step
     prefetch_buffer_size: int = 8
     worker_count: int = 0  # worker processes (grain mp_prefetch); 0 encodes in this process's threads
@@ -79,6 +79,8 @@ class PipelineConfig:
             raise ValueError(f"pixel_dtype must be 'float32' or 'uint8', got {self.pixel_dtype!r}")
         if self.overlong not in ("truncate", "error"):
             raise ValueError(f"overlong must be 'truncate' or 'error', got {self.overlong!r}")
+        if self.bos not in chat.BOS_MODES:
+            raise ValueError(f"bos must be one of {chat.BOS_MODES}, got {self.bos!r}")
 
 
 def _text(value: Any) -> str:
@@ -319,16 +321,21 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def open_source(
-    path: str | os.PathLike, image_root: str | os.PathLike | None = None, split: str = "train", **validate_kwargs
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    split: str = "train",
+    record_filter: sources.RecordFilter = "llava_cot",
 ):
-    """A prepared TFDS dataset directory (…/llava_cot/1.0.0), or a JSONL file with its `image_root` (validated by
-    `sources.validate_jsonl`, which takes `validate_kwargs`; bad samples skipped and reported)."""
+    """A prepared TFDS dataset directory (…/llava_cot/1.0.0), or a JSONL file with its `image_root` (validated with
+    `record_filter`, bad samples skipped and reported). A TFDS dataset was filtered when it was prepared
+    (`tools/prepare_data.py --record_filter`)."""
     path = Path(path)
     if path.is_dir():
         return tfds_builder.load_tfds_source(path, split=split)
     if image_root is None:
         raise ValueError(f"{path} is not a TFDS dataset directory; a JSONL source also needs image_root")
-    return sources.JsonlSource(path, image_root, **validate_kwargs)  # logs its validation summary when it skipped anything
+    # logs its validation summary when it skipped anything or kept irregular records
+    return sources.JsonlSource(path, image_root, record_filter=record_filter)
 
 
 def pad_sequence_axis(batch: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:

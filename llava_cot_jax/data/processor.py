@@ -2,9 +2,9 @@
 
 With default arguments the output equals transformers' `MllamaProcessor` on the same inputs: the same BOS
 rule (prepend `<|begin_of_text|>` unless the text contains one, after any leading `<|image|>` tokens, and let
-the tokenizer add its own), the same tiles and the same cross-attention mask. Note that this gives a chat
-prompt rendered with `apply_chat_template` two BOS tokens, as in transformers; `bos="once"` (or
-`add_special_tokens=False`) gives the single BOS LLaVA-CoT was trained with — see `chat` for the rationale.
+the tokenizer add its own), the same tiles and the same cross-attention mask. A chat prompt rendered with
+`apply_chat_template` therefore gets two BOS tokens, as LLaVA-CoT's training and inference gave it; `bos="once"`
+or `bos="none"` give one or none — see `chat` (`chat.apply_bos` holds the rule).
 """
 
 from __future__ import annotations
@@ -16,17 +16,6 @@ import numpy as np
 
 from llava_cot_jax.data import chat
 from llava_cot_jax.data.image import MllamaImageProcessor, nest_images
-
-
-def _transformers_bos(text: str) -> str:
-    """transformers' rule: keep a text that contains BOS; else put BOS after its leading image tokens."""
-    if chat.BOS in text:
-        return text
-    body = text
-    while body.startswith(chat.IMAGE):
-        body = body[len(chat.IMAGE) :]
-    leading_images = (len(text) - len(body)) // len(chat.IMAGE)
-    return chat.IMAGE * leading_images + chat.BOS + body
 
 
 class MllamaProcessor:
@@ -65,15 +54,15 @@ class MllamaProcessor:
         truncation: bool | None = None,
         max_length: int | None = None,
         add_special_tokens: bool = True,
-        bos: str = "transformers",
+        bos: str = chat.DEFAULT_BOS,
         return_uint8: bool = False,
     ) -> dict:
         """Tokenise `text` (one string or a batch) with `<|image|>` markers and tile `images`.
 
         `images`: one image, a list (the images of ONE sample) or a list of lists (per sample), in the order
-        their `<|image|>` markers appear. `bos`: "transformers" (default, as above) or "once" (exactly one
-        leading BOS; the tokenizer adds none). `return_uint8` returns uint8 pixel values for
-        `image.normalize_on_device`.
+        their `<|image|>` markers appear. `bos`: "transformers" (default, as above), "once" (exactly one
+        leading BOS; the tokenizer adds none) or "none"; `add_special_tokens` applies in the "transformers" mode
+        only. `return_uint8` returns uint8 pixel values for `image.normalize_on_device`.
 
         Returns numpy arrays: input_ids, attention_mask [B, L] int64; pixel_values [B, I, T, 3, H, W];
         aspect_ratio_ids [B, I]; aspect_ratio_mask [B, I, T]; cross_attention_mask [B, L, I, T] int64 (when both
@@ -88,13 +77,9 @@ class MllamaProcessor:
             texts = [text] if isinstance(text, str) else list(text)
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise ValueError("text must be a string or a non-empty list of strings")
-            if bos == "transformers":
-                texts = [_transformers_bos(t) for t in texts]
-            elif bos == "once":
-                texts = [t if t.startswith(chat.BOS) else chat.BOS + t for t in texts]
-                add_special_tokens = False
-            else:
-                raise ValueError(f"bos must be 'transformers' or 'once', got {bos!r}")
+            with_bos = [chat.apply_bos(t, bos) for t in texts]
+            texts = [t for t, _ in with_bos]
+            add_special_tokens = add_special_tokens and with_bos[0][1]  # only "transformers" lets the tokenizer add BOS
             if batch_images is not None:
                 in_text = [t.count(chat.IMAGE) for t in texts]
                 given = [len(sample) for sample in batch_images]

@@ -6,6 +6,15 @@ silently: with `on_error="skip"` the bad samples are left out and the report say
 `on_error="fail"` the whole file is still checked (so one run shows every problem) and then
 `DataValidationError` is raised with the report's summary.
 
+Which records train is `record_filter`:
+  "llava_cot" (default)  the set LLaVA-CoT trained on (`train/datasets/cot_dataset.py`): every record with an
+                         image, every question/answer pair of it (turns paired as their loader pairs them), stage
+                         tags unchecked. Records with several pairs, an irregular turn layout, several `<image>`
+                         placeholders or missing / repeated / out-of-order / empty stage tags are kept and counted
+                         by kind in the report. Records without an image are left out, as their loader does.
+  "strict"               exactly one human question and one gpt answer with the four stages well formed; such a
+                         record may be text-only. Everything else is left out, by kind.
+
 `JsonlSource` is a random-access source over the validated samples (`len` + `__getitem__`), small enough to hold in
 memory and accepted by `grain.MapDataset.source`; its records have the same fields as the TFDS dataset that
 `tools/prepare_data.py` writes, so the pipeline reads either.
@@ -31,14 +40,21 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 OnError = Literal["skip", "fail"]
+RecordFilter = Literal["llava_cot", "strict"]
+RECORD_FILTERS = ("llava_cot", "strict")
 # Counts the tokens of one sample: (conversations, has_image) -> int.
 TokenCounter = Callable[[Sequence[dict], bool], int]
 
-# Every kind of problem the validator reports, with the sentence used in the summary.
+# Every kind of problem the validator reports, with the sentence used in the summary. Whether a kind leaves its
+# record out or keeps it (counted as irregular) depends on the record filter.
 ISSUE_KINDS: dict[str, str] = {
     "malformed_json": "line is not valid JSON",
-    "bad_schema": "record is not {id, image, conversations: [human, gpt]} with string values",
-    "multi_turn": "more than one question/answer pair (only single-turn samples are supported)",
+    "bad_schema": "record is not {id, image, conversations: [{from, value}, ...]} with string values "
+    "and at least one human question followed by a gpt answer",
+    "no_image": "record has no image (LLaVA-CoT's loader leaves these out)",
+    "multi_turn": "more than one question/answer pair",
+    "turn_layout": "turns are not alternating human/gpt pairs (paired as LLaVA-CoT's loader pairs them)",
+    "placeholders": f"more than one {IMAGE_PLACEHOLDER} placeholder in the text for the record's one image",
     "multi_image": "more than one image (only one image per sample is supported)",
     "missing_image": "image file not found (or <image> in the question but no image field)",
     "corrupt_image": "image file cannot be decoded",
@@ -50,7 +66,7 @@ ISSUE_KINDS: dict[str, str] = {
 
 
 class DataValidationError(ValueError):
-    """Raised by `on_error="fail"` when any sample has a problem; the message is the report's summary."""
+    """Raised by `on_error="fail"` when any sample was left out; the message is the report's summary."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +75,7 @@ class Issue:
     location: str  # "path:line"
     sample_id: str | None
     message: str
+    kept: bool = False  # the record trains anyway (an irregularity the record filter accepts)
 
     def __str__(self) -> str:
         sample = f" [id {self.sample_id}]" if self.sample_id is not None else ""
@@ -67,7 +84,8 @@ class Issue:
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """One validated single-turn sample. `image` is an absolute path, or None for a text-only sample."""
+    """One validated sample. `image` is an absolute path, or None for a text-only sample; `conversations`
+    alternate human and gpt turns."""
 
     id: str
     image: str | None
@@ -79,41 +97,41 @@ class Sample:
 class ValidationReport:
     source: str
     max_examples: int = 3
+    record_filter: str = "llava_cot"
     lines: int = 0
     blank_lines: int = 0
     kept: int = 0
     skipped: int = 0
-    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # kinds left out
+    irregular: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # kinds kept
     examples: dict[str, list[Issue]] = dataclasses.field(default_factory=dict)
     checks_not_run: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, issue: Issue) -> None:
-        self.counts[issue.kind] += 1
+        (self.irregular if issue.kept else self.counts)[issue.kind] += 1
         shown = self.examples.setdefault(issue.kind, [])
         if len(shown) < self.max_examples:
             shown.append(issue)
 
     @property
     def ok(self) -> bool:
+        """Nothing was left out (irregular records that were kept do not count)."""
         return not self.counts
 
     def summary(self) -> str:
         lines = [
             f"{self.source}: {self.lines} lines, {self.kept} samples kept, {self.skipped} skipped"
             + (f", {self.blank_lines} blank lines ignored" if self.blank_lines else "")
+            + f" (record_filter={self.record_filter!r})"
         ]
-        for kind, count in sorted(self.counts.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {kind}: {count} — {ISSUE_KINDS[kind]}")
-            lines.extend(f"      e.g. {issue}" for issue in self.examples.get(kind, ()))
+        for title, counter in (("left out", self.counts), ("kept, irregular", self.irregular)):
+            if counter:
+                lines.append(f"  {title}:")
+            for kind, count in sorted(counter.items(), key=lambda kv: -kv[1]):
+                lines.append(f"    {kind}: {count} — {ISSUE_KINDS[kind]}")
+                lines.extend(f"        e.g. {issue}" for issue in self.examples.get(kind, ()))
         lines.extend(f"  not checked: {what}" for what in self.checks_not_run)
         return "\n".join(lines)
-
-    def merge_from(self, other: "ValidationReport") -> None:
-        """Adds another report's issues and counts (used when a later pass finds more problems)."""
-        for kind, issues in other.examples.items():
-            shown = self.examples.setdefault(kind, [])
-            shown.extend(issues[: max(0, self.max_examples - len(shown))])
-        self.counts.update(other.counts)
 
 
 # ------------------------------------------------------------------------------------------------ single checks
@@ -133,6 +151,19 @@ def stage_issue(answer: str) -> tuple[str, str] | None:
     return "stage_order", message
 
 
+def pair_turns(conversations: Sequence[dict]) -> list[tuple[str, str]]:
+    """(question, answer) pairs as LLaVA-CoT's loader forms them: a "human" turn sets the question, a "gpt" turn the
+    answer, and a pair is complete once both are set; other speakers are ignored, a dangling question is dropped."""
+    pairs, pending = [], {}
+    for turn in conversations:
+        if turn["from"] in ("human", "gpt"):
+            pending[turn["from"]] = turn["value"]
+        if len(pending) == 2:
+            pairs.append((pending["human"], pending["gpt"]))
+            pending = {}
+    return pairs
+
+
 def check_image(path: str | os.PathLike) -> str | None:
     """None if the file decodes as an image, else why not. Decodes fully (a truncated JPEG passes `verify`), in
     JPEG draft mode at reduced scale to keep it cheap."""
@@ -148,14 +179,13 @@ def check_image(path: str | os.PathLike) -> str | None:
 
 
 def _parse_record(
-    record: Any, location: str, image_root: Path, require_stages: bool = True
+    record: Any, location: str, image_root: Path, record_filter: RecordFilter
 ) -> tuple[Sample | None, list[Issue]]:
-    """Schema, turn and image-field checks that need no file access."""
-    issues: list[Issue] = []
+    """Schema, turn, image-field and stage checks that need no file access. Returns the sample (None when it is
+    left out) and its issues: why it is left out, or the irregularities it is kept with."""
 
     def fail(kind, message, sample_id=None):
-        issues.append(Issue(kind, location, sample_id, message))
-        return None, issues
+        return None, [Issue(kind, location, sample_id, message)]
 
     if not isinstance(record, dict):
         return fail("bad_schema", f"expected a JSON object, got {type(record).__name__}")
@@ -170,10 +200,15 @@ def _parse_record(
     ):
         return fail("bad_schema", "'conversations' must be a list of {from: str, value: str}", sample_id)
     roles = [turn["from"] for turn in conversations]
-    if len(roles) > 2 and roles[:2] == ["human", "gpt"]:
-        return fail("multi_turn", f"{len(roles)} turns ({', '.join(roles)})", sample_id)
-    if roles != ["human", "gpt"]:
-        return fail("bad_schema", f"turns must be [human, gpt], got {roles}", sample_id)
+    pairs = pair_turns(conversations)
+    if not pairs:
+        return fail("bad_schema", f"no human question followed by a gpt answer in turns {roles}", sample_id)
+
+    irregular = []  # (kind, message): kept and counted under "llava_cot", left out under "strict"
+    if roles != ["human", "gpt"] * (len(roles) // 2):
+        irregular.append(("turn_layout", f"turns {roles} train as {len(pairs)} question/answer pair(s)"))
+    elif len(pairs) > 1:
+        irregular.append(("multi_turn", f"{len(roles)} turns ({', '.join(roles)})"))
 
     image_field = record.get("image")
     if isinstance(image_field, list):
@@ -183,16 +218,26 @@ def _parse_record(
     if image_field is not None and not isinstance(image_field, str):
         return fail("bad_schema", f"'image' must be a path string, got {type(image_field).__name__}", sample_id)
     placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
-    if placeholders > 1:
-        return fail("multi_image", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders in the text", sample_id)
     if image_field is None and placeholders:
         return fail("missing_image", f"question contains {IMAGE_PLACEHOLDER} but the record has no image", sample_id)
+    if image_field is None and record_filter == "llava_cot":
+        return fail("no_image", "no 'image' field", sample_id)
+    if placeholders > 1:
+        irregular.append(("placeholders", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders in the text"))
 
-    kind_and_message = stage_issue(conversations[1]["value"]) if require_stages else None
-    if kind_and_message:
-        return fail(*kind_and_message, sample_id)
+    for index, (_, answer) in enumerate(pairs):
+        kind_and_message = stage_issue(answer)
+        if kind_and_message:
+            kind, message = kind_and_message
+            irregular.append((kind, (f"answer {index + 1}: " if len(pairs) > 1 else "") + message))
+            break  # one stage issue per record is enough to count it
+
+    if record_filter == "strict" and irregular:
+        return fail(*irregular[0], sample_id)
+    turns = tuple({"from": speaker, "value": text} for pair in pairs for speaker, text in zip(("human", "gpt"), pair))
     image_path = str(image_root / image_field) if image_field is not None else None
-    return Sample(sample_id, image_path, tuple(conversations), location), issues
+    issues = [Issue(kind, location, sample_id, message, kept=True) for kind, message in irregular]
+    return Sample(sample_id, image_path, turns, location), issues
 
 
 def _read_lines(path: Path, report: ValidationReport) -> Iterable[tuple[str, Any]]:
@@ -219,8 +264,8 @@ def validate_jsonl(
     image_root: str | os.PathLike,
     *,
     on_error: OnError = "skip",
+    record_filter: RecordFilter = "llava_cot",
     check_images: bool = True,
-    require_stages: bool = True,
     token_counter: TokenCounter | None = None,
     max_tokens: int | None = None,
     max_examples: int = 3,
@@ -230,14 +275,16 @@ def validate_jsonl(
     """Checks every line of a LLaVA-CoT JSONL file; returns (usable samples in file order, report).
 
     Args:
-      on_error: "skip" leaves bad samples out; "fail" raises `DataValidationError` (after checking everything).
+      on_error: "skip" leaves bad samples out; "fail" raises `DataValidationError` (after checking everything)
+        when any sample was left out.
+      record_filter: "llava_cot" (default) or "strict": which records train (module docstring).
       check_images: open and decode each image (threads, since PIL releases the GIL while decoding).
-      require_stages: an answer must hold the four stage tags; False keeps other replies too (the demo's judge
-        examples, "Better response: 1").
       token_counter, max_tokens: the token budget; both or neither. `make_token_counter(tokenizer)` builds one.
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if record_filter not in RECORD_FILTERS:
+        raise ValueError(f"record_filter must be one of {RECORD_FILTERS}, got {record_filter!r}")
     if (token_counter is None) != (max_tokens is None):
         raise ValueError("token_counter and max_tokens must be given together")
     jsonl_path, image_root = Path(jsonl_path), Path(image_root)
@@ -246,16 +293,17 @@ def validate_jsonl(
     if not image_root.is_dir():
         raise FileNotFoundError(f"image root is not a directory: {image_root}")
 
-    report = ValidationReport(source=str(jsonl_path), max_examples=max_examples)
+    report = ValidationReport(source=str(jsonl_path), max_examples=max_examples, record_filter=record_filter)
     parsed: list[Sample] = []
+    irregularities: list[list[Issue]] = []  # per parsed sample; reported once the sample is known to be kept
     for location, record in tqdm(_read_lines(jsonl_path, report), desc="reading", unit=" lines", disable=not progress):
-        sample, issues = _parse_record(record, location, image_root, require_stages)
-        for issue in issues:
-            report.add(issue)
+        sample, issues = _parse_record(record, location, image_root, record_filter)
         if sample is None:
+            report.add(issues[0])
             report.skipped += 1
         else:
             parsed.append(sample)
+            irregularities.append(issues)
 
     def later_checks(sample: Sample) -> Issue | None:
         if sample.image is not None and check_images:
@@ -274,19 +322,23 @@ def validate_jsonl(
     kept: list[Sample] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         results = pool.map(later_checks, parsed, chunksize=16)
-        for sample, issue in tqdm(
-            zip(parsed, results), total=len(parsed), desc="checking", unit=" samples", disable=not progress
+        for sample, issue, irregular in tqdm(
+            zip(parsed, results, irregularities),
+            total=len(parsed),
+            desc="checking",
+            unit=" samples",
+            disable=not progress,
         ):
             if issue is None:
                 kept.append(sample)
+                for noted in irregular:
+                    report.add(noted)
             else:
                 report.add(issue)
                 report.skipped += 1
     report.kept = len(kept)
     if not check_images:
         report.checks_not_run.append("image files (check_images=False)")
-    if not require_stages:
-        report.checks_not_run.append("stage tags (require_stages=False)")
     if token_counter is None:
         report.checks_not_run.append("token budget (no token_counter/max_tokens given)")
 
@@ -329,12 +381,13 @@ class JsonlSource:
     """Random-access source over a validated LLaVA-CoT JSONL file (held in memory; images read on access).
 
     Usable as `grain.MapDataset.source(JsonlSource(...))`. Construction runs `validate_jsonl` (keyword arguments
-    go to it); the report is in `.report`, and its summary is logged as a warning when anything was skipped.
+    go to it, e.g. `record_filter`); the report is in `.report`, and its summary is logged as a warning when
+    anything was left out or kept irregular.
     """
 
     def __init__(self, jsonl_path: str | os.PathLike, image_root: str | os.PathLike, **validate_kwargs):
         self.samples, self.report = validate_jsonl(jsonl_path, image_root, **validate_kwargs)
-        if not self.report.ok:
+        if not self.report.ok or self.report.irregular:
             logger.warning("%s", self.report.summary())
 
     def __len__(self) -> int:

@@ -11,10 +11,27 @@ and the next stage starts from it.
 
 Host round trips are per stage, not per token: one to read the candidates, one per tournament round
 (log2 N), one for the screen. The judge prompts are text built from candidate text (they must be
-user-overridable templates), so they are assembled and parsed on the host between those calls.
+user-overridable templates), so they are assembled and parsed on the host between those calls. A judge
+reply ends at its verdict phrase (a stop string), at EOS or at its budget; the trace counts how many
+verdicts were read and how many fell back (`SearchResult.verdicts`).
 
 Baselines share the machinery: `greedy` / `sample` (one answer), `best_of_n` (N whole answers, one
 tournament), `sentence` (sentence-level beam: N next sentences, tournament, repeat).
+
+`SearchConfig.procedure` switches between our tournament and LLaVA-CoT's (their
+`inference/VLMEvalKit/inference_demo.py` and `inference/demo/simple_inference.py`) in one setting:
+
+    setting        "ours" (default)                         "llava_cot"
+    bracket        rounds: shuffled single elimination      pool: two drawn at random, the winner goes back
+    screen         once: every reasoning candidate, first   per_match: first shown, then second, every match
+    fallback       symmetric: closed, log-prob, coin        second: the candidate shown second wins
+    sentence_end   period: a token holding "."              text_end: the text ends with "."
+
+Each can also be set on its own. Why ours is the default (tests/test_judge_procedures.py): with a judge that
+is right more often than not, a balanced bracket gives the best candidate the highest chance to win of any
+bracket shape (it plays the fewest matches), and with a perfect judge both brackets pick the same winner;
+screening once settles a match of two failed candidates by the judge rather than by the order they were
+shown in, and asks N screens per stage instead of up to 2(N - 1).
 """
 
 from __future__ import annotations
@@ -32,33 +49,66 @@ import numpy as np
 from llava_cot_jax.data import chat
 from llava_cot_jax.generate import judge as judge_lib
 from llava_cot_jax.generate import sampler as sampler_lib
+from llava_cot_jax.generate import stop as stop_lib
 
 METHODS = ("stage", "best_of_n", "sentence", "greedy", "sample")
+
+# N per method when num_candidates is not given. stage: the paper's Tables 4 and 7 (author, LLaVA-CoT issue #38)
+# and the `--beam_size` default of inference/demo/simple_inference.py (their evaluation script hard-codes 10);
+# best_of_n and sentence: inference/VLMEvalKit/inference_demo.py (`range(10)`, `range(5)`).
+DEFAULT_NUM_CANDIDATES = {"stage": 2, "best_of_n": 10, "sentence": 5, "greedy": 1, "sample": 1}
+
+# The tournament settings each procedure implies (module docstring).
+PROCEDURES = {
+    "ours": {"bracket": "rounds", "screen": "once", "fallback": "symmetric", "sentence_end": "period"},
+    "llava_cot": {"bracket": "pool", "screen": "per_match", "fallback": "second", "sentence_end": "text_end"},
+}
+SENTENCE_ENDS = ("period", "text_end")
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    """Search settings; defaults follow the paper's code (temperature 0.6, top-p 0.9, transformers' top-k 50)."""
+    """Search settings. Where a default comes from LLaVA-CoT's inference code (`inference/demo/simple_inference.py`
+    and `inference/VLMEvalKit/inference_demo.py`, transformers 4.45), the comment says so; `None` fields resolve
+    from `method` / `procedure` when the config is built."""
 
     method: str = "stage"
-    num_candidates: int = 4  # N (the paper's tables use 2, its code 10)
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 50
-    stage_max_new_tokens: int = 512  # budget of one stage candidate; a candidate still open there is cut
-    max_new_tokens: int = 2048  # budget of a whole answer (greedy, sample, best_of_n, sentence)
-    sentence_max_new_tokens: int = 96  # budget of one sentence (sentence beam)
-    judge_max_new_tokens: int = 128
-    judge_do_sample: bool = True  # the paper samples judge replies with the same settings
+    num_candidates: int | None = None  # N; None: DEFAULT_NUM_CANDIDATES[method] (2 / 10 / 5, sources there)
+    temperature: float = 0.6  # theirs: generate(do_sample=True, temperature=0.6, top_p=0.9) for every call
+    top_p: float = 0.9  # theirs (as above)
+    top_k: int = 50  # transformers' generate default, which their calls keep
+    stage_max_new_tokens: int = 512  # ours: one stage candidate, cut there (theirs allow 2048 per call)
+    max_new_tokens: int = 2048  # theirs (max_new_tokens=2048): a whole answer; here also the sentence beam's total
+    sentence_max_new_tokens: int = 96  # ours: one sentence candidate (theirs allow 2048 per call, no total cap)
+    judge_max_new_tokens: int = 2048  # theirs: judge and screen replies get the candidates' 2048
+    judge_do_sample: bool = True  # theirs: judge replies are sampled with the candidates' settings
     # Judge prefixes and the rest of judge prompts are padded to multiples of this many tokens: judge prefill is
     # much of a search's compute, so padding to powers of two would waste ~30% of it.
     judge_bucket_step: int = 64
     seed: int = 0
-    prompts_file: str | None = None  # JSON overriding judge.JudgePrompts
+    prompts_file: str | None = None  # JSON overriding judge.JudgePrompts (configs/judge_prompts_example.json)
+    bos: str = chat.DEFAULT_BOS  # "transformers": two BOS on every prompt, judge prompts included, as theirs
+    procedure: str = "ours"  # "ours" | "llava_cot": the defaults of the four settings below (PROCEDURES)
+    bracket: str | None = None  # "rounds" | "pool" (judge.bracket_rounds / judge.bracket_pool)
+    screen: str | None = None  # "once" | "per_match" (judge.knockout)
+    fallback: str | None = None  # "symmetric" | "second" (judge.fallback_winner)
+    sentence_end: str | None = None  # "period" | "text_end": what ends a sentence candidate (sentence beam)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.procedure not in PROCEDURES:
+            raise ValueError(f"procedure must be one of {sorted(PROCEDURES)}, got {self.procedure!r}")
+        if self.num_candidates is None:
+            object.__setattr__(self, "num_candidates", DEFAULT_NUM_CANDIDATES[self.method])
+        for name, value in PROCEDURES[self.procedure].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        allowed = {"bracket": judge_lib.BRACKETS, "screen": judge_lib.SCREENS, "fallback": judge_lib.FALLBACKS,
+                   "sentence_end": SENTENCE_ENDS, "bos": chat.BOS_MODES}
+        for name, values in allowed.items():
+            if getattr(self, name) not in values:
+                raise ValueError(f"{name} must be one of {values}, got {getattr(self, name)!r}")
         if self.num_candidates < 1:
             raise ValueError("num_candidates must be >= 1")
         for name in ("stage_max_new_tokens", "max_new_tokens", "sentence_max_new_tokens", "judge_max_new_tokens"):
@@ -81,11 +131,42 @@ class SearchResult:
     text: str  # the accepted answer as generated (all stages)
     stages: dict[str, str]  # stage → content of the accepted candidate (also a cut one)
     conclusion: str
-    trace: list[dict]  # per step: candidates, matches (judge replies, verdicts, rules), winner
+    trace: list[dict]  # per step: candidates, matches (judge replies, verdicts, rules), verdict counts, winner
     num_host_syncs: int = 0
+    verdicts: dict[str, int] = dataclasses.field(default_factory=dict)  # judge replies read / fallen back, in all
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def question_inputs(processor, questions: Sequence[str], images: Sequence[Sequence[Any]] | None = None,
+                    bos: str = chat.DEFAULT_BOS) -> dict:
+    """Processor inputs of questions asked as LLaVA-CoT asks them: one user turn (its images first, then the
+    text), the assistant header to continue, and the BOS tokens of `bos` (two by default, as theirs)."""
+    if images is not None and len(images) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
+    prompts = []
+    for i, q in enumerate(questions):
+        parts = [{"type": "image"}] * (len(images[i]) if images is not None else 0) + [{"type": "text", "text": q}]
+        prompts.append(chat.render_prompt([{"role": "user", "content": parts}]))
+    has_images = images is not None and all(len(x) > 0 for x in images)
+    if images is not None and not has_images and any(len(x) > 0 for x in images):
+        raise ValueError("mix of questions with and without images in one batch; split the batch")
+    return processor(images=list(images) if has_images else None, text=prompts, padding=True, bos=bos)
+
+
+def judge_prompt_ids(tokenizer, text: str, num_images: int, bos: str = chat.DEFAULT_BOS,
+                     upto: str | None = None) -> list[int]:
+    """Token ids of a judge prompt: one user turn (`num_images` images, then `text`) and the assistant header,
+    with the BOS tokens of `bos` (two by default, as LLaVA-CoT's judge prompts). With `upto` (a prefix of `text`),
+    the ids of the rendered prompt up to the end of that prefix."""
+    parts = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    rendered = chat.render_prompt([{"role": "user", "content": parts}])
+    if upto is not None:
+        if not text.startswith(upto):
+            raise AssertionError("judge prefix is not a prefix of its prompt")
+        rendered = rendered[: rendered.index(text) + len(upto)]
+    return chat.encode_prompt(tokenizer, rendered, bos)
 
 
 def stage_content(text: str, stage: str) -> str:
@@ -142,17 +223,7 @@ class Searcher:
 
     def ask(self, questions: Sequence[str], images: Sequence[Sequence[Any]] | None = None) -> list[SearchResult]:
         """Render each question with the chat template (its images first), then search."""
-        if images is not None and len(images) != len(questions):
-            raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
-        prompts = []
-        for i, q in enumerate(questions):
-            parts = [{"type": "image"}] * (len(images[i]) if images is not None else 0) + [{"type": "text", "text": q}]
-            prompts.append(chat.render_prompt([{"role": "user", "content": parts}]))
-        has_images = images is not None and all(len(x) > 0 for x in images)
-        if images is not None and not has_images and any(len(x) > 0 for x in images):
-            raise ValueError("mix of questions with and without images in one batch; split the batch")
-        inputs = self.processor(images=list(images) if has_images else None, text=prompts, padding=True, bos="once")
-        return self(inputs, questions)
+        return self(question_inputs(self.processor, questions, images, self.config.bos), questions)
 
     def __call__(self, inputs: dict, questions: Sequence[str]) -> list[SearchResult]:
         cfg = self.config
@@ -179,8 +250,9 @@ class Searcher:
                 if batch.ended.all() or used >= cfg.max_new_tokens:
                     break
                 before = int(state.cursor)
+                period = "." if cfg.sentence_end == "period" else stop_lib.TextEnd(".")
                 state = self._step(batch, state, rows_kv, n, jax.random.fold_in(key, index), stage=None,
-                                   stops=(".", chat.close_tag("CONCLUSION")),
+                                   stops=(period, chat.close_tag("CONCLUSION")),
                                    budget=min(cfg.sentence_max_new_tokens, cfg.max_new_tokens - used), kind="sentence",
                                    max_new=cfg.sentence_max_new_tokens)
                 used += int(state.cursor) - before
@@ -196,7 +268,8 @@ class Searcher:
             text = batch.accepted[b]
             stages = dict(batch.stages[b]) if method == "stage" else chat.split_stages(text)
             conclusion = stages.get("CONCLUSION") if "CONCLUSION" in stages else chat.extract_conclusion(text)
-            results.append(SearchResult(q, text, stages, conclusion, batch.traces[b], self.syncs))
+            verdicts = {k: sum(step["verdicts"][k] for step in batch.traces[b]) for k in ("read", "fallback")}
+            results.append(SearchResult(q, text, stages, conclusion, batch.traces[b], self.syncs, verdicts))
         return results
 
     # -- pieces ----------------------------------------------------------------------------------------------
@@ -272,15 +345,23 @@ class Searcher:
             infos.append(info)
 
         live = [q for q in range(b) if not batch.ended[q]]
+        screen_per_match = None
         if stage == "REASONING" and n > 1:
-            self._screen(batch, groups, infos, live)
+            if self.config.screen == "once":  # every candidate, in one batch, before the tournament
+                pairs = [(q, j) for q in live for j in range(n)]
+                for (q, j), (reply, verdict) in zip(pairs, self._screen(batch, groups, pairs)):
+                    groups[q][j].screen = verdict
+                    infos[q][j]["screen_reply"] = reply
+            else:  # the tournament asks, match by match (knockout's groups are the live questions)
+                screen_per_match = lambda pairs: self._screen(batch, groups, [(live[g], j) for g, j in pairs])
         winners = [0] * b
         matches: list[judge_lib.Match] = []
         if n > 1 and live:
             t1 = time.perf_counter()
             live_winners, matches = judge_lib.knockout(
                 [groups[q] for q in live], lambda ms: self._judge(batch, [groups[q] for q in live], live, ms, kind, stage),
-                self.prompts.parse_choice, self._rng)
+                self.prompts.parse_choice, self._rng, bracket=self.config.bracket, fallback=self.config.fallback,
+                screen=screen_per_match)
             for q, w in zip(live, live_winners):
                 winners[q] = w
             for m in matches:
@@ -299,6 +380,7 @@ class Searcher:
                 "candidates": [dict(i, shown_to_judge=c.text, closed=c.closed, mean_logprob=c.mean_logprob, screen=c.screen)
                                for c, i in zip(groups[q], infos[q])],
                 "matches": [m.as_dict() for m in matches if m.group == q],
+                "verdicts": verdict_counts([m for m in matches if m.group == q]),
             })
             if self.on_stage:
                 self.on_stage(q, stage or kind, info["text"])
@@ -318,16 +400,13 @@ class Searcher:
             return batch.accepted[q].strip()
         return ""
 
-    def _screen(self, batch: _Batch, groups, infos, live: list[int]) -> None:
-        """Reasoning screen: one text-only judge call per candidate, all in one batch."""
-        rows = [(q, j) for q in live for j in range(len(groups[q]))]
-        hints = {q: self._hint(batch, q, "reasoning") for q in live}
-        texts = [self.prompts.screen_text(batch.questions[q], groups[q][j].text, hints[q]) for q, j in rows]
-        prefixes = {q: self.prompts.screen_prefix(batch.questions[q], hints[q]) for q in live}
-        replies = self._ask_judges(texts, [q for q, _ in rows], prefixes, batch, with_image=False, kind="screen")
-        for (q, j), reply in zip(rows, replies):
-            groups[q][j].screen = self.prompts.parse_screen(reply)
-            infos[q][j]["screen_reply"] = reply
+    def _screen(self, batch: _Batch, groups, pairs: Sequence[tuple[int, int]]) -> list[tuple[str, bool | None]]:
+        """Reasoning screen of candidates (question, index), text only, in one batch: (reply, verdict) each."""
+        hints = {q: self._hint(batch, q, "reasoning") for q, _ in pairs}
+        texts = [self.prompts.screen_text(batch.questions[q], groups[q][j].text, hints[q]) for q, j in pairs]
+        prefixes = {q: self.prompts.screen_prefix(batch.questions[q], hints[q]) for q in hints}
+        replies = self._ask_judges(texts, [q for q, _ in pairs], prefixes, batch, with_image=False, kind="screen")
+        return [(reply, self.prompts.parse_screen(reply)) for reply in replies]
 
     def _judge(self, batch: _Batch, groups, live, matches: Sequence[judge_lib.Match], kind: str, stage):
         texts, owners, prefixes = [], [], {}
@@ -338,9 +417,10 @@ class Searcher:
             texts.append(self.prompts.compare_text(kind, batch.questions[q], a.text, c.text, hint))
             owners.append(q)
             prefixes[q] = self.prompts.compare_prefix(kind, batch.questions[q], hint)
-        return self._ask_judges(texts, owners, prefixes, batch, with_image=self.prompts.compare_with_image, kind=kind)
+        return self._ask_judges(texts, owners, prefixes, batch, with_image=self.prompts.compare_with_image, kind=kind,
+                                stops=self.prompts.verdict_phrases)
 
-    def _ask_judges(self, texts, owners, prefixes, batch: _Batch, with_image: bool, kind: str) -> list[str]:
+    def _ask_judges(self, texts, owners, prefixes, batch: _Batch, with_image: bool, kind: str, stops=()) -> list[str]:
         if not texts:  # every question in the batch has already ended (e.g. its last winner emitted EOS)
             return []
         if self._judge_override is not None:  # a scripted judge (tests) sees the same prompt texts
@@ -348,23 +428,21 @@ class Searcher:
             if len(replies) != len(texts):
                 raise RuntimeError(f"judge_fn returned {len(replies)} replies for {len(texts)} prompts")
             return replies
-        return self._run_judges(texts, owners, prefixes, batch, with_image, kind)
+        return self._run_judges(texts, owners, prefixes, batch, with_image, kind, stops)
 
     def _judge_tokens(self, text: str, prefix: str | None, q: int, batch: _Batch, with_image: bool):
         """Token ids of a judge prompt, and of its rendered prefix (the chat header, images, `prefix`; None when
         `prefix` is None)."""
-        parts = ([{"type": "image"}] * len(batch.num_tiles[q]) if with_image else []) + [{"type": "text", "text": text}]
-        rendered = chat.render_prompt([{"role": "user", "content": parts}])
-        encode = lambda x: self.tokenizer(x, add_special_tokens=False)["input_ids"]
+        num_images = len(batch.num_tiles[q]) if with_image else 0
+        ids = judge_prompt_ids(self.tokenizer, text, num_images, self.config.bos)
         if prefix is None:
-            return encode(rendered), None
-        if not text.startswith(prefix):
-            raise AssertionError("judge prefix is not a prefix of its prompt")
-        return encode(rendered), encode(rendered[: rendered.index(text) + len(prefix)])
+            return ids, None
+        return ids, judge_prompt_ids(self.tokenizer, text, num_images, self.config.bos, upto=prefix)
 
     def _run_judges(self, texts: Sequence[str], owners: Sequence[int], prefixes: dict, batch: _Batch, with_image: bool,
-                    kind: str) -> list[str]:
-        """One batched generate over judge prompts, continuing from each question's prefilled judge prefix.
+                    kind: str, stops: Sequence[str] = ()) -> list[str]:
+        """One batched generate over judge prompts, continuing from each question's prefilled judge prefix. A reply
+        ends at EOS, at the budget, or at the first of `stops` it writes (the verdict phrases of a comparison).
 
         The prefix (chat header, image, instructions, question, hint) is the same for every prompt about one
         question in a stage, so it is prefilled once per question and stage, kept, and every tournament
@@ -401,7 +479,7 @@ class Searcher:
                     if cfg.judge_do_sample else sampler_lib.Sampling())
         key = jax.random.key(int(self._rng.integers(2**31)))
         _, out = self.sampler.decode(rows_state, max_new=cfg.judge_max_new_tokens, sampling=sampling, seed=key,
-                                     eos_ids=self.sampler.eos_token_ids, cross_kv=cross_kv)
+                                     stop_strings=tuple(stops), eos_ids=self.sampler.eos_token_ids, cross_kv=cross_kv)
         tokens = np.asarray(out.tokens)  # host sync: judge replies
         num = np.asarray(out.num_tokens)
         self.syncs += 1
@@ -450,6 +528,13 @@ class Searcher:
         state = self.sampler.prefill(ids, mask, cross_kv, xmask, cache_len=length)
         self._prefix_cache[kind] = ((tuple(groups), with_image), shared, state, length)
         return shared, state, length
+
+
+def verdict_counts(matches: Sequence[judge_lib.Match]) -> dict[str, int]:
+    """How many judge replies were read and how many fell back to the fallback rule (screen-decided matches
+    asked no judge and count in neither)."""
+    return {"read": sum(m.rule == "judge" for m in matches),
+            "fallback": sum(m.rule.startswith("fallback") for m in matches)}
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -11,6 +11,10 @@ fires on the token whose bytes complete it, whatever the tokenisation:
 
 Special tokens contribute no bytes (``skip_special_tokens`` semantics), so EOS/header tokens neither
 match nor break a match. Nothing is ever decoded on the host during generation.
+
+A stop string given as ``TextEnd(s)`` fires only on a token after which the generated text *ends* with ``s``
+(LLaVA-CoT's sentence baseline stops when the text ends with a period; a token such as ``".\n\n"`` does not
+end a sentence there, while a plain ``"."`` stop fires on it).
 """
 
 from __future__ import annotations
@@ -63,6 +67,25 @@ def token_bytes(tokenizer) -> list[bytes]:
     return out
 
 
+class TextEnd(str):
+    """A stop string that counts only where the generated text ends with it (not merely contains it).
+
+    It compares unequal to the plain string, so stop sets that differ only in this way are different keys (the
+    sampler caches one table per set)."""
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TextEnd) and str.__eq__(self, other)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((TextEnd, str(self)))
+
+    def __repr__(self) -> str:
+        return f"TextEnd({str.__repr__(self)})"
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StopTable:
@@ -70,7 +93,8 @@ class StopTable:
 
     head: [V, H] uint8, the first H bytes of each token (zero padded); tok_len: [V] int32 byte lengths;
     tail: [V, H] uint8, the last H bytes of each token (right aligned); contains: [V, S] bool, token holds stop s;
-    stops: [S, H] uint8 (left aligned); stop_len: [S] int32 (0 = unused slot).
+    stops: [S, H] uint8 (left aligned); stops_right: [S, H] uint8 (right aligned); stop_len: [S] int32 (0 = unused
+    slot); at_end: [S] bool, the stop counts only at the end of the text (`TextEnd`).
     """
 
     head: jax.Array
@@ -78,7 +102,9 @@ class StopTable:
     tok_len: jax.Array
     contains: jax.Array
     stops: jax.Array
+    stops_right: jax.Array
     stop_len: jax.Array
+    at_end: jax.Array
 
     @property
     def window(self) -> int:
@@ -122,11 +148,16 @@ def build_stop_table(
         for s, stop in enumerate(encoded):
             contains[i, s] = stop in b
     stops = np.zeros((num_slots, window), np.uint8)
+    stops_right = np.zeros((num_slots, window), np.uint8)
     stop_len = np.zeros((num_slots,), np.int32)
+    at_end = np.zeros((num_slots,), bool)
     for s, stop in enumerate(encoded):
         stops[s, : len(stop)] = np.frombuffer(stop, np.uint8)
+        stops_right[s, window - len(stop) :] = np.frombuffer(stop, np.uint8)
         stop_len[s] = len(stop)
-    return StopTable(*(jnp.asarray(a) for a in (head, tail, tok_len, contains, stops, stop_len)))
+        at_end[s] = isinstance(stop_strings[s], TextEnd)
+    arrays = (head, tail, tok_len, contains, stops, stops_right, stop_len, at_end)
+    return StopTable(*(jnp.asarray(a) for a in arrays))
 
 
 def init_window(batch: int, table: StopTable) -> tuple[jax.Array, jax.Array]:
@@ -164,4 +195,10 @@ def step(table: StopTable, window: jax.Array, filled: jax.Array, tokens: jax.Arr
     shifted = jnp.take_along_axis(buf, jnp.minimum(n, h)[:, None] + jnp.arange(h)[None, :], axis=1)
     new_window = jnp.where((n >= h)[:, None], table.tail[tokens], shifted)
     new_filled = jnp.minimum(filled + n, h)
+
+    # TextEnd stops: the text now ends with the stop (a token adding no bytes cannot newly end the text with it).
+    in_tail = jnp.arange(h)[None, :] >= h - table.stop_len[:, None]  # [S, H]
+    tail_eq = jnp.all((new_window[:, None, :] == table.stops_right[None]) | ~in_tail[None], axis=-1)  # [B, S]
+    ends_with = tail_eq & (new_filled[:, None] >= table.stop_len[None, :]) & (n > 0)[:, None] & (table.stop_len > 0)
+    hit = jnp.where(table.at_end[None, :], ends_with, hit)
     return new_window, new_filled, hit

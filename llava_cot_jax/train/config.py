@@ -30,9 +30,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # tools/prepare_data.py output dir, a JSONL file (+ image_root), or a dir with train.jsonl
     c.data.image_root = ""
+    # Which records of a JSONL file train: "llava_cot" (every record with an image, as LLaVA-CoT's loader) or
+    # "strict" (one question, one answer with four well-formed stages). A prepared TFDS set was filtered by
+    # tools/prepare_data.py --record_filter.
+    c.data.record_filter = "llava_cot"
     c.data.eval = ""  # optional held-out set, same forms
     c.data.eval_image_root = ""
-    c.data.require_stages = True  # JSONL data: skip answers without the four stage tags (False: keep them)
     c.data.synthetic_samples = 0  # > 0: write a synthetic set into data.train (default DIR/data/synthetic) if empty
     c.data.synthetic_seed = 0
     c.data.synthetic_image_size = 224

@@ -53,12 +53,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def maybe_initialize_distributed(cfg) -> None:
-    """jax.distributed.initialize() for multi-host runs. "auto": on TPU pods (their environment describes the
-    slice) or when a coordinator address is configured; "on": always; "off": never."""
+    """jax.distributed.initialize() for multi-host runs. "auto": when a coordinator address is configured, on TPU
+    VMs (JAX reads the slice's layout itself) and under multi-task SLURM or Open MPI launches (JAX reads their
+    environment); "on": always; "off": never. Must run before anything touches a JAX device."""
     mode = cfg.initialize
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"distributed.initialize={mode!r}; choose auto, on or off")
-    if mode == "off" or (mode == "auto" and not cfg.coordinator_address and not _on_tpu_pod()):
+    if mode == "off" or (mode == "auto" and not cfg.coordinator_address and not _cluster_launch()):
         return
     if cfg.get("cpu_collectives"):
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
@@ -72,9 +73,13 @@ def maybe_initialize_distributed(cfg) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def _on_tpu_pod() -> bool:
-    # Multi-host TPU VMs list every worker of the slice; a single host lists one (or nothing).
-    return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+def _cluster_launch() -> bool:
+    """A TPU VM (its accelerator device files) or a launcher that started several tasks of this program."""
+    import glob
+
+    on_tpu_vm = bool(glob.glob("/dev/accel*")) or os.path.isdir("/dev/vfio")
+    tasks = max(int(os.environ.get(name, "1")) for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    return on_tpu_vm or tasks > 1
 
 
 def model_config_from(cfg) -> MllamaConfig:
@@ -134,10 +139,26 @@ def load_processor(cfg, model_config: MllamaConfig):
     return MllamaProcessor(image, build_tiny_tokenizer())
 
 
-def open_data(path: str, image_root: str, what: str, require_stages: bool = True):
+def check_processor(processor, model_config: MllamaConfig) -> None:
+    """A tokenizer that does not belong to the model fails here rather than training on wrong ids."""
+    problems = []
+    if processor.image_token_id != model_config.image_token_id:
+        problems.append(
+            f"<|image|> is id {processor.image_token_id}, the model's image token is {model_config.image_token_id}"
+        )
+    if len(processor.tokenizer) > model_config.text.embedding_rows:
+        problems.append(f"{len(processor.tokenizer)} tokens, the model embeds {model_config.text.embedding_rows}")
+    if processor.image_processor.tile_size != model_config.vision.image_size:
+        problems.append(
+            f"tiles of {processor.image_processor.tile_size} px, the model's are {model_config.vision.image_size}"
+        )
+    if problems:
+        raise ValueError("the tokenizer/image processor does not match the model: " + "; ".join(problems))
+
+
+def open_data(path: str, image_root: str, what: str, record_filter: str = "llava_cot"):
     """A prepared TFDS dataset (tools/prepare_data.py's --out_dir or its .../llava_cot/1.0.0), a JSONL file with
-    its image root, or a directory holding train.jsonl and images/ (the synthetic set's layout). A JSONL answer
-    without the four stage tags is skipped unless `require_stages` is False."""
+    its image root, or a directory holding train.jsonl and images/ (the synthetic set's layout)."""
     from llava_cot_jax.data import synthetic, tfds_builder
 
     if not path:
@@ -149,8 +170,8 @@ def open_data(path: str, image_root: str, what: str, require_stages: bool = True
                 return pipeline.open_source(candidate)
         jsonl = os.path.join(path, synthetic.JSONL_NAME)
         if os.path.isfile(jsonl):
-            root = image_root or os.path.join(path, synthetic.IMAGE_ROOT_NAME)
-            return pipeline.open_source(jsonl, root, require_stages=require_stages)
+            image_root = image_root or os.path.join(path, synthetic.IMAGE_ROOT_NAME)
+            return pipeline.open_source(jsonl, image_root, record_filter=record_filter)
         raise FileNotFoundError(
             f"{what}={path} holds no dataset: expected tools/prepare_data.py output (…/{tfds_builder.DATASET_NAME}/"
             f"{tfds_builder.VERSION}/dataset_info.json) or {synthetic.JSONL_NAME}"
@@ -158,7 +179,7 @@ def open_data(path: str, image_root: str, what: str, require_stages: bool = True
     if os.path.isfile(path):
         if not image_root:
             raise ValueError(f"{what}={path} is a JSONL file: set the matching image root too")
-        return pipeline.open_source(path, image_root, require_stages=require_stages)
+        return pipeline.open_source(path, image_root, record_filter=record_filter)
     raise FileNotFoundError(f"{what}: no such file or directory: {path}")
 
 
@@ -269,10 +290,12 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
 
         ensure_synthetic_data(c.data, self.workdir)
-        stages = c.data.require_stages
-        self.source = open_data(c.data.train, c.data.image_root, "data.train", stages)
-        self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval", stages) if c.data.eval else None
+        self.source = open_data(c.data.train, c.data.image_root, "data.train", c.data.record_filter)
+        self.eval_source = None
+        if c.data.eval:
+            self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval", c.data.record_filter)
         self.processor = load_processor(c.model, self.model_config)
+        check_processor(self.processor, self.model_config)
 
         per_process = c.train.global_batch // jax.process_count()
         self.steps_per_epoch = len(self.source) // c.train.global_batch
@@ -377,8 +400,13 @@ class Trainer:
                 f"{', '.join(self.frozen_groups) or 'nothing'})"
             )
 
+        # SIGTERM: one process watches for it itself. Several processes must agree on the step at which they all
+        # save; JAX's preemption service (started by jax.distributed) catches the signal and
+        # manager.reached_preemption names that step, so no Python handler may replace its own there.
         stop = {"signal": None}
-        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+        previous_handler = None
+        if jax.process_count() == 1:
+            previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", disable=not self.is_primary)
@@ -415,7 +443,7 @@ class Trainer:
                     checkpointing.save(self.manager, state, iterator, self.model_config, force=True)
                 if preempted:
                     self.manager.wait_until_finished()
-                    print(f"\npreempted (signal {stop['signal']}): saved step {done} in {self.manager.directory}")
+                    print(f"\npreempted: saved step {done} in {self.manager.directory}")
                     return 0
             if pending is not None:
                 self._finish(pending, metrics_writer, bar, last_time)
@@ -426,7 +454,8 @@ class Trainer:
             self.manager.wait_until_finished()
             bar.close()
             metrics_writer.close()
-            signal.signal(signal.SIGTERM, previous_handler)
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         if exit_code == 0 and self.is_primary:
             print(f"trained to step {self.total_steps}; checkpoints in {self.manager.directory}")
         self.manager.close()

@@ -24,9 +24,9 @@ from flax import nnx
 from llava_cot_jax.models.mllama.config import TextConfig
 from llava_cot_jax.models.mllama.layers import (
     MASK_VALUE,
+    RESIDUAL_AXES,
     GatedMLP,
     RMSNorm,
-    RESIDUAL_AXES,
     apply_rope,
     attention,
     attention_projections,

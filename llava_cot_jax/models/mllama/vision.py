@@ -17,10 +17,10 @@ from llava_cot_jax.models.mllama.layers import (
     MASK_VALUE,
     RESIDUAL_AXES,
     LayerNorm,
-    attention,
     attention_projections,
     heads_major,
     param,
+    query_chunked_attention,
     scan_layers,
     stack_layers,
 )
@@ -42,6 +42,7 @@ class VisionEncoderLayer(nnx.Module):
         self.fc2 = param(rngs, (f, d), ("mlp", "embed"), dtype)
         self.fc2_bias = param(rngs, (d,), ("embed",), dtype, init="zeros")
         self.gated = gated
+        self.tile_tokens = cfg.padded_num_patches
         if gated:
             self.gate_attn = param(rngs, (1,), (None,), dtype)
             self.gate_ffn = param(rngs, (1,), (None,), dtype)
@@ -52,7 +53,9 @@ class VisionEncoderLayer(nnx.Module):
         q = heads_major(h, self.q_proj[...])
         k = heads_major(h, self.k_proj[...])
         v = heads_major(h, self.v_proj[...])
-        out = jnp.einsum("bhlk,hkd->bld", attention(q, k, v, bias, dt), self.o_proj[...].astype(dt))
+        # One tile's worth of queries at a time (see query_chunked_attention): the sequence is tiles x padded tile.
+        out = query_chunked_attention(q, k, v, bias, dt, chunk=self.tile_tokens)
+        out = jnp.einsum("bhlk,hkd->bld", out, self.o_proj[...].astype(dt))
         if self.gated:
             out = jnp.tanh(self.gate_attn[...].astype(dt)) * out
         x = x + out
