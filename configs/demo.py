@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_candidates = 2  # N candidates per stage (the paper's tables use 2)
     c.judge_questions = 96  # with judge examples: held-out pairs (the right stage against a corrupted one) to judge
     c.search_questions = 64  # the search runs on the first this many held-out questions (it costs ~10x greedy)
-    c.init_gate = 0.5  # cross-attention gates at init (a fresh Llama-3.2-Vision has 0: the image would not reach the text)
+    # Cross-attention gates at init (a fresh Llama-3.2-Vision has 0: the image would not reach the text).
+    c.init_gate = 0.5
 
     c.data = ml_collections.ConfigDict()
     c.data.image_size = 64  # the scenes and the model's tile size (MllamaConfig.demo)
@@ -59,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     e = config_file.load(os.path.join(os.path.dirname(__file__), "eval_mcq.py"))  # the evaluation harness
     e.batch_size = 16
+    e.infer.dtype = "float32"  # XLA:CPU runs float32 well (the harness's default is bfloat16, as LLaVA-CoT's)
     e.infer.max_new_tokens = 128  # a whole answer (greedy)
     e.infer.stage_max_new_tokens = 40  # one stage candidate
     e.infer.judge_max_new_tokens = 16  # "Better response: N" is 13 tokens of the tiny tokenizer

@@ -148,8 +148,13 @@ def write_data(config, data_dir: str) -> dict[str, str]:
         blank = _png_base64(synthetic.render_scene([], d.image_size))
         for index in range(d.heldout_questions):
             objects, sample = synthetic.mcq_scene(d.heldout_seed, index, kinds, d.object_scale)
-            row = {"index": index, "question": sample.question, **sample.option_map(), "answer": sample.correct,
-                   "category": sample.kind}
+            row = {
+                "index": index,
+                "question": sample.question,
+                **sample.option_map(),
+                "answer": sample.correct,
+                "category": sample.kind,
+            }
             rows.append(dict(row, image=_png_base64(synthetic.render_scene(objects, d.image_size))))
             blind_rows.append(dict(row, image=blank))
         header = ["index", "question", *synthetic.OPTION_LETTERS, "answer", "category", "image"]
@@ -248,8 +253,11 @@ def judge_accuracy(config, checkpoint: str, prompts_file: str) -> dict:
         for (stage, _, _, right), result in list(zip(batch, results))[: len(cases) - start]:
             hits.setdefault(stage, []).append(prompts.parse_choice(result.text) == right)
     every = [h for stage_hits in hits.values() for h in stage_hits]
-    return {"accuracy": sum(every) / len(every), "num_pairs": len(every),
-            "per_stage": {stage: sum(h) / len(h) for stage, h in sorted(hits.items())}}
+    return {
+        "accuracy": sum(every) / len(every),
+        "num_pairs": len(every),
+        "per_stage": {stage: sum(h) / len(h) for stage, h in sorted(hits.items())},
+    }
 
 
 def show_example(config, workdir: str, checkpoint: str) -> None:
@@ -266,7 +274,9 @@ def show_example(config, workdir: str, checkpoint: str) -> None:
     infer.search, infer.num_candidates, infer.seed = config.search, config.num_candidates, config.seed
     infer.show_stages, infer.trace = True, os.path.join(workdir, "trace.json")
     synthetic.render_scene(objects, d.image_size).save(infer.image)
-    print(f"\n== example: held-out question 0 ({infer.image}), {config.search} search; right answer: {sample.conclusion}")
+    print(
+        f"\n== example: held-out question 0 ({infer.image}), {config.search} search; right answer: {sample.conclusion}"
+    )
     cli.run(infer)
     with open(infer.trace) as f:
         trace = json.load(f)["result"]["trace"]
@@ -334,7 +344,9 @@ def report(workdir: str, results: dict) -> None:
         ("greedy", a["greedy"], a["greedy_subset"]),
         (search, None, a["search"]),
     ]
-    rows += [(f"greedy, {kind} questions", acc["accuracy"], None) for kind, acc in results["per_category"]["greedy"].items()]
+    rows += [
+        (f"greedy, {kind} questions", acc["accuracy"], None) for kind, acc in results["per_category"]["greedy"].items()
+    ]
     if results["judge"]:
         rows.append(("judge picks the right stage (50%)", results["judge"]["accuracy"], None))
     print(f"\nheld-out questions: {n} ({', '.join(results['kinds'])}), 4 options each; {search} on the first {m}")
@@ -367,8 +379,7 @@ def _claim(workdir: str, config) -> None:
         if before != settings:
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             raise ValueError(
-                f"{workdir} holds a demo run with other settings (changed: {', '.join(changed)}); "
-                "use another --workdir"
+                f"{workdir} holds a demo run with other settings (changed: {', '.join(changed)}); use another --workdir"
             )
         print(f"{workdir}: reusing what an earlier run with these settings made")
         return
@@ -436,8 +447,11 @@ def run(config, workdir: str = "") -> int:
             name: r.get("per_category", {}) for name, r in (("greedy", greedy), ("blind", blind), ("search", searched))
         },
         "judge": judge,
-        "unanswered": {"greedy": greedy["num_unanswered"], "blind": blind["num_unanswered"],
-                       "search": searched["num_unanswered"]},
+        "unanswered": {
+            "greedy": greedy["num_unanswered"],
+            "blind": blind["num_unanswered"],
+            "search": searched["num_unanswered"],
+        },
         "num_heldout": config.data.heldout_questions,
         "num_search_questions": search_rows,
         "kinds": list(_kinds(config.data)),
@@ -449,8 +463,7 @@ def run(config, workdir: str = "") -> int:
             "last_loss": losses[-1][1] if losses else None,
         },
         "seconds": times,
-        "files": {"loss_curve": os.path.join(workdir, LOSS_CURVE), **paths,
-                  "eval": os.path.join(workdir, "eval")},
+        "files": {"loss_curve": os.path.join(workdir, LOSS_CURVE), **paths, "eval": os.path.join(workdir, "eval")},
     }
     mcq.write_json(os.path.join(workdir, RESULTS_FILE), results)
     report(workdir, results)

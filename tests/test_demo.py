@@ -73,8 +73,13 @@ def test_every_phase_writes_its_outputs(demo_run):
     assert results["search"] == {"method": "stage", "num_candidates": 2}
     assert results["judge"]["num_pairs"] == 4 and set(results["judge"]["per_stage"]) <= set(demo.JUDGE_STAGES)
     assert results["training"]["steps"] == 4 and results["training"]["last_loss"] < results["training"]["first_loss"]
-    for line in ("chance (1 / options)", "image-blind (greedy, blank image)", "stage search (N=2)",
-                 "judge picks the right stage (50%)", "held-out accuracy (greedy)"):
+    for line in (
+        "chance (1 / options)",
+        "image-blind (greedy, blank image)",
+        "stage search (N=2)",
+        "judge picks the right stage (50%)",
+        "held-out accuracy (greedy)",
+    ):
         assert line in stdout
     assert len(os.listdir(cache)) > 5  # compiled programs kept for the next run
 

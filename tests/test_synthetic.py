@@ -162,7 +162,9 @@ def test_larger_objects_do_not_overlap_and_are_drawn_larger():
             assert np.hypot(a.x - b.x, a.y - b.y) > a.radius + b.radius
     one = [dataclasses.replace(big[0], x=0.5, y=0.5)]
     floor = np.asarray(synthetic.render_scene([], 64)).astype(int)
-    painted = lambda objects: (np.abs(np.asarray(synthetic.render_scene(objects, 64)).astype(int) - floor).sum(-1) > 0).sum()
+    painted = lambda objects: (
+        np.abs(np.asarray(synthetic.render_scene(objects, 64)).astype(int) - floor).sum(-1) > 0
+    ).sum()
     assert painted(one) > 2.5 * painted([dataclasses.replace(one[0], scale=1.0)])
 
 

@@ -271,9 +271,7 @@ def _attribute_question(rng, objects) -> Sample | None:
         question=f"What {asked} is the {name}?",
         summary=f"I will find the only {name} in the scene and report its {asked}.",
         caption=_caption(objects),
-        reasoning=(
-            f"Checking each object, exactly one is a {name}: the {target.phrase()}. Its {asked} is {value}."
-        ),
+        reasoning=(f"Checking each object, exactly one is a {name}: the {target.phrase()}. Its {asked} is {value}."),
         conclusion=value,
     )
 
@@ -377,7 +375,13 @@ def _mcq(rng: np.random.Generator, objects: list[SceneObject], kind: str, answer
 def _color_mcq(rng: np.random.Generator, objects: list[SceneObject]) -> McqSample:
     """The colour of the only object, among three others."""
     answer = objects[0].color
-    return _mcq(rng, objects, "color", answer, [str(c) for c in rng.choice([c for c in COLORS if c != answer], 3, replace=False)])
+    return _mcq(
+        rng,
+        objects,
+        "color",
+        answer,
+        [str(c) for c in rng.choice([c for c in COLORS if c != answer], 3, replace=False)],
+    )
 
 
 def _count_mcq(rng: np.random.Generator, objects: list[SceneObject]) -> McqSample:

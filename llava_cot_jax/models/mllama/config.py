@@ -313,13 +313,13 @@ class MllamaConfig:
         rope_scaling = None
         if t.rope_llama3_scaling is not None:
             factor, low, high, original = t.rope_llama3_scaling
-            rope_scaling = dict(
-                rope_type="llama3",
-                factor=factor,
-                low_freq_factor=low,
-                high_freq_factor=high,
-                original_max_position_embeddings=original,
-            )
+            rope_scaling = {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
         eos = list(t.eos_token_id)
         return {
             "architectures": ["MllamaForConditionalGeneration"],
