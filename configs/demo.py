@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     e = config_file.load(os.path.join(os.path.dirname(__file__), "eval_mcq.py"))  # the evaluation harness
     e.batch_size = 16
+    # The trainer strips questions as LLaVA-CoT's loader does; asked the unstripped VLMEvalKit prompt (a trailing
+    # " \n" it never saw), the demo model answered 23/30 colour questions instead of 30/30 (first 64 held-out rows).
+    e.strip_prompt = True
     e.infer.dtype = "float32"  # XLA:CPU runs float32 well (the harness's default is bfloat16, as LLaVA-CoT's)
     e.infer.max_new_tokens = 128  # a whole answer (greedy)
     e.infer.stage_max_new_tokens = 40  # one stage candidate

@@ -86,11 +86,12 @@ def _kinds(data_cfg) -> tuple[str, ...]:
 
 
 def _user_text(sample) -> str:
-    """The question as the evaluation harness prompts it (VLMEvalKit's multiple-choice prompt), so training and
-    evaluation see the same text."""
+    """The question as the evaluation harness prompts it (VLMEvalKit's multiple-choice prompt), stripped as the
+    trainer strips questions and as the demo's evaluation asks them (`eval.strip_prompt`), so training, the judge
+    examples and evaluation see the same text."""
     from llava_cot_jax.eval import mcq
 
-    return mcq.build_prompt(sample.question, sample.option_map(), "", "mcq")
+    return mcq.build_prompt(sample.question, sample.option_map(), "", "mcq").strip()
 
 
 def judge_example(rng: np.random.Generator, objects, sample, prompts) -> tuple[str, str, str]:

@@ -20,8 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo.py")
 
 
-def _run_demo(workdir, cache):
-    result = subprocess.run(
+def _main(workdir, cache, *overrides):
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -30,6 +30,7 @@ def _run_demo(workdir, cache):
             f"{CONFIG}:runlocal",
             f"--workdir={workdir}",
             f"--config.compilation_cache={cache}",
+            *overrides,
         ],
         capture_output=True,
         text=True,
@@ -38,6 +39,10 @@ def _run_demo(workdir, cache):
         cwd=workdir,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def _run_demo(workdir, cache):
+    result = _main(workdir, cache)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -138,6 +143,14 @@ def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="runlocal or none"):
         config_file.load(CONFIG, "fast")
     assert not os.listdir(tmp_path)
+
+
+def test_the_entry_point_reports_bad_settings_in_one_line(tmp_path):
+    result = _main(tmp_path, tmp_path / "xla", "--config.data.kinds=color,shape")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: data.kinds='color,shape': choose from color, count (--verbosity=1 shows the traceback)"
+    ]
 
 
 def test_judge_examples_pit_the_right_stage_against_a_wrong_one():
