@@ -6,9 +6,10 @@ Model: the shared ~163M-parameter "bench" config of DESIGN.md (random weights, g
 once as an HF checkpoint and loaded by both sides. Batch: 4 samples, one 448x448 image each (4 tiles of 224),
 512 tokens, the second half of each sample supervised. Both sides in float32 on CPU (torch with as many threads
 as cores), AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay; no activation checkpointing on either.
-Reported: median seconds per step after warm-up, and their ratio; the loss of the first step on both sides (the
-same weights and batch give the same loss); then the input pipeline: Grain batches per second of the same
-shape from synthetic 448x448 JPEG scenes, and our step fed by the pipeline against our step on a fixed batch.
+The two steps alternate after warm-up, so both meet the same load on a shared machine. Reported: median wall
+and CPU seconds (the process's, every thread) per step and their ratios; the first step's loss on both sides (the
+same weights and batch give the same loss); then the input pipeline: Grain batches per second of the same shape
+from synthetic 448x448 JPEG scenes, and our step fed by the pipeline alternated with our step on the fixed batch.
 """
 
 from __future__ import annotations
@@ -37,16 +38,15 @@ def make_batch(config, seed=0):
     return {**inputs, "labels": labels}
 
 
-def time_steps(run_step, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - start)
-    return times
+def timed(run_step) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, every thread) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run_step()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_transformers(hf_model, batch, steps: int):
+def transformers_step(hf_model, batch):
+    """A warmed-up transformers + torch AdamW step on `batch`, and its first loss."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
@@ -60,10 +60,10 @@ def bench_transformers(hf_model, batch, steps: int):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
 
     step()  # warm-up (allocations)
-    return time_steps(step, steps), losses[0]
+    return step, losses[0]
 
 
 def our_spec(config, remat: str):
@@ -79,7 +79,8 @@ def our_spec(config, remat: str):
     return step_lib.build_step_spec(config.replace(remat=remat), optim_cfg, (), mesh, 100, 100)
 
 
-def bench_ours(spec, params, batch, steps: int):
+def our_step(spec, params, batch):
+    """Our jitted step on `batch` after compilation: (step, first loss, compile seconds, holder of the state)."""
     import jax
 
     from llava_cot_jax.train import step as step_lib
@@ -91,17 +92,18 @@ def bench_ours(spec, params, batch, steps: int):
     state, metrics = train_step(state, device_batch)
     first_loss = float(metrics["loss"])
     compile_s = time.perf_counter() - start
-    holder = {"state": state}
+    holder = {"state": state, "train_step": train_step}
 
     def step():
         holder["state"], m = train_step(holder["state"], device_batch)
         jax.block_until_ready(m["loss"])
 
-    return time_steps(step, steps), first_loss, compile_s, holder["state"], train_step
+    return step, first_loss, compile_s, holder
 
 
-def bench_pipeline_fed(spec, state, train_step, workdir: str, steps: int):
-    """Batches per second of the Grain pipeline alone, and seconds per step when it feeds the step."""
+def bench_pipeline_fed(spec, holder, fixed_step, workdir: str, steps: int):
+    """Batches per second of the Grain pipeline alone; then our step fed by the pipeline, alternated with our step
+    on the fixed batch (same load for both): their wall seconds."""
     import jax
 
     from llava_cot_jax.data import pipeline, synthetic
@@ -125,14 +127,16 @@ def bench_pipeline_fed(spec, state, train_step, workdir: str, steps: int):
     sharding = step_lib.batch_sharding(spec.mesh)
 
     def fed_step():
-        local = next(iterator)
-        batch = pipeline.make_global_batch(local, sharding, micro_batches=1)
-        nonlocal state
-        state, metrics = train_step(state, batch)
+        batch = pipeline.make_global_batch(next(iterator), sharding, micro_batches=1)
+        holder["state"], metrics = holder["train_step"](holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
     fed_step()  # the uint8 pixel path compiles once
-    return pipeline_batches_per_s, time_steps(fed_step, steps)
+    fed, fixed = [], []
+    for _ in range(steps):
+        fed.append(timed(fed_step)[0])
+        fixed.append(timed(fixed_step)[0])
+    return pipeline_batches_per_s, fed, fixed
 
 
 def main():
@@ -162,32 +166,40 @@ def main():
         )
 
         spec = our_spec(config, args.remat)
-        ours, our_loss, compile_s, state, train_step = bench_ours(spec, params, batch, args.steps)
-        print(
-            f"ours: compile + first step {compile_s:.1f} s; median step {statistics.median(ours):.2f} s "
-            f"(steps {', '.join(f'{t:.2f}' for t in ours)})",
-            flush=True,
-        )
-        theirs, their_loss = bench_transformers(hf_model, batch, args.steps)
+        ours, our_loss, compile_s, holder = our_step(spec, params, batch)
+        print(f"ours: compile + first step {compile_s:.1f} s", flush=True)
+        theirs, their_loss = transformers_step(hf_model, batch)
+        # Alternate the two steps, so that both meet the same load on this shared machine.
+        our_times, their_times = [], []
+        for i in range(args.steps):
+            our_times.append(timed(ours))
+            their_times.append(timed(theirs))
+            print(
+                f"step {i + 1}: ours {our_times[-1][0]:.2f} s ({our_times[-1][1]:.1f} CPU s), transformers "
+                f"{their_times[-1][0]:.2f} s ({their_times[-1][1]:.1f} CPU s); load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
         import transformers
 
-        print(
-            f"transformers {transformers.__version__} + torch AdamW: median step {statistics.median(theirs):.2f} s "
-            f"(steps {', '.join(f'{t:.2f}' for t in theirs)})"
-        )
-        print(f"first-step loss: ours {our_loss:.6f}, transformers {their_loss:.6f}")
-        ratio = statistics.median(theirs) / statistics.median(ours)
+        our_wall = statistics.median(t for t, _ in our_times)
+        their_wall = statistics.median(t for t, _ in their_times)
+        our_cpu = statistics.median(c for _, c in our_times)
+        their_cpu = statistics.median(c for _, c in their_times)
+        print(f"first-step loss: ours {our_loss:.6f}, transformers {transformers.__version__} {their_loss:.6f}")
         step_flops = flops.train_step_flops(config, BATCH, SEQ, 1)
         print(
-            f"speed-up (transformers step time / ours): {ratio:.2f}x; analytic {step_flops / 1e12:.2f} TFLOPs per "
-            f"step -> ours {step_flops / statistics.median(ours) / 1e9:.1f} GFLOP/s"
+            f"median step: ours {our_wall:.2f} s ({our_cpu:.1f} CPU s), transformers + torch AdamW {their_wall:.2f} s "
+            f"({their_cpu:.1f} CPU s); speed-up {their_wall / our_wall:.2f}x wall, {their_cpu / our_cpu:.2f}x CPU "
+            f"time; analytic {step_flops / 1e12:.2f} TFLOPs per step -> ours {step_flops / our_wall / 1e9:.1f} GFLOP/s"
         )
 
-        pipeline_rate, fed = bench_pipeline_fed(spec, state, train_step, workdir, args.steps)
+        del theirs, hf_model  # the torch side's memory
+        pipeline_rate, fed, fixed = bench_pipeline_fed(spec, holder, ours, workdir, args.steps)
         print(
             f"input pipeline alone: {pipeline_rate:.2f} batches/s ({1 / pipeline_rate:.2f} s per batch); our step "
-            f"fed by the pipeline: median {statistics.median(fed):.2f} s vs {statistics.median(ours):.2f} s on a "
-            "fixed batch"
+            f"fed by the pipeline: median {statistics.median(fed):.2f} s vs {statistics.median(fixed):.2f} s on the "
+            f"fixed batch, alternated (fed {', '.join(f'{t:.2f}' for t in fed)}; fixed "
+            f"{', '.join(f'{t:.2f}' for t in fixed)})"
         )
 
 

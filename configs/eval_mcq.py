@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tsv = ""  # a VLMEvalKit TSV: index, question, [hint], A, B, [C...], answer, image (base64), [category]
     c.prompt = "auto"  # auto | mcq | ai2d | yorn (auto: yorn without option columns, ai2d for an AI2D file name)
     c.batch_size = 8  # rows per Searcher.ask call
+    # True: the user text stripped of surrounding whitespace, as LLaVA-CoT's training strips its questions (VLMEvalKit
+    # sends it as built, ending in " \n"; a small model trained on stripped text can be thrown by the difference).
+    c.strip_prompt = False
     c.limit = 0  # evaluate only the first N rows of the TSV (0: all); raise it later and the run resumes
     c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
     # The model and search settings (dtype, search, num_candidates, budgets, ...), as configs/infer.py has them.

@@ -1,23 +1,60 @@
-"""`mode = "demo"`: the whole inference path offline on a laptop CPU, with nothing to download.
+"""`mode = "demo"`: a small Mllama learns, on a laptop CPU and offline, to answer multiple-choice questions about
+synthetic scenes, through the real trainer, evaluation harness and stage-level search (configs/demo.py).
 
-Builds (once, in the workdir) a tiny random Mllama checkpoint with the tiny tokenizer and an image processor,
-draws a synthetic CLEVR-like scene with a verifiable question, and runs the chosen search on it through the
-same code as `mode = "infer"`. The weights are random, so the text is noise: the demo shows the machinery
-(stages, candidates, judge verdicts, the trace), not answers. Point configs/infer.py at a converted
-LLaVA-CoT checkpoint for real ones.
+    python -m llava_cot_jax.main --config configs/demo.py --workdir DIR
+
+Phases, each kept in DIR and reused by a later run with the same settings:
+1. data    DIR/data/train: CLEVR-like scenes with four-option questions and four-stage answers in the LLaVA-CoT-100k
+           layout (train.jsonl + images/), plus judge examples (a correct stage against a corrupted one, in the
+           judge prompts of DIR/data/judge_prompts.json) so that the model learns to judge its own candidates;
+           DIR/data/heldout.tsv: held-out questions as a VLMEvalKit TSV (base64 images), and heldout_blind.tsv:
+           the same questions with a blank floor for the image.
+2. init    DIR/init: random weights of the demo model (`MllamaConfig.demo()`), the tiny tokenizer and the image
+           processor, saved as a checkpoint the trainer starts from (`model.init_from`).
+3. train   DIR/train: the trainer (mesh, Orbax train-state checkpoints, Grain); a rerun resumes from the last
+           checkpoint, and a finished run does no steps.
+4. eval    DIR/eval/{greedy,blind,SEARCH}: the evaluation harness on the held-out TSV with greedy decoding, on the
+           blind TSV (what the model answers without seeing the scene), and with the search method on the first
+           `search_questions` rows; a rerun resumes from each run's progress file.
+5. report  the table (chance, image-blind, greedy, search), DIR/demo_results.json and DIR/loss_curve.png.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import math
 import os
 import tempfile
+import time
 
 import numpy as np
 
+SETTINGS_FILE = "demo_settings.json"
+RESULTS_FILE = "demo_results.json"
+LOSS_CURVE = "loss_curve.png"
 
-def build_demo_checkpoint(path: str, seed: int = 0) -> str:
-    """A tiny random model saved as a llava_cot_jax checkpoint, with tokenizer and processor files."""
+# Short judge prompts for a small model with a small vocabulary (the defaults are written for LLaVA-CoT's 11B model);
+# the demo trains on them and its search reads them through `prompts_file`, as a user's override would. {question}
+# is the whole multiple-choice prompt, options included.
+_RESPONSES = "\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}"
+JUDGE_PROMPTS = {
+    "compare": {
+        "summary": "Which plan fits the question?\n\n{question}" + _RESPONSES,
+        "caption": "Which description matches the image?" + _RESPONSES,
+        "reasoning": "Which reasoning is right?\n\n{question}\nDescription: {hint}" + _RESPONSES,
+        "conclusion": "Which answer is right?\n\n{question}\nReasoning: {hint}" + _RESPONSES,
+    },
+}
+# The stages the demo trains the judge on (plans hardly differ: a summary match is settled any way it goes).
+JUDGE_STAGES = ("CAPTION", "REASONING", "CONCLUSION")
+
+
+def build_demo_checkpoint(path: str, seed: int = 0, config=None, gate: float = 0.5) -> str:
+    """Random weights of `config` (default `MllamaConfig.tiny()`) saved as a llava_cot_jax checkpoint with the tiny
+    tokenizer and an image processor for its tile size. Random init leaves the cross-attention gates at zero (as a
+    fresh Llama-3.2-Vision has them); they are set to `gate` so that the image reaches the text from the start."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -27,15 +64,13 @@ def build_demo_checkpoint(path: str, seed: int = 0) -> str:
     from llava_cot_jax.models.mllama.config import MllamaConfig
     from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 
-    config = MllamaConfig.tiny()
+    config = config or MllamaConfig.tiny()
     model = MllamaForConditionalGeneration(config, rngs=nnx.Rngs(seed))
-    # Random init leaves the cross-attention gates at zero (as a fresh Llama-3.2-Vision would); open them so
-    # the image actually reaches the text.
     cross = model.language_model.cross_layers
-    cross.cross_attn_attn_gate[...] = jnp.full_like(cross.cross_attn_attn_gate[...], 0.5)
-    cross.cross_attn_mlp_gate[...] = jnp.full_like(cross.cross_attn_mlp_gate[...], 0.5)
+    cross.cross_attn_attn_gate[...] = jnp.full_like(cross.cross_attn_attn_gate[...], gate)
+    cross.cross_attn_mlp_gate[...] = jnp.full_like(cross.cross_attn_mlp_gate[...], gate)
     with tempfile.TemporaryDirectory() as side:
-        save_tiny_tokenizer(side)
+        save_tiny_tokenizer(side, num_base_tokens=config.text.vocab_size - 256)
         MllamaImageProcessor(
             size=config.vision.image_size, max_image_tiles=config.vision.max_num_tiles
         ).save_pretrained(side)
@@ -43,31 +78,394 @@ def build_demo_checkpoint(path: str, seed: int = 0) -> str:
     return path
 
 
-def run(config, workdir: str = "") -> int:
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def _kinds(data_cfg) -> tuple[str, ...]:
+    return tuple(k.strip() for k in data_cfg.kinds.split(",") if k.strip())
+
+
+def _user_text(sample) -> str:
+    """The question as the evaluation harness prompts it (VLMEvalKit's multiple-choice prompt), stripped as the
+    trainer strips questions and as the demo's evaluation asks them (`eval.strip_prompt`), so training, the judge
+    examples and evaluation see the same text."""
+    from llava_cot_jax.eval import mcq
+
+    return mcq.build_prompt(sample.question, sample.option_map(), "", "mcq").strip()
+
+
+def judge_example(rng: np.random.Generator, objects, sample, prompts) -> tuple[str, str, str]:
+    """(stage, prompt, reply): the correct stage against a corrupted one, in random order, for a random stage of
+    JUDGE_STAGES, asked as the stage search asks (the hint is what the search shows: the caption for reasoning,
+    caption + reasoning for the conclusion) and answered "Better response: N"."""
+    from llava_cot_jax.data import synthetic
+
+    stage = JUDGE_STAGES[rng.integers(len(JUDGE_STAGES))]
+    right = getattr(sample, stage.lower())
+    wrong = synthetic.corrupt_stage(rng, objects, sample, stage)
+    first_right = bool(rng.integers(2))
+    hint = {"REASONING": sample.caption, "CONCLUSION": f"{sample.caption}\n{sample.reasoning}"}.get(stage, "")
+    responses = (right, wrong) if first_right else (wrong, right)
+    text = prompts.compare_text(stage.lower(), _user_text(sample), *responses, hint)
+    return stage, text, f"Better response: {1 if first_right else 2}"
+
+
+def write_data(config, data_dir: str) -> dict[str, str]:
+    """The training set, the held-out TSVs and the judge prompts (each written only when missing)."""
+    from llava_cot_jax.data import synthetic
+    from llava_cot_jax.eval import mcq
+    from llava_cot_jax.generate.judge import JudgePrompts
+
+    d = config.data
+    kinds = _kinds(d)
+    os.makedirs(data_dir, exist_ok=True)
+    paths = {
+        "train": os.path.join(data_dir, "train"),
+        "heldout": os.path.join(data_dir, "heldout.tsv"),
+        "blind": os.path.join(data_dir, "heldout_blind.tsv"),
+        "judge_prompts": os.path.join(data_dir, "judge_prompts.json"),
+    }
+    if not os.path.exists(paths["judge_prompts"]):
+        mcq.write_json(paths["judge_prompts"], JUDGE_PROMPTS)
+    prompts = JudgePrompts.load(paths["judge_prompts"])
+
+    if not os.path.isfile(os.path.join(paths["train"], synthetic.JSONL_NAME)):
+
+        def scene(index):
+            objects, sample = synthetic.mcq_scene(d.train_seed, index, kinds, d.object_scale)
+            conversations = [(_user_text(sample), sample.answer())]
+            judge_rng = np.random.default_rng([d.train_seed, index, 1])
+            if judge_rng.random() < d.judge_fraction:
+                conversations.append(judge_example(judge_rng, objects, sample, prompts)[1:])
+            return objects, conversations
+
+        print(f"writing {d.train_scenes} training scenes to {paths['train']}")
+        synthetic.write_scenes(
+            paths["train"], d.train_scenes, scene, d.train_seed, d.image_size, "png", overwrite=True, progress=True
+        )
+
+    if not (os.path.exists(paths["heldout"]) and os.path.exists(paths["blind"])):
+        rows, blind_rows = [], []
+        blank = _png_base64(synthetic.render_scene([], d.image_size))
+        for index in range(d.heldout_questions):
+            objects, sample = synthetic.mcq_scene(d.heldout_seed, index, kinds, d.object_scale)
+            row = {
+                "index": index,
+                "question": sample.question,
+                **sample.option_map(),
+                "answer": sample.correct,
+                "category": sample.kind,
+            }
+            rows.append(dict(row, image=_png_base64(synthetic.render_scene(objects, d.image_size))))
+            blind_rows.append(dict(row, image=blank))
+        header = ["index", "question", *synthetic.OPTION_LETTERS, "answer", "category", "image"]
+        mcq.write_tsv(paths["blind"], header, blind_rows)
+        mcq.write_tsv(paths["heldout"], header, rows)
+    return paths
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------------- train
+
+
+def train(config, workdir: str, paths: dict[str, str]) -> str:
+    """Runs the trainer (resuming, or doing nothing when finished); returns the last step's checkpoint."""
+    from llava_cot_jax.models.mllama.config import MllamaConfig
+    from llava_cot_jax.train import trainer
+
+    init = os.path.join(workdir, "init")
+    if not os.path.isdir(init):
+        model_config = MllamaConfig.demo(image_size=config.data.image_size)
+        print(f"building the initial checkpoint in {init} ({_num_params(model_config):,} parameters)")
+        build_demo_checkpoint(init, seed=config.seed, config=model_config, gate=config.init_gate)
+    t = config.trainer
+    t.seed = config.seed
+    t.model.init_from = init
+    t.data.train, t.data.image_root = paths["train"], ""
+    run_dir = os.path.join(workdir, "train")
+    code = trainer.run(t, run_dir)
+    if code:
+        raise RuntimeError(f"training stopped with exit code {code}; see {run_dir}")
+    steps_dir = os.path.join(run_dir, "checkpoints")
+    last = max((int(s) for s in os.listdir(steps_dir) if s.isdigit()), default=None)
+    if last is None:
+        raise RuntimeError(f"training wrote no checkpoint in {steps_dir}")
+    return os.path.join(steps_dir, str(last))
+
+
+def _num_params(model_config) -> int:
+    import jax
+    from flax import nnx
+
+    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
+
+    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(model_config, rngs=nnx.Rngs(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+# ------------------------------------------------------------------------------------------------------ eval
+
+
+def evaluate(config, workdir: str, name: str, tsv: str, checkpoint: str, search: str, limit: int = 0) -> dict:
+    """The evaluation harness on `tsv` (its accuracy.json), in DIR/eval/NAME; a rerun resumes."""
+    from llava_cot_jax.eval import run as eval_run
+
+    e = config.eval.copy_and_resolve_references()
+    e.checkpoint, e.tsv, e.limit = checkpoint, tsv, limit
+    e.infer.search, e.infer.num_candidates, e.infer.seed = search, config.num_candidates, config.seed
+    out = os.path.join(workdir, "eval", name)
+    print(f"\n== {name}: {search} on {os.path.basename(tsv)}" + (f", first {limit} rows" if limit else ""))
+    code = eval_run.run(e, out)
+    if code:
+        raise RuntimeError(f"evaluation {name} stopped with exit code {code}")
+    with open(os.path.join(out, "accuracy.json")) as f:
+        return json.load(f)
+
+
+def judge_accuracy(config, checkpoint: str, prompts_file: str) -> dict:
+    """How often the trained model, asked greedily in the search's judge prompt, prefers the right stage to a
+    corrupted one on held-out scenes (chance: 50%), overall and per stage."""
+    from tqdm import tqdm
+
+    from llava_cot_jax.data import synthetic
+    from llava_cot_jax.generate import cli
+    from llava_cot_jax.generate.judge import JudgePrompts
+
+    d, e = config.data, config.eval
+    prompts = JudgePrompts.load(prompts_file)
+    cases = []  # (stage, prompt text, image, right choice)
+    for index in range(config.judge_questions):
+        objects, sample = synthetic.mcq_scene(d.heldout_seed, index, _kinds(d), d.object_scale)
+        stage, text, reply = judge_example(np.random.default_rng([d.heldout_seed, index]), objects, sample, prompts)
+        cases.append((stage, text, synthetic.render_scene(objects, d.image_size), prompts.parse_choice(reply)))
+    infer = e.infer.copy_and_resolve_references()
+    infer.checkpoint, infer.search, infer.max_new_tokens = checkpoint, "greedy", infer.judge_max_new_tokens
+    searcher = cli.build_searcher(infer)
+    hits: dict[str, list[bool]] = {}
+    for start in tqdm(range(0, len(cases), e.batch_size), desc="judge", unit="batch"):
+        batch = cases[start : start + e.batch_size]
+        batch += [batch[-1]] * (e.batch_size - len(batch))  # one compiled program for every batch
+        results = searcher.ask([text for _, text, _, _ in batch], [[image] for _, _, image, _ in batch])
+        for (stage, _, _, right), result in list(zip(batch, results))[: len(cases) - start]:
+            hits.setdefault(stage, []).append(prompts.parse_choice(result.text) == right)
+    every = [h for stage_hits in hits.values() for h in stage_hits]
+    return {
+        "accuracy": sum(every) / len(every),
+        "num_pairs": len(every),
+        "per_stage": {stage: sum(h) / len(h) for stage, h in sorted(hits.items())},
+    }
+
+
+def show_example(config, workdir: str, checkpoint: str) -> None:
+    """Held-out question 0 through the search, as `mode = "infer"` answers it: every stage, then each step's
+    candidates and how its match was decided (the whole trace goes to DIR/trace.json)."""
     from llava_cot_jax.data import synthetic
     from llava_cot_jax.generate import cli
 
-    workdir = workdir or os.path.join(tempfile.gettempdir(), "llava_cot_jax_demo")
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = os.path.join(workdir, "tiny_random_checkpoint")
-    if not os.path.isdir(ckpt):
-        print(f"building a tiny random checkpoint in {ckpt}")
-        build_demo_checkpoint(ckpt, seed=config.seed)
-
-    rng = np.random.default_rng(config.seed)
-    objects = synthetic.random_scene(rng)
-    sample = synthetic.make_sample(rng, objects)
-    image_path = os.path.join(workdir, "scene.png")
-    synthetic.render_scene(objects, 224).save(image_path)
-    print(f"image: {image_path}\nquestion: {sample.question}\nreference conclusion: {sample.conclusion}")
-    print(f"search: {config.search} with {config.num_candidates} candidates (random weights: expect noise)\n")
-
-    infer = config.infer
-    infer.checkpoint, infer.image, infer.question = ckpt, image_path, sample.question
+    d = config.data
+    objects, sample = synthetic.mcq_scene(d.heldout_seed, 0, _kinds(d), d.object_scale)
+    infer = config.eval.infer.copy_and_resolve_references()
+    infer.checkpoint, infer.question = checkpoint, _user_text(sample)
+    infer.image = os.path.join(workdir, "example.png")
     infer.search, infer.num_candidates, infer.seed = config.search, config.num_candidates, config.seed
-    infer.trace = os.path.join(workdir, "trace.json")
-    code = cli.run(infer)
+    infer.show_stages, infer.trace = True, os.path.join(workdir, "trace.json")
+    synthetic.render_scene(objects, d.image_size).save(infer.image)
+    print(
+        f"\n== example: held-out question 0 ({infer.image}), {config.search} search; right answer: {sample.conclusion}"
+    )
+    cli.run(infer)
     with open(infer.trace) as f:
-        trace = json.load(f)
-    print(f"\ntrace of every candidate and judge verdict: {infer.trace} ({len(json.dumps(trace))} bytes)")
-    return code
+        trace = json.load(f)["result"]["trace"]
+    for step in trace:
+        candidates = " | ".join(" ".join(c["shown_to_judge"].split()) for c in step["candidates"])
+        rules = ", ".join(m["rule"] for m in step["matches"]) or "-"
+        print(f"  {step['step']}: candidates {candidates}; decided by {rules}; kept {step['winner'] + 1}")
+
+
+def _rows_accuracy(eval_dir: str, limit: int) -> dict:
+    """Accuracy of an evaluation's first `limit` rows (from its predictions.tsv), to compare on the same rows."""
+    import csv
+
+    with open(os.path.join(eval_dir, "predictions.tsv"), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    hits = [int(r["hit"]) for r in rows[:limit] if r["hit"] != ""]  # rows in the TSV's order, none of them bad
+    return {"accuracy": sum(hits) / len(hits) if hits else None, "num_scored": len(hits), "num_correct": sum(hits)}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def plot_curve(path: str, points: list[tuple[float, float]], title: str, width: int = 640, height: int = 400) -> None:
+    """A line chart of (x, y) points as a PNG, drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 20, 40, height - 50
+    draw.text((left, 12), title, fill="black")
+    if points:
+        xs, ys = zip(*points)
+        x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+        y1 = max(max(ys) * 1.05, 1e-6)
+        px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
+        py = lambda y: bottom - y / y1 * (bottom - top)
+        for value in np.linspace(0, y1, 5):
+            draw.line([left, py(value), right, py(value)], fill=(225, 225, 225))
+            draw.text((8, py(value) - 6), f"{value:.2f}", fill="black")
+        for value in sorted({round(v) for v in np.linspace(x0, x1, 6)}):
+            draw.text((px(value) - 10, bottom + 8), str(value), fill="black")
+        draw.line([(px(x), py(y)) for x, y in points], fill=(31, 119, 180), width=2)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text(((left + right) // 2 - 15, height - 24), "step", fill="black")
+    image.save(path)
+
+
+def _loss_points(run_dir: str) -> list[tuple[float, float]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def report(workdir: str, results: dict) -> None:
+    """Prints the table and the line that says whether the held-out accuracy clears the bar."""
+    a, n, m = results["accuracy"], results["num_heldout"], results["num_search_questions"]
+    search = "{method} search (N={num_candidates})".format(**results["search"])
+    rows = [
+        ("chance (1 / options)", a["chance"], a["chance"]),
+        ("image-blind (greedy, blank image)", a["image_blind"], a["image_blind_subset"]),
+        ("greedy", a["greedy"], a["greedy_subset"]),
+        (search, None, a["search"]),
+    ]
+    rows += [
+        (f"greedy, {kind} questions", acc["accuracy"], None) for kind, acc in results["per_category"]["greedy"].items()
+    ]
+    if results["judge"]:
+        rows.append(("judge picks the right stage (50%)", results["judge"]["accuracy"], None))
+    print(f"\nheld-out questions: {n} ({', '.join(results['kinds'])}), 4 options each; {search} on the first {m}")
+    if results["judge"]:
+        print(f"judge: {results['judge']['num_pairs']} held-out pairs of a right and a corrupted stage (chance 50%)")
+    print(f"  {'method':<36}{'all ' + str(n):>10}{'first ' + str(m):>10}")
+    for name, whole, first in rows:
+        print(f"  {name:<36}{_percent(whole):>10}{_percent(first):>10}")
+    bar = results["bar"]
+    print(
+        f"held-out accuracy (greedy) {_percent(a['greedy'])}: {'above' if bar['met'] else 'BELOW'} the bar "
+        f"(>= 2 x chance = {_percent(bar['two_times_chance'])} and > image-blind {_percent(a['image_blind'])})"
+    )
+    print(f"results: {os.path.join(workdir, RESULTS_FILE)}; loss curve: {os.path.join(workdir, LOSS_CURVE)}")
+
+
+# ------------------------------------------------------------------------------------------------------- run
+
+
+def _claim(workdir: str, config) -> None:
+    """Records the settings of the run in DIR, or refuses a DIR that holds a run with other settings (its data and
+    weights would not match them)."""
+    settings = config.to_dict()
+    settings.pop("compilation_cache", None)
+    settings = json.loads(json.dumps(settings, default=str))
+    path = os.path.join(workdir, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before != settings:
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            raise ValueError(
+                f"{workdir} holds a demo run with other settings (changed: {', '.join(changed)}); use another --workdir"
+            )
+        print(f"{workdir}: reusing what an earlier run with these settings made")
+        return
+    from llava_cot_jax.eval import mcq
+
+    mcq.write_json(path, settings)
+
+
+def run(config, workdir: str = "") -> int:
+    from llava_cot_jax.data import synthetic
+    from llava_cot_jax.eval import mcq
+
+    if config.search_questions < 1 or config.data.heldout_questions < 1:
+        raise ValueError("data.heldout_questions and search_questions must be >= 1")
+    unknown = [k for k in _kinds(config.data) if k not in synthetic.MCQ_KINDS]
+    if unknown or not _kinds(config.data):
+        raise ValueError(f"data.kinds={config.data.kinds!r}: choose from {', '.join(synthetic.MCQ_KINDS)}")
+    workdir = os.path.abspath(workdir or os.path.join(tempfile.gettempdir(), "llava_cot_jax_demo"))
+    os.makedirs(workdir, exist_ok=True)
+    _claim(workdir, config)
+    times = {}
+
+    start = time.perf_counter()
+    paths = write_data(config, os.path.join(workdir, "data"))
+    config.eval.infer.prompts_file = paths["judge_prompts"]
+    times["data_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    checkpoint = train(config, workdir, paths)
+    times["train_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    search_rows = min(config.search_questions, config.data.heldout_questions)
+    greedy = evaluate(config, workdir, "greedy", paths["heldout"], checkpoint, "greedy")
+    blind = evaluate(config, workdir, "blind", paths["blind"], checkpoint, "greedy")
+    searched = evaluate(config, workdir, config.search, paths["heldout"], checkpoint, config.search, search_rows)
+    judge = None
+    if config.data.judge_fraction > 0 and config.judge_questions > 0:
+        judge_file = os.path.join(workdir, "eval", "judge.json")
+        if not os.path.exists(judge_file):
+            print(f"\n== judge: {config.judge_questions} held-out pairs, the right stage against a corrupted one")
+            mcq.write_json(judge_file, judge_accuracy(config, checkpoint, paths["judge_prompts"]))
+        with open(judge_file) as f:
+            judge = json.load(f)
+    if not os.path.exists(os.path.join(workdir, "trace.json")):
+        show_example(config, workdir, checkpoint)
+    times["eval_s"] = time.perf_counter() - start
+
+    chance = 1 / len(synthetic.OPTION_LETTERS)
+    losses = _loss_points(os.path.join(workdir, "train"))
+    plot_curve(os.path.join(workdir, LOSS_CURVE), losses, "training loss (mean per supervised token)")
+    accuracy = {
+        "chance": chance,
+        "image_blind": blind["accuracy"],
+        "greedy": greedy["accuracy"],
+        "search": searched["accuracy"],
+        "image_blind_subset": _rows_accuracy(os.path.join(workdir, "eval", "blind"), search_rows)["accuracy"],
+        "greedy_subset": _rows_accuracy(os.path.join(workdir, "eval", "greedy"), search_rows)["accuracy"],
+    }
+    met = greedy["accuracy"] is not None and greedy["accuracy"] >= 2 * chance and greedy["accuracy"] > blind["accuracy"]
+    results = {
+        "accuracy": accuracy,
+        "bar": {"two_times_chance": 2 * chance, "met": bool(met)},
+        "per_category": {
+            name: r.get("per_category", {}) for name, r in (("greedy", greedy), ("blind", blind), ("search", searched))
+        },
+        "judge": judge,
+        "unanswered": {
+            "greedy": greedy["num_unanswered"],
+            "blind": blind["num_unanswered"],
+            "search": searched["num_unanswered"],
+        },
+        "num_heldout": config.data.heldout_questions,
+        "num_search_questions": search_rows,
+        "kinds": list(_kinds(config.data)),
+        "search": {"method": config.search, "num_candidates": config.num_candidates},
+        "checkpoint": checkpoint,
+        "training": {
+            "steps": int(os.path.basename(checkpoint)),
+            "first_loss": losses[0][1] if losses else None,
+            "last_loss": losses[-1][1] if losses else None,
+        },
+        "seconds": times,
+        "files": {"loss_curve": os.path.join(workdir, LOSS_CURVE), **paths, "eval": os.path.join(workdir, "eval")},
+    }
+    mcq.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    report(workdir, results)
+    return 0

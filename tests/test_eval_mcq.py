@@ -153,9 +153,9 @@ def test_ai2d_and_yes_no_prompts(tmp_path):
     )
     columns = ["index", "category", "question", "answer", "image"]  # HallusionBench-style: no options, no hint
     rows = [
-        dict(index="0", category="VD", question="Is the cat black?", answer="Yes", image=PNG),
-        dict(index="1", category="VS", question="Is it night?", answer="no", image=JPEG),
-        dict(index="2", category="VS", question="Why?", answer="maybe", image=PNG),
+        {"index": "0", "category": "VD", "question": "Is the cat black?", "answer": "Yes", "image": PNG},
+        {"index": "1", "category": "VS", "question": "Is it night?", "answer": "no", "image": JPEG},
+        {"index": "2", "category": "VS", "question": "Why?", "answer": "maybe", "image": PNG},
     ]
     table = mcq.read_tsv(write_tsv(tmp_path / "HallusionBench.tsv", columns, rows, quoting=csv.QUOTE_ALL))
     assert mcq.resolve_style("auto", table) == "yorn"
@@ -253,7 +253,7 @@ def test_extract_yes_no(answer, expected):
 
 def test_scores_and_report_on_known_outputs(tmp_path):
     rows = [
-        dict(index=str(i), question=f"q{i}", A="cat", B="dog", answer=a, category=c, image=PNG)
+        {"index": str(i), "question": f"q{i}", "A": "cat", "B": "dog", "answer": a, "category": c, "image": PNG}
         for i, a, c in [
             (1, "A", "x"),
             (2, "B", "x"),
@@ -362,6 +362,15 @@ def test_eval_resumes_without_redoing_rows(tiny_checkpoint, tmp_path, monkeypatc
     again = read_tsv_rows(os.path.join(workdir, "predictions.tsv"))
     assert [p["index"] for p in again] == ["1", "2", "3"] and again[0] == predictions[0]
     assert len(Path(progress).read_text(encoding="utf-8").splitlines()) == 3  # the cut line was replaced, not kept
+
+    # Prompts stripped as training strips questions: asked stripped, and never mixed with unstripped answers.
+    stripped = _config(tiny_checkpoint, tsv, strip_prompt=True, limit=1)
+    with pytest.raises(ValueError, match=r"other settings \(changed: strip_prompt\)"):
+        eval_run.run(stripped, workdir)
+    asked.clear()
+    assert prompt["1"] != prompt["1"].strip()
+    assert eval_run.run(stripped, str(tmp_path / "stripped")) == 0
+    assert asked == [[prompt["1"].strip(), prompt["1"].strip()]]
 
     # Everything answered: a rerun rebuilds the reports without loading the model.
     monkeypatch.setattr(cli, "build_searcher", lambda *a, **k: pytest.fail("model loaded with nothing to do"))

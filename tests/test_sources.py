@@ -48,8 +48,12 @@ def broken_dataset(tmp_path_factory):
         _record("truncated_jpeg", "truncated.jpg", _answer()),
         _record("text_as_jpeg", "not_an_image.jpg", _answer()),
         _record("dangling_question", good_image, _answer(), extra_turns=[{"from": "human", "value": "And?"}]),
-        _record("two_pairs", good_image, _answer(), extra_turns=[{"from": "human", "value": "And?"},
-                                                                 {"from": "gpt", "value": _answer(conclusion="4")}]),
+        _record(
+            "two_pairs",
+            good_image,
+            _answer(),
+            extra_turns=[{"from": "human", "value": "And?"}, {"from": "gpt", "value": _answer(conclusion="4")}],
+        ),
         _record("multi_image", [good_image, good_image], _answer()),
         json.dumps({"id": "no_turns", "image": good_image}),
         _record("text_only", None, _answer(), question="What is 1 + 2?"),
@@ -129,6 +133,18 @@ def test_examples_per_kind_are_capped(tmp_path):
     assert str(report.examples["malformed_json"][1]).endswith(":3: Expecting value at column 1")
 
 
+def test_judge_examples_train_under_the_default_filter_only(tmp_path):
+    # The demo's judge examples answer "Better response: N" without stage tags.
+    data = synthetic.write_synthetic_dataset(tmp_path / "d", 1, image_size=16)
+    with open(data.jsonl_path, "a") as f:
+        f.write(_record("judge", "synthetic/scene_000000.jpg", "Better response: 1") + "\n")
+    samples, report = sources.validate_jsonl(data.jsonl_path, data.image_root)
+    assert [s.id for s in samples] == ["synthetic_0_000000", "judge"] and report.ok
+    assert report.irregular["missing_stage"] == 1
+    samples, report = sources.validate_jsonl(data.jsonl_path, data.image_root, record_filter="strict")
+    assert [s.id for s in samples] == ["synthetic_0_000000"] and report.counts["missing_stage"] == 1
+
+
 def test_token_budget(broken_dataset):
     jsonl, image_root = broken_dataset
 
@@ -151,9 +167,7 @@ def test_token_counter_from_tokenizer(tmp_path):
     samples, _ = sources.validate_jsonl(data.jsonl_path, data.image_root)
     lengths = [counter(s.conversations, True) for s in samples]
     assert all(length > 20 for length in lengths)
-    _, report = sources.validate_jsonl(
-        data.jsonl_path, data.image_root, token_counter=counter, max_tokens=min(lengths)
-    )
+    _, report = sources.validate_jsonl(data.jsonl_path, data.image_root, token_counter=counter, max_tokens=min(lengths))
     assert report.kept == sum(length <= min(lengths) for length in lengths)
 
 
@@ -244,7 +258,9 @@ def test_killed_build_is_cleaned_up_by_the_rerun(tmp_path):
     out = tmp_path / "tfds"
     out.mkdir()
     # What SIGKILL during a build leaves: a temp dir named after a process that no longer exists.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=False
+    )
     stale = out / f"{tfds_builder._TMP_PREFIX}{dead.stdout.strip()}-abc"
     (stale / "llava_cot" / "incomplete.x").mkdir(parents=True)
     with pytest.raises(FileNotFoundError):
@@ -259,14 +275,20 @@ def test_prepare_data_cli(broken_dataset, tmp_path):
     command = [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--jsonl", str(jsonl)]
     command += ["--image_root", str(image_root), "--num_shards", "2"]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
-    ok = subprocess.run(command + ["--out_dir", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    ok = subprocess.run(
+        command + ["--out_dir", str(tmp_path / "a")], capture_output=True, text=True, env=env, check=False
+    )
     assert ok.returncode == 0, ok.stderr
     assert f"wrote {KEPT} examples" in ok.stdout and "multi_turn: 1" in ok.stdout
     strict_command = command + ["--out_dir", str(tmp_path / "s"), "--record_filter", "strict"]
     strict = subprocess.run(strict_command, check=False, capture_output=True, text=True, env=env)
     assert strict.returncode == 0 and f"wrote {GOOD + 1} examples" in strict.stdout, strict.stderr
     failed = subprocess.run(
-        command + ["--out_dir", str(tmp_path / "b"), "--on_error", "fail"], capture_output=True, text=True, env=env
+        command + ["--out_dir", str(tmp_path / "b"), "--on_error", "fail"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert failed.returncode == 1 and "corrupt_image: 2" in failed.stderr
     assert not (tmp_path / "b").exists()

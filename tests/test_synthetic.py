@@ -1,5 +1,6 @@
 """Synthetic CLEVR-like data: layout, determinism, answers that follow from the scene, clean failure."""
 
+import dataclasses
 import json
 import re
 
@@ -110,3 +111,71 @@ def test_refuses_to_overwrite_without_permission(tmp_path):
         synthetic.write_synthetic_dataset(tmp_path / "d", 2, image_size=16)
     data = synthetic.write_synthetic_dataset(tmp_path / "d", 3, image_size=16, overwrite=True)
     assert len(_read(data.jsonl_path)) == 3
+
+
+# ------------------------------------------------------------------------------------------------ multiple choice
+
+
+def test_multiple_choice_answers_follow_from_the_scene():
+    kinds, counts = set(), set()
+    for index in range(200):
+        objects, sample = synthetic.mcq_scene(2, index, scale=1.8)
+        assert 1 <= len(objects) <= synthetic.MCQ_MAX_OBJECTS and all(o.scale == 1.8 for o in objects)
+        options = sample.option_map()
+        assert list(options) == list("ABCD") and len(set(sample.options)) == 4
+        assert options[sample.correct] == sample.conclusion
+        assert chat.validate_stages(sample.answer()) == []
+        if sample.kind == "color":
+            assert len(objects) == 1 and sample.conclusion == objects[0].color
+            assert set(sample.options) <= set(synthetic.COLORS)
+        else:
+            assert sample.kind == "count" and sample.conclusion == str(len(objects))
+            assert sorted(sample.options) == ["1", "2", "3", "4"]
+            counts.add(len(objects))
+        # The caption names every object (colour and shape), whatever the question.
+        assert sample.caption.count(" a ") == len(objects)
+        assert all(f"{o.color} {o.shape}" in sample.caption for o in objects)
+        kinds.add(sample.kind)
+    assert kinds == set(synthetic.MCQ_KINDS) and counts == {1, 2, 3, 4}
+    assert synthetic.mcq_scene(2, 7) == synthetic.mcq_scene(2, 7)
+    assert synthetic.mcq_scene(2, 7, ("count",))[1].kind == "count"
+    with pytest.raises(ValueError, match="kinds"):
+        synthetic.mcq_scene(2, 7, ("shape",))
+
+
+def test_corrupted_stages_are_wrong():
+    rng = np.random.default_rng(0)
+    for index in range(100):
+        objects, sample = synthetic.mcq_scene(3, index)
+        for stage in chat.STAGES:
+            wrong = synthetic.corrupt_stage(rng, objects, sample, stage)
+            assert wrong and wrong != getattr(sample, stage.lower()), (stage, wrong)
+        wrong = synthetic.corrupt_stage(rng, objects, sample, "CONCLUSION")
+        assert wrong in sample.options and wrong != sample.conclusion
+
+
+def test_larger_objects_do_not_overlap_and_are_drawn_larger():
+    rng = np.random.default_rng(4)
+    big = synthetic.random_scene(rng, 4, 4, scale=1.8)
+    for i, a in enumerate(big):
+        for b in big[i + 1 :]:
+            assert np.hypot(a.x - b.x, a.y - b.y) > a.radius + b.radius
+    one = [dataclasses.replace(big[0], x=0.5, y=0.5)]
+    floor = np.asarray(synthetic.render_scene([], 64)).astype(int)
+    painted = lambda objects: (
+        np.abs(np.asarray(synthetic.render_scene(objects, 64)).astype(int) - floor).sum(-1) > 0
+    ).sum()
+    assert painted(one) > 2.5 * painted([dataclasses.replace(one[0], scale=1.0)])
+
+
+def test_write_scenes_writes_several_conversations_per_image(tmp_path):
+    def scene(index):
+        objects, sample = synthetic.mcq_scene(0, index)
+        return objects, [(sample.question, sample.answer()), ("Which is better?", "Better response: 1")]
+
+    data = synthetic.write_scenes(tmp_path / "d", 3, scene, image_size=32, image_format="png")
+    records = _read(data.jsonl_path)
+    assert data.num_samples == 6 and len(records) == 6
+    assert [r["id"] for r in records[:2]] == ["synthetic_0_000000", "synthetic_0_000000_1"]
+    assert records[0]["image"] == records[1]["image"] == "synthetic/scene_000000.png"
+    assert records[1]["conversations"][0]["value"] == "<image>\nWhich is better?"

@@ -5,6 +5,10 @@ from the scene description alone (counting, attributes, comparisons, "remove all
 (summary, caption, reasoning, conclusion) written from the same description. Nothing is downloaded, and the same
 seed always gives the same files, so tests and demos can train on it and check answers exactly.
 
+The demo's multiple-choice questions (`mcq_scene`: the colour of a lone object, or the number of objects, each with
+four options) come with `corrupt_stage` (a wrong version of any stage, for judge examples) and `write_scenes`
+(any conversations about the scenes, several per image, in the same layout).
+
 Layout written by `write_synthetic_dataset(out_dir, ...)`:
 
     out_dir/train.jsonl            {"id", "image", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}
@@ -18,10 +22,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (173, 35, 35),
@@ -51,6 +57,12 @@ class SceneObject:
     size: str
     x: float  # centre, fraction of the image width
     y: float  # centre, fraction of the image height
+    scale: float = 1.0  # the radius is _RADIUS[size] * scale
+
+    @property
+    def radius(self) -> float:
+        """Radius as a fraction of the image side."""
+        return _RADIUS[self.size] * self.scale
 
     def phrase(self) -> str:
         return f"{self.size} {self.color} {self.shape}"
@@ -72,18 +84,21 @@ class Sample:
         )
 
 
-def random_scene(rng: np.random.Generator, min_objects: int = 3, max_objects: int = 7) -> list[SceneObject]:
-    """Objects with random attributes at random non-overlapping positions (rejection sampling on bounding circles)."""
+def random_scene(
+    rng: np.random.Generator, min_objects: int = 3, max_objects: int = 7, scale: float = 1.0
+) -> list[SceneObject]:
+    """Objects with random attributes at random non-overlapping positions (rejection sampling on bounding circles);
+    `scale` enlarges every object (small images want larger objects)."""
     count = int(rng.integers(min_objects, max_objects + 1))
     objects: list[SceneObject] = []
     attempts = 0
     while len(objects) < count and attempts < 500:
         attempts += 1
         size = SIZES[rng.integers(len(SIZES))]
-        r = _RADIUS[size]
+        r = _RADIUS[size] * scale
         x, y = (float(v) for v in rng.uniform(r + 0.02, 1.0 - r - 0.02, size=2))
         # Keep a gap between objects so shapes never touch (counting must be unambiguous to the eye too).
-        if any((x - o.x) ** 2 + (y - o.y) ** 2 < (r + _RADIUS[o.size] + 0.03) ** 2 for o in objects):
+        if any((x - o.x) ** 2 + (y - o.y) ** 2 < (r + o.radius + 0.03) ** 2 for o in objects):
             continue
         objects.append(
             SceneObject(
@@ -92,6 +107,7 @@ def random_scene(rng: np.random.Generator, min_objects: int = 3, max_objects: in
                 size=size,
                 x=x,
                 y=y,
+                scale=scale,
             )
         )
     # Draw back to front so nearer (lower) objects are painted last, as a camera above the table would see them.
@@ -115,7 +131,7 @@ def _shade(color: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None:
     base = COLORS[obj.color]
-    r = _RADIUS[obj.size] * side
+    r = obj.radius * side
     cx, cy = obj.x * side, obj.y * side
     # A drop shadow below-right of every object grounds it on the floor.
     draw.ellipse([cx - r * 0.9, cy + r * 0.55, cx + r * 1.1, cy + r * 1.05], fill=(135, 135, 135))
@@ -255,9 +271,7 @@ def _attribute_question(rng, objects) -> Sample | None:
         question=f"What {asked} is the {name}?",
         summary=f"I will find the only {name} in the scene and report its {asked}.",
         caption=_caption(objects),
-        reasoning=(
-            f"Checking each object, exactly one is a {name}: the {target.phrase()}. Its {asked} is {value}."
-        ),
+        reasoning=(f"Checking each object, exactly one is a {name}: the {target.phrase()}. Its {asked} is {value}."),
         conclusion=value,
     )
 
@@ -297,6 +311,136 @@ def make_sample(rng: np.random.Generator, objects: list[SceneObject]) -> Sample:
     return (_count_question, _subtract_question, None, _compare_question)[kind](rng, objects)
 
 
+# ------------------------------------------------------------------------------------------------ multiple choice
+
+MCQ_KINDS = ("color", "count")
+OPTION_LETTERS = "ABCD"
+MCQ_MAX_OBJECTS = 4  # counts stay within the four options 1-4
+
+
+@dataclasses.dataclass(frozen=True)
+class McqSample(Sample):
+    """A four-option question: the options in the order shown, the correct letter, and the kind of question
+    (`MCQ_KINDS`; the evaluation's category). The conclusion is the correct option's text, which VLMEvalKit's
+    answer extraction (and ours) maps to its letter."""
+
+    options: tuple[str, ...] = ()
+    correct: str = ""
+    kind: str = ""
+
+    def option_map(self) -> dict[str, str]:
+        return dict(zip(OPTION_LETTERS, self.options))
+
+
+def _listed(words) -> str:
+    words = list(words)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _short_caption(objects: list[SceneObject]) -> str:
+    """The objects in a fixed order (by colour, then shape), so the caption depends on what is in the scene and
+    not on where."""
+    ranked = sorted(objects, key=lambda o: (list(COLORS).index(o.color), SHAPES.index(o.shape)))
+    return f"The image shows {_listed(f'a {o.color} {o.shape}' for o in ranked)}."
+
+
+# Per kind: the question, the plan (summary), the reasoning that gives the answer, and the scene's object counts.
+_MCQ_TEXT = {
+    "color": ("What color is the object?", "I will find the color of the object.", "The object is {}.", (1, 1)),
+    "count": (
+        "How many objects are in the image?",
+        "I will count the objects.",
+        "Counting the objects gives {}.",
+        (1, MCQ_MAX_OBJECTS),
+    ),
+}
+
+
+def _mcq(rng: np.random.Generator, objects: list[SceneObject], kind: str, answer: str, distractors) -> McqSample:
+    options = [answer, *distractors]
+    options = tuple(options[i] for i in rng.permutation(len(options)))
+    question, summary, reasoning, _ = _MCQ_TEXT[kind]
+    return McqSample(
+        question=question,
+        summary=summary,
+        caption=_short_caption(objects),
+        reasoning=reasoning.format(answer),
+        conclusion=answer,
+        options=options,
+        correct=OPTION_LETTERS[options.index(answer)],
+        kind=kind,
+    )
+
+
+def _color_mcq(rng: np.random.Generator, objects: list[SceneObject]) -> McqSample:
+    """The colour of the only object, among three others."""
+    answer = objects[0].color
+    return _mcq(
+        rng,
+        objects,
+        "color",
+        answer,
+        [str(c) for c in rng.choice([c for c in COLORS if c != answer], 3, replace=False)],
+    )
+
+
+def _count_mcq(rng: np.random.Generator, objects: list[SceneObject]) -> McqSample:
+    """The number of objects, among every count a scene can have."""
+    answer = str(len(objects))
+    return _mcq(rng, objects, "count", answer, [str(i) for i in range(1, MCQ_MAX_OBJECTS + 1) if str(i) != answer])
+
+
+_MCQ_MAKERS = {"color": _color_mcq, "count": _count_mcq}
+
+
+def mcq_scene(
+    seed: int, index: int, kinds: tuple[str, ...] = MCQ_KINDS, scale: float = 1.0
+) -> tuple[list[SceneObject], McqSample]:
+    """Scene `index` of the multiple-choice set `seed`, objects sized by `scale`, and its question, the kind drawn
+    from `kinds` (a colour question shows one object, a count question one to MCQ_MAX_OBJECTS). Depends only on
+    (seed, index, kinds, scale)."""
+    unknown = [k for k in kinds if k not in _MCQ_MAKERS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown multiple-choice kinds {unknown or kinds!r}; choose from {MCQ_KINDS}")
+    rng = np.random.default_rng([seed, index])
+    kind = kinds[rng.integers(len(kinds))]
+    objects = random_scene(rng, *_MCQ_TEXT[kind][3], scale)
+    return objects, _MCQ_MAKERS[kind](rng, objects)
+
+
+def corrupt_stage(rng: np.random.Generator, objects: list[SceneObject], sample: McqSample, stage: str) -> str:
+    """A wrong version of one stage of `sample` (a judge example's losing side): another kind's plan, a caption with
+    one object recoloured, reshaped, dropped or doubled, or reasoning and conclusion that pick a wrong option."""
+    if stage == "SUMMARY":
+        return next(summary for kind, (_, summary, _, _) in _MCQ_TEXT.items() if kind != sample.kind)
+    if stage == "CAPTION":
+        return _short_caption(_altered_scene(rng, objects))
+    wrong = [o for o in sample.options if o != sample.conclusion]
+    option = wrong[rng.integers(len(wrong))]
+    if stage == "REASONING":
+        return _MCQ_TEXT[sample.kind][2].format(option)
+    if stage == "CONCLUSION":
+        return option
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _altered_scene(rng: np.random.Generator, objects: list[SceneObject]) -> list[SceneObject]:
+    """The objects with one change that alters the caption."""
+    changes = ["color", "shape", "double"] + (["drop"] if len(objects) > 1 else [])
+    change = changes[rng.integers(len(changes))]
+    i = int(rng.integers(len(objects)))
+    target = objects[i]
+    if change == "drop":
+        return objects[:i] + objects[i + 1 :]
+    if change == "double":
+        return objects + [target]
+    if change == "color":
+        altered = dataclasses.replace(target, color=str(rng.choice([c for c in COLORS if c != target.color])))
+    else:
+        altered = dataclasses.replace(target, shape=str(rng.choice([s for s in SHAPES if s != target.shape])))
+    return objects[:i] + [altered] + objects[i + 1 :]
+
+
 # -------------------------------------------------------------------------------------------------------- writer
 
 
@@ -320,8 +464,32 @@ def write_synthetic_dataset(
     The dataset is built in a temporary sibling directory and moved into place at the end, so an interrupted run
     leaves no partial dataset at `out_dir`. Sample i depends only on (seed, i).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+    def scene(index):
+        rng = np.random.default_rng([seed, index])
+        objects = random_scene(rng)
+        sample = make_sample(rng, objects)
+        return objects, [(sample.question, sample.answer())]
+
+    return write_scenes(out_dir, num_samples, scene, seed, image_size, image_format, overwrite)
+
+
+def write_scenes(
+    out_dir: str | os.PathLike,
+    num_scenes: int,
+    scene: Callable[[int], tuple[list[SceneObject], list[tuple[str, str]]]],
+    seed: int = 0,
+    image_size: int = 224,
+    image_format: str = "jpeg",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> SyntheticDataset:
+    """Writes the LLaVA-CoT layout for `scene(index)` -> (objects, [(user text, assistant text), ...]) over
+    `num_scenes` indexes: one image per scene and one record per conversation about it (a record's id is
+    `synthetic_{seed}_{index:06d}`, then `_1`, `_2`, ... for further conversations on the same image).
+    Built in a temporary sibling directory and renamed into place; `progress` shows a bar."""
+    if num_scenes < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_scenes}")
     if image_format not in ("jpeg", "png"):
         raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
     out_dir = Path(out_dir)
@@ -330,31 +498,33 @@ def write_synthetic_dataset(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     suffix = "jpg" if image_format == "jpeg" else "png"
+    save_kwargs = {"quality": 90} if image_format == "jpeg" else {}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    num_records = 0
     try:
         (tmp / IMAGE_ROOT_NAME / "synthetic").mkdir(parents=True)
         with open(tmp / JSONL_NAME, "w", encoding="utf-8") as jsonl:
-            for index in range(num_samples):
-                rng = np.random.default_rng([seed, index])
-                objects = random_scene(rng)
-                sample = make_sample(rng, objects)
+            for index in tqdm(range(num_scenes), desc="scenes", unit="scene", disable=not progress):
+                objects, conversations = scene(index)
                 image_rel = f"synthetic/scene_{index:06d}.{suffix}"
-                image = render_scene(objects, image_size)
-                save_kwargs = {"quality": 90} if image_format == "jpeg" else {}
-                image.save(tmp / IMAGE_ROOT_NAME / image_rel, format=image_format.upper(), **save_kwargs)
-                record = {
-                    "id": f"synthetic_{seed}_{index:06d}",
-                    "image": image_rel,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{sample.question}"},
-                        {"from": "gpt", "value": sample.answer()},
-                    ],
-                }
-                jsonl.write(json.dumps(record) + "\n")
+                render_scene(objects, image_size).save(
+                    tmp / IMAGE_ROOT_NAME / image_rel, format=image_format.upper(), **save_kwargs
+                )
+                for k, (question, answer) in enumerate(conversations):
+                    record = {
+                        "id": f"synthetic_{seed}_{index:06d}" + (f"_{k}" if k else ""),
+                        "image": image_rel,
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\n{question}"},
+                            {"from": "gpt", "value": answer},
+                        ],
+                    }
+                    jsonl.write(json.dumps(record) + "\n")
+                    num_records += 1
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SyntheticDataset(out_dir / JSONL_NAME, out_dir / IMAGE_ROOT_NAME, num_samples)
+    return SyntheticDataset(out_dir / JSONL_NAME, out_dir / IMAGE_ROOT_NAME, num_records)

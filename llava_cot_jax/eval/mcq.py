@@ -398,10 +398,9 @@ def write_atomic(path: str, write) -> None:
             os.remove(tmp)
 
 
-def write_predictions(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    """predictions.tsv: the input's columns (less `image`) and OUTPUT_COLUMNS, every cell quoted as VLMEvalKit's
-    own TSVs are."""
-    header = [c for c in columns if c != "image" and c not in OUTPUT_COLUMNS] + list(OUTPUT_COLUMNS)
+def write_tsv(path: str, header: Sequence[str], rows: Iterable[Mapping]) -> None:
+    """A TSV with every cell quoted, as VLMEvalKit's own TSVs are (keys of a row not in `header` are left out),
+    written atomically."""
 
     def write(f):
         writer = csv.DictWriter(f, header, delimiter="\t", quoting=csv.QUOTE_ALL, extrasaction="ignore")
@@ -409,6 +408,11 @@ def write_predictions(path: str, columns: Sequence[str], rows: Sequence[dict]) -
         writer.writerows(rows)
 
     write_atomic(path, write)
+
+
+def write_predictions(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
+    """predictions.tsv: the input's columns (less `image`) and OUTPUT_COLUMNS."""
+    write_tsv(path, [c for c in columns if c != "image" and c not in OUTPUT_COLUMNS] + list(OUTPUT_COLUMNS), rows)
 
 
 def write_json(path: str, data) -> None:

@@ -137,6 +137,9 @@ def run(config, workdir: str = "") -> int:
         items = [item for item in items if item.row <= config.limit]
         bad = [b for b in bad if b.row <= config.limit]
     num_rows = min(len(table.rows), config.limit or len(table.rows))
+    strip = bool(config.get("strip_prompt", False))
+    if strip:
+        items = [dataclasses.replace(item, prompt=item.prompt.strip()) for item in items]
 
     os.makedirs(workdir, exist_ok=True)
     search = cli.search_config(infer)
@@ -149,12 +152,13 @@ def run(config, workdir: str = "") -> int:
             "prompt": style,
             "search": dataclasses.asdict(search),
             "stop_at_eos": bool(infer.get("stop_at_eos", True)),
+            **({"strip_prompt": True} if strip else {}),  # absent when off: earlier workdirs still resume
         },
     )
     progress = Progress(os.path.join(workdir, PROGRESS))
     pending = [item for item in items if item.index not in progress.done]
     print(
-        f"{config.tsv}: {num_rows} rows, prompt {style!r}, {search.method} search; "
+        f"{config.tsv}: {num_rows} rows, prompt {style!r}{' (stripped)' if strip else ''}, {search.method} search; "
         f"{len(items) - len(pending)} answered before, {len(pending)} to run, {len(bad)} bad so far"
     )
 
@@ -168,6 +172,7 @@ def run(config, workdir: str = "") -> int:
         "tsv": os.path.abspath(config.tsv),
         "checkpoint": os.path.abspath(config.checkpoint),
         "prompt": style,
+        "strip_prompt": strip,
         "method": search.method,
         **result,
     }

@@ -216,6 +216,30 @@ class MllamaConfig:
         )
         return cls(vision=vision, text=text, image_token_id=vocab_size, **kwargs)
 
+    @classmethod
+    def demo(cls, vocab_size: int = 1024, image_size: int = 64, **kwargs) -> MllamaConfig:
+        """The CPU demo's model (configs/demo.py), ~2M parameters: an image is one tile of `image_size` pixels cut
+        into 8-px patches; a 128-wide text decoder of 3 self-attention and 2 cross-attention layers. Token ids
+        follow the tiny tokenizer (`vocab_size` - 256 base tokens, then the Llama-3 specials)."""
+        vision = VisionConfig(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_global_layers=1,
+            intermediate_layers_indices=(1, 2),
+            attention_heads=4,
+            intermediate_size=128,
+            vision_output_dim=192,
+            image_size=image_size,
+            patch_size=8,
+            max_num_tiles=1,
+            supported_aspect_ratios=((1, 1),),
+        )
+        tiny = cls.tiny(vocab_size).text
+        text = dataclasses.replace(
+            tiny, hidden_size=128, num_hidden_layers=5, cross_attention_layers=(1, 3), intermediate_size=384
+        )
+        return cls(vision=vision, text=text, image_token_id=vocab_size, **kwargs)
+
     # ------------------------------------------------------------------------------------- HF conversion
 
     @classmethod
@@ -289,13 +313,13 @@ class MllamaConfig:
         rope_scaling = None
         if t.rope_llama3_scaling is not None:
             factor, low, high, original = t.rope_llama3_scaling
-            rope_scaling = dict(
-                rope_type="llama3",
-                factor=factor,
-                low_freq_factor=low,
-                high_freq_factor=high,
-                original_max_position_embeddings=original,
-            )
+            rope_scaling = {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
         eos = list(t.eos_token_id)
         return {
             "architectures": ["MllamaForConditionalGeneration"],
