@@ -41,6 +41,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stream = True  # print text as it is produced when stdout is a terminal
     c.trace = ""  # write a JSON trace of every candidate and judge verdict here
     c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
+    # Device mesh (data x fsdp x tensor; one may be -1 = the devices left over). All 1: one device. A TPU VM slice
+    # or a multi-GPU host: --config.mesh_tensor=-1 (weights split over every chip; see README).
+    c.mesh_data = 1
+    c.mesh_fsdp = 1
+    c.mesh_tensor = 1
+    c.scan_layers = False  # decode with the text layers scanned (compile time independent of depth) or unrolled
+    c.quantize = ""  # "int8": int8 text-decoder weights (11B in ~11 GiB: one 16 GB chip, e.g. Colab's v5e-1)
+    c.model = ""  # tools/aot_compile.py without a checkpoint: an architecture preset (llama_11b, llama_90b, ...)
+    c.batch_size = 1  # tools/aot_compile.py: questions searched together (the CLI answers one)
     if arg == "runlocal":
         c.dtype = "float32"  # XLA:CPU handles float32 well; bfloat16 programs ask for fp32 copies of the weights
         c.stage_max_new_tokens = 32

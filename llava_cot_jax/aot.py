@@ -152,7 +152,8 @@ class Program:
 @dataclasses.dataclass
 class CompileResult:
     program: Program
-    seconds: float  # lowering + compilation
+    seconds: float  # lowering + compilation, wall clock
+    cpu_seconds: float  # the same in CPU time of this process (steadier than wall clock on a shared host)
     memory: MemoryReport | None  # None when XLA refused to compile for lack of memory (see `error`)
     compiled: object = dataclasses.field(repr=False, default=None)
     error: str = ""
@@ -164,23 +165,25 @@ class CompileResult:
     def row(self) -> str:
         notes = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.program.notes.items())
         memory = self.memory.row() if self.memory is not None else f"does not fit: {self.error}"
-        return f"{self.program.name:<28} {self.seconds:7.1f}s {memory}  {notes}".rstrip()
+        seconds = f"{self.seconds:6.1f}s {self.cpu_seconds:6.1f}s"
+        return f"{self.program.name:<28} {seconds} {memory}  {notes}".rstrip()
 
 
 def compile_program(program: Program, hbm_gib: float) -> CompileResult:
     """Lowers and compiles one program for the devices its arguments' shardings name."""
     import jax  # pylint: disable=g-import-not-at-top
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         # XLA's TPU compiler stops when even its best buffer assignment exceeds the HBM: that is the answer.
-        return CompileResult(program, time.perf_counter() - start, None, error=str(err).split("\n")[0])
-    seconds = time.perf_counter() - start
-    return CompileResult(program, seconds, memory_report(compiled, hbm_gib), compiled)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+        return CompileResult(program, seconds, cpu_seconds, None, error=str(err).split("\n")[0])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return CompileResult(program, seconds, cpu_seconds, memory_report(compiled, hbm_gib), compiled)
 
 
 def mesh_from_config(config, devices):
@@ -211,8 +214,9 @@ def programs_for_config(config, mesh) -> list[Program]:
     return generate_aot.programs(config, mesh)
 
 
-def compile_for_topology(config, topology_name: str) -> list[CompileResult]:
-    """Compiles every program a config describes for a TPU slice, one after another, printing a row for each."""
+def compile_for_topology(config, topology_name: str, only=()) -> list[CompileResult]:
+    """Compiles every program a config describes for a TPU slice (those whose names contain a word of `only`, if
+    given), one after another, printing a row for each."""
     t = topology(topology_name)
     mesh = mesh_from_config(config, topology_devices(topology_name))
     results = []
@@ -222,8 +226,10 @@ def compile_for_topology(config, topology_name: str) -> list[CompileResult]:
         f"{t.name} ({t.topology_name}, {t.chips} chips, {t.devices} devices, {t.hbm_gib_per_device:g} GiB HBM per "
         f"device){mesh_note}"
     )
-    print(f"{'program':<28} {'compile':>8} {MemoryReport.HEADER}   (GiB per device)")
+    print(f"{'program':<28} {'wall, CPU s':>15} {MemoryReport.HEADER}   (GiB per device)")
     for program in programs_for_config(config, mesh):
+        if only and not any(word in program.name for word in only):
+            continue
         results.append(compile_program(program, t.hbm_gib_per_device))
         print(results[-1].row(), flush=True)
     return results

@@ -27,6 +27,7 @@ import numpy as np
 
 from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.models.mllama import params as hf_params
+from llava_cot_jax.models.mllama import quant
 
 CONFIG_FILE = "llava_cot_config.json"
 PARAMS_DIR = "params"
@@ -181,9 +182,11 @@ def _param_reader(ckpt_dir: str):
             f"unexpected {unexpected}, shape mismatches {wrong}"
         )
 
-    def read(paths) -> Params:
+    def read(paths, restore_args=None) -> Params:
+        """Host numpy arrays by default; `restore_args` {path: ocp.ArrayRestoreArgs(sharding=...)} reads each array
+        straight into its shards (every device's slice read from disk by itself)."""
         item = nested({p: 0 for p in paths})
-        restore_args = nested({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+        restore_args = nested(restore_args or {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             tree = checkpointer.restore(
                 path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
@@ -199,16 +202,86 @@ def load_params(ckpt_dir: str) -> tuple[MllamaConfig, Params]:
     return config, read(paths)
 
 
-def load_model(ckpt_dir: str, dtype: str | None = None, compute_dtype: str | None = None, scan_layers: bool = True):
+def load_model(
+    ckpt_dir: str,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
+    scan_layers: bool = True,
+    mesh=None,
+    rules=None,
+    quantize: str | None = None,
+):
     """Builds the model from a converted checkpoint; `dtype` overrides the stored parameter dtype;
-    `scan_layers=False` loads the text layers unscanned, as decoding wants them (MllamaConfig.scan_layers)."""
-    config, params = load_params(ckpt_dir)
-    config = config.replace(scan_layers=scan_layers)
+    `scan_layers=False` loads the text layers unscanned, as decoding wants them (MllamaConfig.scan_layers).
+
+    With a `mesh`, every parameter is read straight into its shards as `rules` (default: the training table;
+    decoding passes `sharding.inference_rules(...)`) place it: each device's slice is read from disk by itself,
+    one parameter at a time, so no host or device ever holds the whole model (90B loads onto chips that only
+    hold it together). `quantize="int8"` stores the text decoder's matrices as int8 as each is read
+    (`models/mllama/quant.py`), so 11B's 21 GB of bf16 weights load onto one 16 GB chip."""
+    config = load_config(ckpt_dir).replace(scan_layers=scan_layers)
     if dtype is not None:
         config = config.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
     elif compute_dtype is not None:
         config = config.replace(dtype=compute_dtype)
-    return hf_params.model_from_params(config, params)
+    if mesh is None and quantize:  # one device: still read parameter by parameter, the host never holds the model
+        import jax  # pylint: disable=g-import-not-at-top
+
+        from llava_cot_jax import sharding  # pylint: disable=g-import-not-at-top
+
+        mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    if mesh is not None:
+        return _load_onto_mesh(ckpt_dir, config, mesh, rules, quantize)
+    _, params = load_params(ckpt_dir)
+    return hf_params.model_from_params(config, params, quantize)
+
+
+def _load_onto_mesh(ckpt_dir: str, config: MllamaConfig, mesh, rules, quantize: str | None):
+    """`load_model` on a mesh. The checkpoint stores layers stacked; an unscanned model's layer i is sliced from the
+    stacked parameter on the devices (one stacked parameter in flight at a time)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+    from llava_cot_jax import sharding  # pylint: disable=g-import-not-at-top
+    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
+
+    _, read, _ = _param_reader(ckpt_dir)  # checks names and shapes against the config first
+    stored = hf_params.abstract_params(config)
+    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    targets = dict(nnx.to_flat_state(sharding.param_shardings(state, mesh, rules or sharding.LOGICAL_AXIS_RULES)))
+    variables = dict(nnx.to_flat_state(state))
+    by_key: dict = {}  # stored parameter -> [(our path, layer index or None)]
+    for path in variables:
+        key, index = hf_params.stacked_location(path)
+        by_key.setdefault(key, []).append((path, index))
+    slicers = {}  # one jitted slice per target sharding (and shape): layer i is an argument, not a new program
+
+    def take_layer(stacked, index, target):
+        if target not in slicers:
+            slicers[target] = jax.jit(
+                lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), out_shardings=target
+            )
+        return slicers[target](stacked, np.int32(index))
+
+    values = {}
+    for key, entries in by_key.items():
+        target = targets[entries[0][0]].get_value()
+        stacked = entries[0][1] is not None
+        spec = PartitionSpec(None, *target.spec) if stacked else target.spec
+        args = ocp.ArrayRestoreArgs(
+            sharding=NamedSharding(mesh, spec), dtype=config.jnp_param_dtype, global_shape=stored[key][0]
+        )
+        value = read([key], {key: args})[key]
+        for path, index in entries:
+            layer = value if index is None else take_layer(value, index, target)
+            values[path] = quant.maybe_quantize(path, variables[path], layer, quantize)
+        del value
+    for path, var in variables.items():
+        var.set_value(values.pop(path))
+    return nnx.merge(graphdef, nnx.from_flat_state(list(variables.items())))
 
 
 def save_model(out_dir: str, model, side_files_from: str | None = None, overwrite: bool = False) -> str:

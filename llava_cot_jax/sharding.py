@@ -2,7 +2,8 @@
 
 Every parameter carries logical axis names (see models/mllama/layers.py: `param`). Training and multi-chip
 inference both shard through `LOGICAL_AXIS_RULES`: FSDP over "embed", tensor parallelism over heads / MLP /
-vocabulary, and nothing over the stacked "layers" axis (lax.scan walks it).
+vocabulary, and nothing over the stacked "layers" axis (lax.scan walks it). Decoding uses the same table with
+one exception (`inference_rules`): key/value heads that the tensor axis does not divide are replicated.
 """
 
 from __future__ import annotations
@@ -58,38 +59,66 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> j
         return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def logical_to_spec(names) -> PartitionSpec:
-    rules = dict(LOGICAL_AXIS_RULES)
+def inference_rules(num_key_value_heads: int, mesh: jax.sharding.Mesh) -> tuple:
+    """The rules for decoding on `mesh`: `LOGICAL_AXIS_RULES`, except that key/value heads are replicated when the
+    tensor axis does not divide their number (e.g. 8 kv heads on tensor=16; a tiny test model's 2 on tensor=4).
+    Every device then holds all kv heads of its layers' K/V projections, KV caches and image K/V: more memory,
+    no communication, and each query head still finds its kv head locally."""
+    if num_key_value_heads % mesh.shape["tensor"] == 0:
+        return LOGICAL_AXIS_RULES
+    return tuple((name, None if name == "kv_heads" else axes) for name, axes in LOGICAL_AXIS_RULES)
+
+
+def config_mesh(config, devices=None) -> jax.sharding.Mesh | None:
+    """The mesh a config's `mesh_data`, `mesh_fsdp`, `mesh_tensor` keys ask for (one may be -1: the devices left
+    over), or None when all three are 1 or absent (one device, no mesh)."""
+    sizes = [config.get(f"mesh_{axis}", 1) for axis in ("data", "fsdp", "tensor")]
+    if sizes == [1, 1, 1]:
+        return None
+    return make_mesh(*sizes, devices=devices)
+
+
+def logical_to_spec(names, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    rules = dict(rules)
     unknown = [n for n in names if n is not None and n not in rules]
     if unknown:
         raise KeyError(f"logical axes {unknown} have no rule in LOGICAL_AXIS_RULES")
     return PartitionSpec(*(None if n is None else rules[n] for n in names))
 
 
-def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+def _axis_size(mesh, axis) -> int:
+    axes = (axis,) if isinstance(axis, str) else (axis or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.State:
     """NamedShardings for every parameter of a (possibly abstract) model state, checking divisibility so a
-    mesh that does not fit a parameter fails here with the parameter's name, not deep inside XLA."""
+    mesh that does not fit the model fails here, with one error naming every parameter and dimension it does
+    not divide, not deep inside XLA."""
+    problems = []
 
     def one(path, var):
         names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        spec = logical_to_spec(names)
-        for dim, axis in zip(var.shape, spec):
-            axes = (axis,) if isinstance(axis, str) else (axis or ())
-            size = math.prod(mesh.shape[a] for a in axes)
-            if dim % size:
-                raise ValueError(
-                    f"parameter {'/'.join(map(str, path))} {tuple(var.shape)} {names}: dimension {dim} is "
-                    f"not divisible by mesh axes {axes} of size {size}"
+        spec = logical_to_spec(names, rules)
+        for dim, axis, name in zip(var.shape, spec, names):
+            if dim % _axis_size(mesh, axis):
+                problems.append(
+                    f"parameter {'/'.join(map(str, path))} {tuple(var.shape)}: dimension {dim} ({name}) is not "
+                    f"divisible by mesh axes {axis} of size {_axis_size(mesh, axis)}"
                 )
         return var.replace(NamedSharding(mesh, spec))
 
-    return nnx.map_state(one, state)
+    shardings = nnx.map_state(one, state)
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ValueError(f"mesh {dict(mesh.shape)} does not fit the model: " + "; ".join(problems[:8]) + more)
+    return shardings
 
 
-def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.Module:
     """Places a model's parameters on the mesh according to the rules table (in place)."""
     state = nnx.state(model, nnx.Param)
-    shardings = param_shardings(state, mesh)
+    shardings = param_shardings(state, mesh, rules)
     nnx.update(model, jax.device_put(state, shardings))
     return model
 
@@ -108,16 +137,17 @@ def check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
         )
 
 
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """Pins an activation's sharding to the logical axes `names` when a mesh is set (`jax.set_mesh`), so the
-    partitioner keeps activations batch-sharded next to FSDP-sharded weights; a no-op without a mesh.
+def dividing_spec(shape, names, mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """The spec of logical axes `names` for an array of `shape`, with every mesh axis that does not divide its
+    dimension dropped (that dimension is replicated rather than padded)."""
+    spec = logical_to_spec(names, rules)
+    return PartitionSpec(*(axis if dim % _axis_size(mesh, axis) == 0 else None for dim, axis in zip(shape, spec)))
 
-    An axis whose mesh size does not divide the dimension is left unconstrained rather than padded."""
+
+def constrain(x: jax.Array, names: tuple[str | None, ...], rules=LOGICAL_AXIS_RULES) -> jax.Array:
+    """Pins an array's sharding to the logical axes `names` when a mesh is set (`jax.set_mesh`); a no-op without
+    a mesh. An axis whose mesh size does not divide the dimension is replicated rather than padded."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = []
-    for dim, axis in zip(x.shape, logical_to_spec(names)):
-        axes = (axis,) if isinstance(axis, str) else (axis or ())
-        spec.append(axis if dim % math.prod(mesh.shape[a] for a in axes) == 0 else None)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    return jax.lax.with_sharding_constraint(x, dividing_spec(x.shape, names, mesh, rules))

@@ -52,3 +52,32 @@ def test_config_dispatch_and_mesh():
     except ImportError:
         with pytest.raises(NotImplementedError, match="not available yet"):
             aot.programs_for_config(train, mesh)
+
+
+def test_inference_programs_compile_for_the_search_shapes():
+    """The programs tools/aot_compile.py describes for an inference config compile (here for this CPU) at the
+    shapes the search uses, and note the weights / caches per device."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "infer.py")
+    spec = importlib.util.spec_from_file_location("infer_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(model="tiny", stage_max_new_tokens=16, judge_max_new_tokens=8, num_candidates=4)
+    mesh = aot.mesh_from_config(config, jax.devices()[:1])
+    programs = aot.programs_for_config(config, mesh)
+    names = [p.name for p in programs]
+    assert names == [
+        "encode image x1",
+        "prefill question 4x256",
+        "decode candidates 4x256",
+        "prefill judge prefix 1x512",
+        "extend judges 2x64",
+        "decode judges 2x512",
+    ], names
+    for program in programs[1:3]:
+        result = aot.compile_program(program, hbm_gib=1.0)
+        assert result.memory.fits and result.memory.arguments > 0
+        assert program.notes["kv_cache"] > 0 and program.notes["weights"] > program.notes["kv_cache"]

@@ -3,6 +3,7 @@
 import json
 import re
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -219,6 +220,26 @@ def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
     assert set(text_only.stages) == set(chat.STAGES)
 
 
+@pytest.mark.parametrize("procedure", ["ours", "llava_cot"])
+def test_warmup_compiles_every_program_of_a_question(setup, procedure):
+    """Shapes follow from the config and the question's bucket, not from what is generated: a stage search compiles
+    at most 10 programs (judge verdict stops, LLaVA-CoT's pool bracket and per-match screen included), all of them
+    in `warmup()`, and questions of that size afterwards compile none."""
+    model, processor, image = setup
+    cfg = SS.SearchConfig(num_candidates=4, stage_max_new_tokens=8, judge_max_new_tokens=8, procedure=procedure, seed=0)
+    searcher = SS.Searcher(model, processor, cfg)
+    searcher.sampler.eos_token_ids = ()  # random weights: every budget runs in full
+    jax.clear_caches()  # count this search's programs only
+    searcher.warmup()
+    warm = S.compile_count()
+    assert 0 < warm <= 10, warm
+    for question in ("How many cubes?", "What color is the big sphere left of the small red cube?"):
+        result = searcher.ask([question], [[image]])[0]
+        assert set(result.stages) == set(chat.STAGES)
+        assert sum(result.verdicts.values()) > 0  # the judge was asked (read or fallen back)
+    assert S.compile_count() == warm, "a question after warmup() compiled a program"
+
+
 def test_baselines_share_the_interface(setup):
     model, processor, image = setup
     for method in ("greedy", "best_of_n", "sentence"):
@@ -263,15 +284,17 @@ def test_judge_calls_continue_a_shared_prefix_exactly(setup):
 
     rounds = [[(0, "one cube", "two cubes"), (0, "three", "four cubes in a row"), (1, "red", "a blue car")],
               [(0, "two cubes", "four cubes"), (0, "one", "three"), (1, "a blue car", "green")],  # same questions
-              [(0, "two cubes", "four cubes in a row")]]  # only question 0 left
+              [(0, "two cubes", "four cubes in a row")],  # only question 0 left: its prefix is still there
+              [(0, "two", "four")]]  # another hint (below): a new prefix
     entries = []
-    for matches in rounds:
-        texts = [searcher.prompts.compare_text("reasoning", questions[q], a, b, hint) for q, a, b in matches]
-        prefixes = {q: searcher.prompts.compare_prefix("reasoning", questions[q], hint) for q, _, _ in matches}
+    for index, matches in enumerate(rounds):
+        hint_now = hint if index < 3 else "Two red cubes."
+        texts = [searcher.prompts.compare_text("reasoning", questions[q], a, b, hint_now) for q, a, b in matches]
+        prefixes = {q: searcher.prompts.compare_prefix("reasoning", questions[q], hint_now) for q, _, _ in matches}
         got = searcher._run_judges(texts, [q for q, _, _ in matches], prefixes, batch, True, "reasoning")
         assert got == [expected(t, True) for t in texts]
         entries.append(searcher._prefix_cache["reasoning"])
-    assert entries[1] is entries[0] and entries[2] is not entries[1]
+    assert entries[1] is entries[0] and entries[2] is entries[1] and entries[3] is not entries[2]
 
     screen = [searcher.prompts.screen_text(questions[1], r, hint) for r in ("It is red.", "It is blue, so red.")]
     got = searcher._run_judges(screen, [1, 1], {1: searcher.prompts.screen_prefix(questions[1], hint)}, batch, False,

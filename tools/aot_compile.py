@@ -14,6 +14,8 @@ The mesh comes from the config's `mesh_data`, `mesh_fsdp`, `mesh_tensor` (defaul
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the described slice; never look for a local TPU
+# Compilation only touches no chip, so several AOT runs may share this host's libtpu (it takes a lock by default).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -23,6 +25,7 @@ from llava_cot_jax import aot
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice, e.g. v5e-8, v5p-64, v6e-8 (--list_topologies).")
 _LIST = flags.DEFINE_bool("list_topologies", False, "Print the known TPU slices and exit.")
+_ONLY = flags.DEFINE_list("programs", [], "Compile only the programs whose names contain one of these words.")
 
 
 def main(argv):
@@ -37,7 +40,7 @@ def main(argv):
         return
     if _CONFIG.value is None or not _TOPOLOGY.value:
         raise app.UsageError("--config=configs/NAME.py and --topology=SLICE are required")
-    results = aot.compile_for_topology(_CONFIG.value, _TOPOLOGY.value)
+    results = aot.compile_for_topology(_CONFIG.value, _TOPOLOGY.value, only=_ONLY.value)
     if not all(r.fits for r in results):
         raise SystemExit(1)
 

@@ -44,16 +44,23 @@ def checkpoint_format(checkpoint: str) -> str:
         f"{checkpoint} is not a checkpoint: it has neither {ckpt_lib.CONFIG_FILE} (converted) nor config.json (HF)")
 
 
-def load(checkpoint: str, dtype: str):
-    """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor)."""
+def load(checkpoint: str, dtype: str, mesh=None, quantize: str | None = None):
+    """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor). On a `mesh` a
+    converted checkpoint is read straight into each device's shards; an HF directory is read on the host first.
+    `quantize="int8"`: the text decoder's matrices are stored as int8 as they are loaded."""
     from llava_cot_jax import checkpoint as ckpt_lib
+    from llava_cot_jax import sharding
     from llava_cot_jax.data.processor import MllamaProcessor
     from llava_cot_jax.models.mllama.params import from_hf
 
     if checkpoint_format(checkpoint) == "converted":
-        model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False)
+        rules = None
+        if mesh is not None:
+            rules = sharding.inference_rules(ckpt_lib.load_config(checkpoint).text.num_key_value_heads, mesh)
+        model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False, mesh=mesh, rules=rules,
+                                    quantize=quantize)
     else:
-        model = from_hf(checkpoint, dtype=dtype, scan_layers=False)
+        model = from_hf(checkpoint, dtype=dtype, quantize=quantize, scan_layers=False)
     return model, MllamaProcessor.from_pretrained(ckpt_lib.side_files_dir(checkpoint))
 
 
@@ -63,12 +70,17 @@ def search_config(config) -> stage_search.SearchConfig:
 
 
 def build_searcher(config, on_stage=None, streaming: bool = False) -> stage_search.Searcher:
-    """The model, processor and search settings an infer config (configs/infer.py) names, as a `Searcher`.
-    Every mode that generates (infer, demo, eval) builds its searcher here, so a setting added to the infer
-    config reaches all of them. `streaming` prints row 0's tokens as they come (greedy/sample)."""
-    model, processor = load(config.checkpoint, config.dtype)
+    """The model, processor and search settings an infer config (configs/infer.py) names, as a `Searcher`, on the
+    device mesh its `mesh_*` keys ask for. Every mode that generates (infer, demo, eval) builds its searcher here,
+    so a setting added to the infer config reaches all of them. `streaming` prints row 0's tokens as they come
+    (greedy/sample)."""
+    from llava_cot_jax import sharding
+
+    mesh = sharding.config_mesh(config)
+    model, processor = load(config.checkpoint, config.dtype, mesh, config.get("quantize") or None)
     on_token = TokenPrinter(processor.tokenizer) if streaming else None
-    searcher = stage_search.Searcher(model, processor, search_config(config), on_stage=on_stage, on_token=on_token)
+    searcher = stage_search.Searcher(model, processor, search_config(config), on_stage=on_stage, on_token=on_token,
+                                     mesh=mesh, scan_layers=config.get("scan_layers", False))
     if not config.get("stop_at_eos", True):
         searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
     return searcher

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_cot_jax import sharding as sharding_lib
 from llava_cot_jax.generate import stop as stop_lib
 from llava_cot_jax.models.mllama import model as model_lib
+from llava_cot_jax.models.mllama import quant
 from llava_cot_jax.models.mllama.params import with_scan_layers
 
 # finish reasons per row
@@ -105,8 +107,8 @@ class Sampling:
         which costs ~30 ms per step for a 32k vocabulary on XLA:CPU."""
         return (self.do_sample, self.top_k if self.do_sample else 0, self.do_sample and self.top_p < 1.0)
 
-    def values(self) -> jax.Array:
-        return jnp.asarray([self.temperature, self.top_p], jnp.float32)
+    def values(self) -> np.ndarray:
+        return np.asarray([self.temperature, self.top_p], np.float32)
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, flags: tuple[bool, int, bool], values: jax.Array) -> jax.Array:
@@ -153,13 +155,68 @@ def streaming(callback: Callable[[np.ndarray, np.ndarray], None]):
 
 
 # --- jitted programs -----------------------------------------------------------------------------------------
+#
+# Every program takes `rules`: None on one device, or the logical-axis rules (`sharding.inference_rules`) of the
+# mesh set by the caller (`jax.set_mesh`). With rules, the weights arrive sharded over the tensor axis and each
+# program pins the arrays it returns: KV caches and image K/V [.., B, K, T, hd] with rows over data x fsdp and
+# kv heads over tensor (replicated where the tensor axis does not divide them), the rest row-sharded. A state
+# returned by one program therefore enters the next one (and the next call of the same one) with the sharding
+# it was compiled for: one compiled program per shape, whatever the mesh.
+
+_KV_AXES = ("batch", "kv_heads", None, "head_dim")  # one layer's KV cache / image K/V rows: [B, K, T, hd]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def encode(graphdef, params, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+def map_kv_axes(fn, tree):
+    """fn(leaf, logical axes) over a KV cache or image K/V tree ([B, K, T, hd] leaves, [layers, ...] when scanned)."""
+    return jax.tree.map(lambda x: fn(x, ("layers",) * (x.ndim - 4) + _KV_AXES), tree)
+
+
+def map_state_axes(fn, state: DecodeState) -> DecodeState:
+    """fn(leaf, logical axes) over every array of a decode state: caches as above, everything else by rows."""
+    rows = lambda x: fn(x, ("batch",) + (None,) * (x.ndim - 1))
+    return DecodeState(
+        cache=map_kv_axes(fn, state.cache),
+        key_valid=rows(state.key_valid),
+        cursor=fn(state.cursor, ()),
+        positions=rows(state.positions),
+        logits=rows(state.logits),  # replicated over the vocabulary: sampling reads whole rows
+        xmask=rows(state.xmask),
+    )
+
+
+def _shard_kv(tree, rules):
+    """Pins cache-like leaves to the mesh (no-op on one device: rules None)."""
+    if rules is None or tree is None:
+        return tree
+    return map_kv_axes(lambda x, names: sharding_lib.constrain(x, names, rules), tree)
+
+
+def _shard_state(state: DecodeState, rules) -> DecodeState:
+    if rules is None:
+        return state
+    return map_state_axes(lambda x, names: sharding_lib.constrain(x, names, rules), state)
+
+
+def _take_state_rows(state: DecodeState, rows) -> DecodeState:
+    """Row r of the result is row `rows[r]` of `state` (None: unchanged)."""
+    if rows is None:
+        return state
+    take = lambda x: jnp.take(x, rows, axis=0)
+    return DecodeState(
+        cache=model_lib.take_rows(state.cache, rows),
+        key_valid=take(state.key_valid),
+        cursor=state.cursor,
+        positions=take(state.positions),
+        logits=take(state.logits),
+        xmask=take(state.xmask),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
+def encode(graphdef, params, pixel_values, aspect_ratio_ids, aspect_ratio_mask, *, rules=None):
     """Vision tower + projector + every cross-attention layer's K/V, once per image batch."""
     model = nnx.merge(graphdef, params)
-    return model.cross_kv(model.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
+    return _shard_kv(model.cross_kv(model.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)), rules)
 
 
 def _extend(model, state: DecodeState, input_ids, attention_mask, cross_kv, cross_attention_mask) -> DecodeState:
@@ -182,35 +239,42 @@ def _extend(model, state: DecodeState, input_ids, attention_mask, cross_kv, cros
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def prefill(graphdef, params, input_ids, attention_mask, cross_kv, cross_attention_mask, *, cache_len: int) -> DecodeState:
-    """Runs left-padded prompts [B, S] into a fresh cache of `cache_len` slots; returns the decode state.
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "rules"))
+def prefill(graphdef, params, input_ids, attention_mask, cross_kv, cross_attention_mask, rows=None, *,
+            cache_len: int, rules=None) -> DecodeState:
+    """Runs left-padded prompts [B, S] into a fresh cache of `cache_len` slots; returns the decode state, with
+    row r holding prompt `rows[r]` when `rows` is given (e.g. N candidate rows per question).
 
     Positions follow transformers (`cumsum(attention_mask) - 1`), so extra left padding changes nothing.
     """
     model = nnx.merge(graphdef, params)
     b = input_ids.shape[0]
     empty = DecodeState(
-        cache=model.init_cache(b, cache_len),
+        cache=_shard_kv(model.init_cache(b, cache_len), rules),
         key_valid=jnp.zeros((b, cache_len), bool),
         cursor=jnp.int32(0),
         positions=jnp.zeros((b,), jnp.int32),
         logits=jnp.zeros((b, model.config.text.vocab_size), jnp.float32),
         xmask=jnp.zeros((b, 1, 1, 1), jnp.int32),
     )
-    return _extend(model, empty, input_ids, attention_mask, cross_kv, cross_attention_mask)
+    state = _extend(model, empty, input_ids, attention_mask, cross_kv, cross_attention_mask)
+    return _shard_state(_take_state_rows(state, rows), rules)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def extend(graphdef, params, state: DecodeState, input_ids, attention_mask, cross_kv, cross_attention_mask) -> DecodeState:
-    """Continues every row of `state` with a chunk of left-padded tokens [B, S] (the cache needs S free slots):
-    e.g. judge prompts that share a prefilled prefix (question, image, instructions) and differ after it."""
-    return _extend(nnx.merge(graphdef, params), state, input_ids, attention_mask, cross_kv, cross_attention_mask)
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
+def extend(graphdef, params, state: DecodeState, input_ids, attention_mask, cross_kv, cross_attention_mask,
+           rows=None, *, rules=None) -> DecodeState:
+    """Continues rows `rows` of `state` (all of them when None) with a chunk of left-padded tokens [R, S] (the
+    cache needs S free slots): e.g. judge prompts continuing the prefilled prefix (question, image,
+    instructions) of their question. `state` is kept (not donated): later calls continue it again."""
+    state = _take_state_rows(state, rows)
+    state = _extend(nnx.merge(graphdef, params), state, input_ids, attention_mask, cross_kv, cross_attention_mask)
+    return _shard_state(state, rules)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new", "flags", "pad_id", "stream"),
+    static_argnames=("graphdef", "max_new", "flags", "pad_id", "stream", "rules"),
     donate_argnames=("state",),
 )
 def decode(
@@ -225,20 +289,25 @@ def decode(
     budget: jax.Array,
     active: jax.Array,
     keep_last: jax.Array,
+    rows=None,
     *,
     max_new: int,
     flags: tuple[bool, int, bool],
     pad_id: int,
     stream: bool = False,
+    rules=None,
 ) -> tuple[DecodeState, DecodeOutput]:
     """Decodes up to `min(budget, max_new)` tokens per row in one while loop.
 
-    A row stops at an EOS id (not written to the cache), at a stop string (the token completing it is
-    written, so a later call continues right after it), or at the budget. `keep_last` also runs the
+    With `rows`, row r first takes the state of row `rows[r]` (every candidate continues its question's
+    winner). A row stops at an EOS id (not written to the cache), at a stop string (the token completing it
+    is written, so a later call continues right after it), or at the budget. `keep_last` also runs the
     final token of a budget-cut row through the model, which a continuation needs but plain generation
-    does not. `eos_ids` may hold -1 entries (no EOS). Rows with `active` false [B] do nothing.
+    does not. `eos_ids` may hold -1 entries (no EOS). Rows with `active` false [B] do nothing. `budget` is
+    an argument, not part of the program: one compiled loop serves every budget up to `max_new`.
     """
     model = nnx.merge(graphdef, params)
+    state = _shard_state(_take_state_rows(state, rows), rules)
     b = state.positions.shape[0]
     budget = jnp.minimum(budget, jnp.minimum(max_new, state.cache_len - state.cursor))
     window, filled = stop_lib.init_window(b, table)
@@ -277,7 +346,7 @@ def decode(
                 token[:, None], st.positions[:, None], st.cache, st.cursor, key_valid, cross_kv, xmask
             )
             return DecodeState(
-                cache=cache,
+                cache=_shard_kv(cache, rules),
                 key_valid=key_valid,
                 cursor=st.cursor + 1,
                 positions=st.positions + write.astype(jnp.int32),
@@ -304,39 +373,15 @@ def decode(
     return state, out
 
 
-def _select_rows(state: DecodeState, rows: jax.Array, cache_len: int | None = None) -> DecodeState:
-    take = lambda x: jnp.take(x, rows, axis=0)
-    cache, key_valid = model_lib.take_rows(state.cache, rows), take(state.key_valid)
-    if cache_len is not None and cache_len > state.cache_len:  # room for more tokens after the copied prefix
-        grow = cache_len - state.cache_len
-        cache = jax.tree.map(lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, grow), (0, 0)]), cache)
-        key_valid = jnp.pad(key_valid, ((0, 0), (0, grow)))
-    return DecodeState(
-        cache=cache,
-        key_valid=key_valid,
-        cursor=state.cursor,
-        positions=take(state.positions),
-        logits=take(state.logits),
-        xmask=take(state.xmask),
-    )
-
-
-# Row r of the result is row `rows[r]` of `state`: every candidate ← its question's winner (same shape, the
-# old state is donated), or a prefix copied to several rows (`expand_rows`, a new shape, optionally with a
-# longer cache: `cache_len`).
-select_rows = jax.jit(_select_rows, donate_argnames=("state",))
-expand_rows = jax.jit(_select_rows, static_argnames=("cache_len",))
-
-
-@jax.jit
-def take_rows(tree, rows: jax.Array):
+@functools.partial(jax.jit, static_argnames=("rules",))
+def take_rows(tree, rows: jax.Array, *, rules=None):
     """Rows of a cross-attention K/V tree, e.g. one copy of an image's K/V per candidate."""
-    return model_lib.take_rows(tree, rows)
+    return _shard_kv(model_lib.take_rows(tree, rows), rules)
 
 
 def compile_count() -> int:
     """How many programs the jitted entry points above hold (for tests that count compilations)."""
-    return sum(f._cache_size() for f in (encode, prefill, extend, decode, select_rows, expand_rows, take_rows))
+    return sum(f._cache_size() for f in (encode, prefill, extend, decode, take_rows))
 
 
 # --- host-side helpers ---------------------------------------------------------------------------------------
@@ -373,20 +418,39 @@ class Sampler:
     several Samplers over models of the same shape share compiled code. Decoding runs the text layers as a
     Python loop over per-layer weights (`scan_layers=False`): a scanned layer's weight slice is copied before
     every matmul, which triples the bytes a batch-1 decode step reads on CPU. A scanned model is converted
-    (a copy of its weights); load with `scan_layers=False` to avoid the copy.
+    (a copy of its weights); load with `scan_layers=False` to avoid the copy. `scan_layers=True` keeps (or
+    makes) the layers scanned: compile time then does not grow with depth (see BENCHMARKS.md for the TPU case).
+
+    With a `mesh` (`sharding.make_mesh(data=..., tensor=...)`) the weights are placed by the logical-axis rules
+    (`sharding.inference_rules`: tensor parallelism over heads, kv heads, MLP and vocabulary; FSDP over the
+    embedding if the mesh has an fsdp axis) and every program runs on the mesh with the rows of a batch split
+    over data x fsdp; results equal the single-device ones. `quantize="int8"` decodes with int8 text-decoder
+    weights (`models/mllama/quant.py`; a model loaded with `quantize="int8"` already has them).
     """
 
-    def __init__(self, model, tokenizer=None, eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None):
-        model = with_scan_layers(model, False)
+    def __init__(self, model, tokenizer=None, eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
+                 mesh: jax.sharding.Mesh | None = None, scan_layers: bool = False, quantize: str | None = None):
+        model = with_scan_layers(model, scan_layers)
         self.model = model
         self.graphdef, self.params = nnx.split(model)
         text = model.config.text
+        self.mesh = mesh
+        self.rules = None
+        if mesh is not None:
+            self.rules = sharding_lib.inference_rules(text.num_key_value_heads, mesh)
+            self.params = jax.device_put(self.params, quant.param_shardings(self.params, mesh, self.rules))
+        if quantize:  # after placement: each matrix is quantized where its shards live
+            self.params = quant.quantize_state(self.params)
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(text.eos_token_id if eos_token_ids is None else eos_token_ids)
         self.pad_token_id = text.pad_token_id if pad_token_id is None else pad_token_id
         self.vocab_size = text.vocab_size
         self._vocab_bytes = None
         self._tables: dict[tuple[str, ...], stop_lib.StopTable] = {}
+
+    def on_mesh(self):
+        """The context every program runs in: the sampler's mesh set (`jax.set_mesh`), or nothing on one device."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     # stop tables are built once per set of strings and padded to a common shape (one compiled loop)
     STOP_WINDOW, STOP_SLOTS = 32, 4
@@ -408,41 +472,61 @@ class Sampler:
             self._tables[key] = stop_lib.build_stop_table(self._vocab_bytes, key, window=window, num_slots=slots)
         return self._tables[key]
 
-    def eos_array(self, eos_ids: Sequence[int] | None) -> jax.Array:
+    def eos_array(self, eos_ids: Sequence[int] | None) -> np.ndarray:
         ids = list(eos_ids or [])
-        return jnp.asarray((ids + [-1] * 4)[: max(4, len(ids))], jnp.int32)
+        return np.asarray((ids + [-1] * 4)[: max(4, len(ids))], np.int32)
 
     def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
         if aspect_ratio_mask is None:
             aspect_ratio_mask = np.ones(np.shape(pixel_values)[:3], np.int32)
-        return encode(self.graphdef, self.params, jnp.asarray(pixel_values), jnp.asarray(aspect_ratio_ids),
-                      jnp.asarray(aspect_ratio_mask))
+        with self.on_mesh():
+            return encode(self.graphdef, self.params, np.asarray(pixel_values), np.asarray(aspect_ratio_ids),
+                          np.asarray(aspect_ratio_mask), rules=self.rules)
 
-    def prefill(self, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, *, cache_len: int):
+    def prefill(self, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, *, cache_len: int,
+                rows=None):
+        """A fresh decode state of `cache_len` slots holding the prompts [B, S]; with `rows` [R], row r holds
+        prompt `rows[r]` (computed once per prompt)."""
         if cross_kv is not None and cross_attention_mask is None:
             raise ValueError("cross_attention_mask is required with images")
-        xmask = None if cross_kv is None else jnp.asarray(cross_attention_mask)
-        return prefill(self.graphdef, self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask), cross_kv,
-                       xmask, cache_len=cache_len)
+        xmask = None if cross_kv is None else np.asarray(cross_attention_mask)
+        with self.on_mesh():
+            return prefill(self.graphdef, self.params, np.asarray(input_ids), np.asarray(attention_mask), cross_kv,
+                           xmask, _rows(rows), cache_len=cache_len, rules=self.rules)
 
-    def extend(self, state, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None):
+    def extend(self, state, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, rows=None):
+        """A new state: rows `rows` of `state` (all when None) continued by the chunk [R, S]; `state` is kept."""
         if cross_kv is not None and cross_attention_mask is None:
             raise ValueError("cross_attention_mask is required with images")
-        xmask = None if cross_kv is None else jnp.asarray(cross_attention_mask)
-        return extend(self.graphdef, self.params, state, jnp.asarray(input_ids), jnp.asarray(attention_mask), cross_kv,
-                      xmask)
+        xmask = None if cross_kv is None else np.asarray(cross_attention_mask)
+        with self.on_mesh():
+            return extend(self.graphdef, self.params, state, np.asarray(input_ids), np.asarray(attention_mask),
+                          cross_kv, xmask, _rows(rows), rules=self.rules)
 
     def decode(self, state, *, max_new: int, sampling: Sampling, seed: int | jax.Array = 0, stop_strings=(),
                eos_ids: Sequence[int] | None = (), cross_kv=None, budget: int | None = None, keep_last=False,
-               stream=False, active=None):
+               stream=False, active=None, rows=None):
+        """Decodes from `state` (donated): at most `budget` tokens per row (default `max_new`, which sizes the
+        program's token buffer; calls with the same `max_new` share one program whatever their budget). With
+        `rows`, row r first takes the state of row `rows[r]`."""
         key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
-        active = jnp.ones(state.positions.shape, bool) if active is None else jnp.asarray(active, bool)
-        return decode(
-            self.graphdef, self.params, state, key, sampling.values(), self.stop_table(stop_strings),
-            self.eos_array(eos_ids), cross_kv, jnp.int32(max_new if budget is None else budget), active,
-            jnp.bool_(keep_last), max_new=max_new, flags=sampling.static(), pad_id=int(self.pad_token_id),
-            stream=stream,
-        )
+        active = np.ones(state.positions.shape, bool) if active is None else np.asarray(active, bool)
+        with self.on_mesh():
+            return decode(
+                self.graphdef, self.params, state, key, sampling.values(), self.stop_table(stop_strings),
+                self.eos_array(eos_ids), cross_kv, np.int32(max_new if budget is None else budget), active,
+                np.bool_(keep_last), _rows(rows), max_new=max_new, flags=sampling.static(),
+                pad_id=int(self.pad_token_id), stream=stream, rules=self.rules,
+            )
+
+    def take_rows(self, cross_kv, rows):
+        """Rows `rows` of an image K/V tree (e.g. the questions a judge call is about)."""
+        with self.on_mesh():
+            return take_rows(cross_kv, _rows(rows), rules=self.rules)
+
+
+def _rows(rows):
+    return None if rows is None else np.asarray(rows, np.int32)
 
 
 _DEFAULT = object()
@@ -469,6 +553,7 @@ def generate(
     seed: int = 0,
     streamer: Callable[[np.ndarray, np.ndarray], None] | None = None,
     sampler: Sampler | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     return_dict: bool = False,
     **unused,
 ):
@@ -481,14 +566,16 @@ def generate(
     that completes the string. `streamer(tokens [B], active [B])` is called on the host at every step.
     With `return_dict=True` returns a dict with `sequences` and per-row `num_tokens`, `finish`.
     Without `sampler=`, each call prepares the model for decoding (for a scanned model that is a copy of its
-    weights, see `Sampler`): for repeated calls build `Sampler(model)` once and pass it.
+    weights, see `Sampler`): for repeated calls build `Sampler(model)` once and pass it. `mesh` runs on a device
+    mesh (see `Sampler`). The cache is sized for `max_new_tokens` rounded up to a power of two, so nearby
+    budgets share compiled programs.
     """
     unknown = {k for k, v in unused.items() if v is not None and k not in ("use_cache", "num_beams")}
     if unknown or unused.get("num_beams", 1) not in (1, None):
         raise TypeError(f"unsupported generate arguments: {sorted(unknown) or 'num_beams'}")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    sampler = sampler or Sampler(model, tokenizer=tokenizer, pad_token_id=pad_token_id)
+    sampler = sampler or Sampler(model, tokenizer=tokenizer, pad_token_id=pad_token_id, mesh=mesh)
     if eos_token_id is _DEFAULT:
         eos_ids = sampler.eos_token_ids
     elif eos_token_id is None:
@@ -502,7 +589,7 @@ def generate(
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-    b, s = input_ids.shape
+    s = input_ids.shape[1]
     bucket = bucket_length(s)
     has_images = pixel_values is not None
     extra = [np.asarray(cross_attention_mask)] if has_images else []
@@ -511,16 +598,16 @@ def generate(
     ids, mask, _, extras = left_align(input_ids, attention_mask, bucket, sampler.pad_token_id, *extra)
 
     cross_kv = sampler.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask) if has_images else None
-    state = sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None,
-                            cache_len=bucket + max_new_tokens)
+    max_new = bucket_length(max_new_tokens)  # the program's size; the budget below is exact
+    state = sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None, cache_len=bucket + max_new)
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p if do_sample else 1.0, top_k=top_k)
     context = streaming(streamer) if streamer else contextlib.nullcontext()
     with context:
-        _, out = sampler.decode(state, max_new=max_new_tokens, sampling=sampling, seed=seed,
+        _, out = sampler.decode(state, max_new=max_new, budget=max_new_tokens, sampling=sampling, seed=seed,
                                 stop_strings=tuple(stop_strings or ()), eos_ids=eos_ids, cross_kv=cross_kv,
                                 stream=streamer is not None)
     steps = int(out.steps)
-    new = np.asarray(out.tokens[:, :steps])
+    new = np.asarray(out.tokens)[:, :steps]
     prompt = ids[:, bucket - s :]
     if not np.array_equal(mask[:, bucket - s :].sum(1), mask.sum(1)):
         raise AssertionError("left alignment lost tokens")

@@ -43,8 +43,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 
 from llava_cot_jax.data import chat
 from llava_cot_jax.generate import judge as judge_lib
@@ -52,6 +52,8 @@ from llava_cot_jax.generate import sampler as sampler_lib
 from llava_cot_jax.generate import stop as stop_lib
 
 METHODS = ("stage", "best_of_n", "sentence", "greedy", "sample")
+MIN_PROMPT_BUCKET = 128  # question prompts are padded to at least this many tokens (one bucket for most questions)
+CACHE_STEP = 128  # KV caches are sized in multiples of this many slots
 
 # N per method when num_candidates is not given. stage: the paper's Tables 4 and 7 (author, LLaVA-CoT issue #38)
 # and the `--beam_size` default of inference/demo/simple_inference.py (their evaluation script hard-codes 10);
@@ -189,6 +191,27 @@ class _Batch:
     stages: list[dict]
     traces: list[list]
     ended: np.ndarray  # [B] the question's answer is finished (EOS or conclusion accepted)
+    shapes: SearchShapes | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchShapes:
+    """The array shapes of one search, fixed by the search config, the question's prompt bucket and its length
+    in judge bucket steps (not by what the model writes), so that one question compiles a handful of programs
+    and the next one of a similar length none.
+
+    cache_len / judge_cache_len: KV-cache slots of candidate / judge states; judge_prefix / judge_rest: token lengths
+    of a judge prompt's prefilled prefix and of the rest of it, per judge kind group ("compare" with the image,
+    "screen" text only); judge_rows: rows per question of a judge call (a question's matches or screens).
+    A judge prompt longer than its bound (rare: re-tokenised text can outgrow what was generated) gets a
+    larger bucket, and so a new program."""
+
+    prompt: int
+    cache_len: int
+    judge_cache_len: int
+    judge_prefix: dict
+    judge_rest: dict
+    judge_rows: dict
 
 
 class Searcher:
@@ -202,13 +225,14 @@ class Searcher:
     def __init__(self, model, processor, config: SearchConfig = SearchConfig(), prompts: judge_lib.JudgePrompts | None = None,
                  judge_fn: Callable[[list[str], str], Sequence[str]] | None = None,
                  on_stage: Callable[[int, str, str], None] | None = None,
-                 on_token: Callable[[np.ndarray, np.ndarray], None] | None = None):
+                 on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 mesh: jax.sharding.Mesh | None = None, scan_layers: bool = False):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.config = config
         self.prompts = prompts or judge_lib.JudgePrompts.load(config.prompts_file)
-        self.sampler = sampler_lib.Sampler(model, tokenizer=self.tokenizer)
+        self.sampler = sampler_lib.Sampler(model, tokenizer=self.tokenizer, mesh=mesh, scan_layers=scan_layers)
         self.image_token_id = model.config.image_token_id
         self.max_tiles = model.config.vision.max_num_tiles
         self._judge_override = judge_fn  # (judge prompt texts, kind) -> replies, instead of the model
@@ -217,7 +241,8 @@ class Searcher:
         self.syncs = 0
         self.timings: dict[str, float] = {}
         self._rng = np.random.default_rng(config.seed)  # brackets, fallback coins, judge seeds; reset per call
-        self._prefix_cache: dict = {}  # judge kind -> (questions, prefix ids, prefilled state, length); per call
+        self._prefix_cache: dict = {}  # judge kind -> (with image, prefix ids per question, prefilled state); per call
+        self._warming_up = False  # `warmup()`: every step runs with a one-token budget
 
     # -- entry points ----------------------------------------------------------------------------------------
 
@@ -239,11 +264,14 @@ class Searcher:
         rows_kv = batch.cross_kv  # each run of n candidate rows reads its question's image K/V (no copies)
         key = jax.random.key(cfg.seed)
         self._rng = np.random.default_rng(cfg.seed)
+        rows = np.arange(len(questions) * n)  # the state row each candidate continues (winners after a step)
+        budget = lambda tokens: 1 if self._warming_up else tokens
 
         if method == "stage":
             for index, stage in enumerate(chat.STAGES):
-                state = self._step(batch, state, rows_kv, n, jax.random.fold_in(key, index), stage=stage,
-                                   stops=(chat.close_tag(stage),), budget=cfg.stage_max_new_tokens, kind=stage.lower())
+                state, rows = self._step(batch, state, rows, rows_kv, n, jax.random.fold_in(key, index), stage=stage,
+                                         stops=(chat.close_tag(stage),), budget=budget(cfg.stage_max_new_tokens),
+                                         kind=stage.lower(), max_new=cfg.stage_max_new_tokens)
         elif method == "sentence":
             used = 0
             for index in range(cfg.max_new_tokens):
@@ -251,17 +279,20 @@ class Searcher:
                     break
                 before = int(state.cursor)
                 period = "." if cfg.sentence_end == "period" else stop_lib.TextEnd(".")
-                state = self._step(batch, state, rows_kv, n, jax.random.fold_in(key, index), stage=None,
-                                   stops=(period, chat.close_tag("CONCLUSION")),
-                                   budget=min(cfg.sentence_max_new_tokens, cfg.max_new_tokens - used), kind="sentence",
-                                   max_new=cfg.sentence_max_new_tokens)
+                state, rows = self._step(batch, state, rows, rows_kv, n, jax.random.fold_in(key, index), stage=None,
+                                         stops=(period, chat.close_tag("CONCLUSION")),
+                                         budget=budget(min(cfg.sentence_max_new_tokens, cfg.max_new_tokens - used)),
+                                         kind="sentence", max_new=cfg.sentence_max_new_tokens)
                 used += int(state.cursor) - before
                 for b, text in enumerate(batch.accepted):
                     if chat.close_tag("CONCLUSION") in text:
                         batch.ended[b] = True
+                if self._warming_up:
+                    break
         else:  # greedy, sample, best_of_n: one step over the whole answer
-            state = self._step(batch, state, rows_kv, n, key, stage=None, stops=(chat.close_tag("CONCLUSION"),),
-                               budget=cfg.max_new_tokens, kind="answer")
+            state, rows = self._step(batch, state, rows, rows_kv, n, key, stage=None,
+                                     stops=(chat.close_tag("CONCLUSION"),), budget=budget(cfg.max_new_tokens),
+                                     kind="answer", max_new=cfg.max_new_tokens)
 
         results = []
         for b, q in enumerate(batch.questions):
@@ -280,17 +311,11 @@ class Searcher:
             return sampler_lib.Sampling(do_sample=False)
         return sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
 
-    def _total_budget(self) -> int:
-        cfg = self.config
-        if cfg.method == "stage":
-            return len(chat.STAGES) * cfg.stage_max_new_tokens
-        return cfg.max_new_tokens
-
     def _prefill(self, inputs: dict, questions: list[str], n: int):
         ids = np.asarray(inputs["input_ids"])
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)))
         b, s = ids.shape
-        bucket = sampler_lib.bucket_length(s)
+        bucket = sampler_lib.bucket_length(s, minimum=MIN_PROMPT_BUCKET)
         has_images = inputs.get("pixel_values") is not None
         extra = [np.asarray(inputs["cross_attention_mask"])] if has_images else []
         ids, mask, _, extras = sampler_lib.left_align(ids, mask, bucket, self.sampler.pad_token_id, *extra)
@@ -299,32 +324,57 @@ class Searcher:
             ar_mask = np.asarray(inputs.get("aspect_ratio_mask", np.ones(np.shape(inputs["pixel_values"])[:3], np.int32)))
             cross_kv = self.sampler.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask)
             num_tiles = [[int(t) for t in row.sum(-1) if t > 0] for row in ar_mask]
-        state = self.sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None,
-                                     cache_len=bucket + self._total_budget())
-        state = sampler_lib.expand_rows(state, jnp.repeat(jnp.arange(b), n))
         max_images = np.shape(inputs["pixel_values"])[1] if has_images else 0
+        question_tokens = max(len(self.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
+        shapes = search_shapes(self.config, self.prompts, self.tokenizer, bucket, question_tokens, n, max_images)
+        state = self.sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None,
+                                     cache_len=shapes.cache_len, rows=np.repeat(np.arange(b), n))
         batch = _Batch(questions, num_tiles, max_images, cross_kv, [""] * b, [{} for _ in range(b)], [[] for _ in range(b)],
-                       np.zeros(b, bool))
+                       np.zeros(b, bool), shapes)
         return batch, state
+
+    def warmup(self, batch_size: int = 1, num_images: int = 1, question_tokens: int | None = None) -> float:
+        """Compiles every program a search runs for `batch_size` questions of up to `question_tokens` tokens (default:
+        one judge bucket step, 64) with `num_images` images each, by running one such search with a one-token
+        budget per step: shapes depend only on the config, the prompt bucket and the question's length in bucket
+        steps (see `SearchShapes`), not on what is generated. A server or a notebook calls this once; the first real
+        question of that size then runs at warm speed. Returns the seconds it took."""
+        start = time.perf_counter()
+        question_tokens = question_tokens or self.config.judge_bucket_step
+        words = ["warm"] * question_tokens  # one token each in any Llama-style vocabulary; trimmed to fit below
+        while len(words) > 1 and len(self.tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) > question_tokens:
+            words.pop()
+        question = " ".join(words)
+        vision = self.model.config.vision
+        image = PIL.Image.fromarray(np.full((vision.image_size, vision.image_size, 3), 128, np.uint8))
+        images = [[image] * num_images] * batch_size if num_images else None
+        callbacks = self.on_stage, self.on_token
+        self._warming_up, self.on_stage, self.on_token = True, None, None
+        try:
+            self.ask([question] * batch_size, images)
+        finally:
+            self._warming_up, (self.on_stage, self.on_token) = False, callbacks
+        return time.perf_counter() - start
 
     def _decode_text(self, tokens: np.ndarray) -> str:
         vocab = len(self.tokenizer)
         return self.tokenizer.decode([int(t) for t in tokens if 0 <= t < vocab], skip_special_tokens=True)
 
-    def _step(self, batch: _Batch, state, rows_kv, n: int, key, *, stage: str | None, stops, budget: int, kind: str,
-              max_new: int | None = None):
-        """Sample n candidates per question, run the tournament, make the winners every row's prefix."""
+    def _step(self, batch: _Batch, state, rows, rows_kv, n: int, key, *, stage: str | None, stops, budget: int,
+              kind: str, max_new: int):
+        """Sample n candidates per question (candidate row r continuing state row `rows[r]`), run the tournament;
+        returns the state and the rows that make each question's winner the prefix of all its candidates."""
         b = len(batch.questions)
         t0 = time.perf_counter()
         active = ~np.repeat(batch.ended, n)
         stream = self.on_token is not None and n == 1
         with sampler_lib.streaming(self.on_token) if stream else contextlib.nullcontext():
-            state, out = self.sampler.decode(state, max_new=max_new or budget, budget=budget, sampling=self._sampling(), seed=key,
+            state, out = self.sampler.decode(state, max_new=max_new, budget=budget, sampling=self._sampling(), seed=key,
                                              stop_strings=stops, eos_ids=self.sampler.eos_token_ids, cross_kv=rows_kv,
-                                             keep_last=True, active=active, stream=stream)
+                                             keep_last=True, active=active, stream=stream, rows=rows)
         steps = int(out.steps)  # host sync: candidates
         self.syncs += 1
-        tokens = np.asarray(out.tokens[:, :steps])
+        tokens = np.asarray(out.tokens)[:, :steps]
         num = np.asarray(out.num_tokens)
         finish = np.asarray(out.finish)
         logprob = np.asarray(out.logprob_sum)
@@ -384,8 +434,7 @@ class Searcher:
             })
             if self.on_stage:
                 self.on_stage(q, stage or kind, info["text"])
-        rows = jnp.asarray(np.repeat(np.arange(b) * n + np.asarray(winners), n))
-        return sampler_lib.select_rows(state, rows)
+        return state, np.repeat(np.arange(b) * n + np.asarray(winners), n)
 
     def _tick(self, name: str, t0: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
@@ -430,15 +479,6 @@ class Searcher:
             return replies
         return self._run_judges(texts, owners, prefixes, batch, with_image, kind, stops)
 
-    def _judge_tokens(self, text: str, prefix: str | None, q: int, batch: _Batch, with_image: bool):
-        """Token ids of a judge prompt, and of its rendered prefix (the chat header, images, `prefix`; None when
-        `prefix` is None)."""
-        num_images = len(batch.num_tiles[q]) if with_image else 0
-        ids = judge_prompt_ids(self.tokenizer, text, num_images, self.config.bos)
-        if prefix is None:
-            return ids, None
-        return ids, judge_prompt_ids(self.tokenizer, text, num_images, self.config.bos, upto=prefix)
-
     def _run_judges(self, texts: Sequence[str], owners: Sequence[int], prefixes: dict, batch: _Batch, with_image: bool,
                     kind: str, stops: Sequence[str] = ()) -> list[str]:
         """One batched generate over judge prompts, continuing from each question's prefilled judge prefix. A reply
@@ -447,87 +487,153 @@ class Searcher:
         The prefix (chat header, image, instructions, question, hint) is the same for every prompt about one
         question in a stage, so it is prefilled once per question and stage, kept, and every tournament
         round only runs the rest of its prompts (the two responses and the chat template's closing tokens).
-        Rows are grouped by question, every group padded to the same power-of-two size (padding repeats the
-        group's first prompt and is ignored): a group's rows share its image K/V and its prefix.
+        Question q's prompts take rows [q * k, q * k + k) of a call with k rows per question (`SearchShapes`; unused
+        rows do nothing): a question's rows share its image K/V and continue its prefix.
         """
-        cfg = self.config
+        cfg, shapes = self.config, batch.shapes
+        group = "screen" if kind == "screen" else "compare"
         with_image = with_image and batch.cross_kv is not None
-        by_owner: dict[int, list[int]] = {}
-        for i, q in enumerate(owners):
-            by_owner.setdefault(q, []).append(i)
-        group_size = _pow2(max(len(v) for v in by_owner.values()))
-        groups = list(by_owner) + [owners[0]] * (_pow2(len(by_owner)) - len(by_owner))
-        layout = [i for q in groups for i in (by_owner[q] + [by_owner[q][0]] * group_size)[:group_size]]
-        row_of = {i: layout.index(i) for i in range(len(texts))}
+        count = {q: owners.count(q) for q in owners}
+        per_question = max(shapes.judge_rows[group], *count.values())  # more only when called outside a tournament
+        slot_of, used = [], {}
+        for q in owners:
+            slot_of.append(q * per_question + used.get(q, 0))
+            used[q] = used.get(q, 0) + 1
 
         prompts, heads = [], {}
         for text, q in zip(texts, owners):
-            ids, head = self._judge_tokens(text, None if q in heads else prefixes[q], q, batch, with_image)
+            images = len(batch.num_tiles[q]) if with_image else 0
+            ids, head = judge_tokens(self.tokenizer, text, None if q in heads else prefixes[q], images, cfg.bos)
             prompts.append(ids)
             heads.setdefault(q, head)  # one head per question: the same for all its prompts
-        cross_kv = sampler_lib.take_rows(batch.cross_kv, jnp.asarray(groups, jnp.int32)) if with_image else None
-        shared, state, cache_len = self._judge_prefix(kind, groups, heads, [(q, prompts[i]) for i, q in enumerate(owners)],
-                                                      batch, cross_kv)
-        chunks = [(prompts[i], len(shared[owners[i]]), owners[i]) for i in layout]  # what follows each prefix
-        ids, mask, xmask = self._left_pad(chunks, batch, with_image)
-        length = ids.shape[1]
-        # The judge cache is sized in coarse steps so that prefixes of different lengths share compiled programs.
-        total = sampler_lib.bucket_length(cache_len + length + cfg.judge_max_new_tokens, minimum=256, step=256)
-        rows_state = sampler_lib.expand_rows(state, jnp.asarray(np.arange(len(layout)) // group_size), cache_len=total)
-        rows_state = self.sampler.extend(rows_state, ids, mask, cross_kv, xmask)
+        shared, state, rest = self._judge_prefix(kind, group, heads, list(zip(owners, prompts)), batch, with_image)
+        rows = len(batch.questions) * per_question
+        chunks = [None] * rows  # what follows each prefix, by row
+        for i, q in enumerate(owners):
+            chunks[slot_of[i]] = (prompts[i], len(shared[q]), q)
+        ids, mask, xmask = self._left_pad(chunks, batch, with_image, rest)
+        cross_kv = batch.cross_kv if with_image else None
+        rows_state = self.sampler.extend(state, ids, mask, cross_kv, xmask, rows=np.arange(rows) // per_question)
         sampling = (sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
                     if cfg.judge_do_sample else sampler_lib.Sampling())
         key = jax.random.key(int(self._rng.integers(2**31)))
-        _, out = self.sampler.decode(rows_state, max_new=cfg.judge_max_new_tokens, sampling=sampling, seed=key,
-                                     stop_strings=tuple(stops), eos_ids=self.sampler.eos_token_ids, cross_kv=cross_kv)
+        active = np.zeros(rows, bool)
+        active[slot_of] = True
+        budget = 1 if self._warming_up else cfg.judge_max_new_tokens
+        _, out = self.sampler.decode(rows_state, max_new=cfg.judge_max_new_tokens, budget=budget, sampling=sampling,
+                                     seed=key, stop_strings=tuple(stops), eos_ids=self.sampler.eos_token_ids,
+                                     cross_kv=cross_kv, active=active)
         tokens = np.asarray(out.tokens)  # host sync: judge replies
         num = np.asarray(out.num_tokens)
         self.syncs += 1
-        return [self._decode_text(tokens[row_of[i], : num[row_of[i]]]) for i in range(len(texts))]
+        return [self._decode_text(tokens[r, : num[r]]) for r in slot_of]
 
-    def _left_pad(self, chunks, batch: _Batch, with_image: bool):
-        """Left-pads token chunks `(prompt ids, start, question)` = prompt[start:] into [rows, bucket] ids and mask,
-        with the chunks' rows of their prompt's cross-attention mask when the judge sees the image."""
+    def _left_pad(self, chunks, batch: _Batch, with_image: bool, length: int):
+        """Left-pads token chunks `(prompt ids, start, question)` = prompt[start:] into [rows, length] ids and mask
+        (a longer chunk takes the next bucket), with the chunks' rows of their prompt's cross-attention mask
+        when the judge sees the image. A row whose chunk is None stays empty."""
         step = self.config.judge_bucket_step
-        length = sampler_lib.bucket_length(max(len(p) - start for p, start, _ in chunks), minimum=step, step=step)
+        longest = max([len(c[0]) - c[1] for c in chunks if c is not None], default=0)
+        length = max(length, sampler_lib.bucket_length(longest, minimum=step, step=step))
         ids = np.full((len(chunks), length), self.sampler.pad_token_id, np.int32)
         mask = np.zeros((len(chunks), length), np.int32)
         xmask = None
-        for r, (prompt, start, q) in enumerate(chunks):
+        if with_image:
+            xmask = np.zeros((len(chunks), length, batch.max_images, self.max_tiles), np.int32)
+        for r, chunk in enumerate(chunks):
+            if chunk is None:
+                continue
+            prompt, start, q = chunk
             n = len(prompt) - start
             ids[r, length - n:] = prompt[start:]
             mask[r, length - n:] = 1
             if with_image:
                 seen = chat.cross_attention_mask(prompt, self.image_token_id, batch.num_tiles[q],
                                                  max_images=batch.max_images, max_tiles=self.max_tiles)
-                if xmask is None:
-                    xmask = np.zeros((len(chunks), length) + seen.shape[1:], np.int32)
                 xmask[r, length - n:] = seen[start:]
         return ids, mask, xmask
 
-    def _judge_prefix(self, kind: str, groups: list[int], heads: dict, prompts: list, batch: _Batch, cross_kv):
-        """Each group's judge prefix, prefilled ([groups] rows) or reused from the previous call of this kind while it
-        still starts every prompt of its group (every round of a stage's tournament). Returns (prefix token ids per
-        question, state, its cache length).
+    def _judge_prefix(self, kind: str, group: str, heads: dict, prompts: list, batch: _Batch, with_image: bool):
+        """Every question's judge prefix, prefilled (one row per question of the batch; questions without a prompt
+        in this call get an empty row) or reused from the previous call of this kind while it still starts every
+        prompt of its question (every round of a stage's tournament). Returns (prefix token ids per question,
+        state, length of the rest of the prompts).
 
         Reuse is exact: a prompt continues a prefix only where their token ids agree. The rendered head's last
         token is left out (BPE may merge it with the response that follows), and the common token prefix of the
-        head and the group's prompts is what gets prefilled. `cross_kv`: the groups' image K/V, None without images."""
-        with_image = cross_kv is not None
+        head and the question's prompts is what gets prefilled."""
+        shapes, step = batch.shapes, self.config.judge_bucket_step
         starts = lambda prefix, ids: len(ids) > len(prefix) and list(ids[: len(prefix)]) == list(prefix)
+        rest_of = lambda shared: max(shapes.judge_rest[group], sampler_lib.bucket_length(
+            max(len(ids) - len(shared[q]) for q, ids in prompts), minimum=step, step=step))
+        room = lambda state, rest: int(state.cursor) + rest + self.config.judge_max_new_tokens <= state.cache_len
         cached = self._prefix_cache.get(kind)
         if cached is not None:
-            key, shared, state, length = cached
-            if key == (tuple(groups), with_image) and all(starts(shared[q], ids) for q, ids in prompts):
-                return shared, state, length
+            key, shared, state = cached
+            reusable = key == with_image and all(q in shared and starts(shared[q], ids) for q, ids in prompts)
+            if reusable and room(state, rest_of(shared)):
+                return shared, state, rest_of(shared)
         shared = {q: head[:-1] for q, head in heads.items()}
         for q, ids in prompts:
             shared[q] = shared[q][: _common_prefix_length(shared[q], ids[:-1])]
-        ids, mask, xmask = self._left_pad([(shared[q], 0, q) for q in groups], batch, with_image)
-        length = ids.shape[1]
-        state = self.sampler.prefill(ids, mask, cross_kv, xmask, cache_len=length)
-        self._prefix_cache[kind] = ((tuple(groups), with_image), shared, state, length)
-        return shared, state, length
+        chunks = [(shared[q], 0, q) if q in shared else None for q in range(len(batch.questions))]
+        ids, mask, xmask = self._left_pad(chunks, batch, with_image, shapes.judge_prefix[group])
+        rest = rest_of(shared)
+        needed = ids.shape[1] + rest + self.config.judge_max_new_tokens  # > cache_len only past the bounds
+        cache_len = max(shapes.judge_cache_len, sampler_lib.bucket_length(needed, step=CACHE_STEP))
+        state = self.sampler.prefill(ids, mask, batch.cross_kv if with_image else None, xmask, cache_len=cache_len)
+        self._prefix_cache[kind] = (with_image, shared, state)
+        return shared, state, rest
+
+
+def total_budget(config: SearchConfig) -> int:
+    """Tokens a search may add to a question's prompt (every stage's budget, or the whole answer's)."""
+    if config.method == "stage":
+        return len(chat.STAGES) * config.stage_max_new_tokens
+    return config.max_new_tokens
+
+
+def judge_tokens(tokenizer, text: str, prefix: str | None, num_images: int, bos: str = chat.DEFAULT_BOS):
+    """Token ids of a judge prompt showing `num_images` images, and of its rendered prefix (the chat header,
+    images, `prefix`; None when `prefix` is None), with the BOS tokens of `bos`."""
+    ids = judge_prompt_ids(tokenizer, text, num_images, bos)
+    if prefix is None:
+        return ids, None
+    return ids, judge_prompt_ids(tokenizer, text, num_images, bos, upto=prefix)
+
+
+def search_shapes(config: SearchConfig, prompts: judge_lib.JudgePrompts, tokenizer, prompt_bucket: int,
+                  question_tokens: int, n: int, max_images: int) -> SearchShapes:
+    """Bounds on every length a search can produce (see `SearchShapes`), from the prompt bucket, the longest
+    question's token count rounded up to a judge bucket step, and the generation budgets. The judge's template
+    overhead is measured by tokenising its prompts with empty fields."""
+    cfg = config
+    step = cfg.judge_bucket_step
+    round_up = lambda x: sampler_lib.bucket_length(x, minimum=step, step=step)
+    tokens = lambda text, images: len(judge_tokens(tokenizer, text, None, images, cfg.bos)[0])
+    question = round_up(question_tokens)
+    stage = cfg.stage_max_new_tokens
+    # judged kind -> (longest hint, longest response) in tokens; the screen shows the caption and one reasoning
+    kinds = {
+        "stage": {"summary": (0, stage), "caption": (0, stage), "reasoning": (stage, stage),
+                  "conclusion": (2 * stage + 1, stage)},
+        "best_of_n": {"answer": (0, cfg.max_new_tokens)},
+        "sentence": {"sentence": (cfg.max_new_tokens, cfg.sentence_max_new_tokens)},
+    }.get(cfg.method, {})
+    compare_images = max_images if prompts.compare_with_image else 0
+    prefix, rest = {}, {}
+    for kind, (hint, response) in kinds.items():
+        head = tokens(prompts.compare_prefix(kind, "", ""), compare_images)
+        full = tokens(prompts.compare_text(kind, "", "", "", ""), compare_images)
+        prefix["compare"] = max(prefix.get("compare", 0), round_up(head + question + hint))
+        rest["compare"] = max(rest.get("compare", 0), round_up(full - head + 1 + 2 * response))
+    if cfg.method == "stage":
+        head, full = tokens(prompts.screen_prefix("", ""), 0), tokens(prompts.screen_text("", "", ""), 0)
+        prefix["screen"], rest["screen"] = round_up(head + question + stage), round_up(full - head + 1 + stage)
+    judge = max([prefix[g] + rest[g] + cfg.judge_max_new_tokens for g in prefix], default=0)
+    candidates = sampler_lib.bucket_length(prompt_bucket + total_budget(config), step=CACHE_STEP)
+    return SearchShapes(prompt_bucket, candidates, sampler_lib.bucket_length(judge, step=CACHE_STEP), prefix, rest,
+                        {"compare": -(-n // 2), "screen": n})
 
 
 def verdict_counts(matches: Sequence[judge_lib.Match]) -> dict[str, int]:
@@ -541,8 +647,3 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(mismatch[0]) if len(mismatch) else n
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-

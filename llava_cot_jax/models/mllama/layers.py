@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_cot_jax.models.mllama.quant import Int8Weight
+
 # Logical axes of the residual stream [batch, seq, embed]: batch-sharded, replicated along the sequence and the
 # hidden axis (the weights are what FSDP shards).
 RESIDUAL_AXES = ("batch", None, None)
@@ -53,11 +55,20 @@ def attention_projections(
     )
 
 
+def project(spec: str, x: jax.Array, weight, **kwargs) -> jax.Array:
+    """`jnp.einsum(spec, x, weight)` with the weight cast to x's dtype. An int8 weight (`quant.Int8Weight`) enters
+    the matmul as its int8 values and its per-output-channel scale multiplies the product: the dequantized matrix
+    is never written out (scaling the weight first made XLA:TPU materialise it, 2.5x the bytes of bf16)."""
+    if isinstance(weight, Int8Weight):
+        return weight.scale_output(jnp.einsum(spec, x, weight.values.astype(x.dtype), **kwargs))
+    return jnp.einsum(spec, x, weight.astype(x.dtype), **kwargs)
+
+
 def heads_major(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """[B, S, D] @ [D, H, hd] -> [B, H, S, hd]. The matmul writes its natural [B, S, H, hd] and the transpose
     comes after: asking the einsum for heads-major output directly makes XLA:CPU transpose the weight
     instead, a full copy of it per call (at S = 1 the transpose of the activation is free)."""
-    return jnp.einsum("bsd,dhk->bshk", x, kernel.astype(x.dtype)).transpose(0, 2, 1, 3)
+    return project("bsd,dhk->bshk", x, kernel).transpose(0, 2, 1, 3)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -191,9 +202,9 @@ class GatedMLP(nnx.Module):
         self.down_proj = param(rngs, (hidden, dim), ("mlp", "embed"), dtype)
 
     def __call__(self, x):
-        gate = x @ self.gate_proj[...].astype(x.dtype)
-        up = x @ self.up_proj[...].astype(x.dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(x.dtype)
+        gate = project("...d,df->...f", x, self.gate_proj[...])
+        up = project("...d,df->...f", x, self.up_proj[...])
+        return project("...f,fd->...d", jax.nn.silu(gate) * up, self.down_proj[...])
 
 
 def remat_policy(name: str):

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from llava_cot_jax.models.mllama import quant
 from llava_cot_jax.models.mllama.config import MllamaConfig
 
 
@@ -309,7 +310,7 @@ def hf_tensors(
 # ------------------------------------------------------------------------------------------ model building
 
 
-def _stacked_location(path: tuple) -> tuple[tuple[str, ...], int | None]:
+def stacked_location(path: tuple) -> tuple[tuple[str, ...], int | None]:
     """Where a parameter of an unscanned model (`language_model/self_layers/3/q_proj`) lives in the stacked
     layout (`language_model/self_layers/q_proj`, index 3); stacked paths map to themselves."""
     if len(path) > 2 and path[1] in ("self_layers", "cross_layers") and isinstance(path[2], int):
@@ -317,9 +318,10 @@ def _stacked_location(path: tuple) -> tuple[tuple[str, ...], int | None]:
     return tuple(str(k) for k in path), None
 
 
-def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.ndarray]):
+def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.ndarray], quantize: str | None = None):
     """Builds the model around parameters in the stacked layout (cast to config.param_dtype), without
-    random init; an unscanned config (`scan_layers=False`) takes each layer's slice."""
+    random init; an unscanned config (`scan_layers=False`) takes each layer's slice. `quantize="int8"` stores the
+    text decoder's matrices as int8 as they are placed (see quant.py): the device never holds them unquantized."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
 
@@ -327,7 +329,7 @@ def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.nda
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
-        key, index = _stacked_location(path)
+        key, index = stacked_location(path)
         if key not in params:
             raise CheckpointError(f"no value for parameter {'/'.join(key)}")
         value = params[key] if index is None else params[key][index]
@@ -335,7 +337,7 @@ def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.nda
             raise CheckpointError(
                 f"parameter {'/'.join(key)}: expected shape {tuple(var.shape)}, found {tuple(value.shape)}"
             )
-        var.set_value(jnp.asarray(value, dtype=config.jnp_param_dtype))
+        var.set_value(quant.maybe_quantize(path, var, jnp.asarray(value, dtype=config.jnp_param_dtype), quantize))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -345,7 +347,7 @@ def model_params(model) -> dict[tuple[str, ...], jax.Array]:
 
     stacked, per_layer = {}, {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key, index = _stacked_location(path)
+        key, index = stacked_location(path)
         if index is None:
             stacked[key] = var[...]
         else:
@@ -362,9 +364,12 @@ def with_scan_layers(model, scan_layers: bool):
     return model_from_params(model.config.replace(scan_layers=scan_layers), model_params(model))
 
 
-def from_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None, **config_overrides):
+def from_hf(
+    path: str, dtype: str = "float32", compute_dtype: str | None = None, quantize: str | None = None, **config_overrides
+):
     """Loads an HF Mllama checkpoint directory (config.json + safetensors shards, Hub or new key names).
 
-    `dtype` is the parameter dtype; `compute_dtype` the activation dtype (default: the same)."""
+    `dtype` is the parameter dtype; `compute_dtype` the activation dtype (default: the same); `quantize="int8"`:
+    int8 text-decoder weights (quant.py)."""
     config = MllamaConfig.from_hf_config(path, param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
-    return model_from_params(config, load_hf_params(path, config))
+    return model_from_params(config, load_hf_params(path, config), quantize)

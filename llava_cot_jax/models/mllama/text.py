@@ -34,6 +34,7 @@ from llava_cot_jax.models.mllama.layers import (
     llama3_inv_freq,
     maybe_remat,
     param,
+    project,
     rms_norm,
     rope_cos_sin,
     stack_layers,
@@ -76,7 +77,7 @@ class SelfAttentionLayer(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
             cache_kv = (k, v)
         out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
-        x = x + jnp.einsum("bhsk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        x = x + project("bhsk,hkd->bsd", out, self.o_proj[...])
         return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL_AXES), cache_kv
 
 
@@ -106,7 +107,7 @@ class CrossAttentionLayer(nnx.Module):
         h = self.input_layernorm(x)
         q = rms_norm(heads_major(h, self.q_proj[...]), self.q_norm[...], self.eps)
         out = attention(q, kv[0].astype(dt), kv[1].astype(dt), inputs.cross_bias, dt)
-        out = jnp.einsum("bhsk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        out = project("bhsk,hkd->bsd", out, self.o_proj[...])
         x = x + jnp.tanh(self.cross_attn_attn_gate[...].astype(dt)) * out
         out = self.mlp(self.post_attention_layernorm(x))
         if inputs.cross_rows is not None:
@@ -208,8 +209,7 @@ class TextModel(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-norm hidden states [..., D] -> logits [..., V] in fp32 (the matmul in the hidden states' dtype)."""
-        kernel = self.lm_head[...].astype(hidden.dtype)
-        return jnp.einsum("...d,dv->...v", hidden, kernel, preferred_element_type=stats_dtype(hidden.dtype))
+        return project("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=stats_dtype(hidden.dtype))
 
     def _layers(self, x, inputs: DecoderInputs, cache, cross_kv):
         if not self.scan_layers:
