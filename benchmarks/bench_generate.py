@@ -36,8 +36,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 N_CANDIDATES, STAGE_TOKENS, JUDGE_TOKENS = 4, 32, 16
 TORCH_DEVICE = "cpu"  # --torch_device
-QUESTION = ("Look at the picture carefully. How many red cubes and how many small blue spheres are there, and which "
-            "of the two groups is larger? Explain briefly before you answer.")
+QUESTION = (
+    "Look at the picture carefully. How many red cubes and how many small blue spheres are there, and which "
+    "of the two groups is larger? Explain briefly before you answer."
+)
 
 
 # --- setup ---------------------------------------------------------------------------------------------------
@@ -61,8 +63,13 @@ def padded_tokenizer(text_vocab: int):
     specials = llama3_special_tokens() + [chat.IMAGE]
     base.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     assert base.token_to_id(chat.IMAGE) == text_vocab, base.token_to_id(chat.IMAGE)
-    return PreTrainedTokenizerFast(tokenizer_object=base, bos_token=chat.BOS, eos_token=chat.EOT, pad_token=chat.PAD,
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=base,
+        bos_token=chat.BOS,
+        eos_token=chat.EOT,
+        pad_token=chat.PAD,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def setup(workdir: str):
@@ -75,7 +82,9 @@ def setup(workdir: str):
     from llava_cot_jax.models.mllama.params import from_hf
 
     tokenizer = padded_tokenizer(32000)
-    t = dict(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=(tokenizer.eos_token_id,))
+    t = dict(
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=(tokenizer.eos_token_id,)
+    )
     config = MllamaConfig.bench()
     config = config.replace(text=__import__("dataclasses").replace(config.text, **t))
     torch.manual_seed(0)
@@ -105,7 +114,9 @@ def prompt_inputs(processor, batch: int, prompt_tokens: int = 64):
 
     words = (QUESTION + " ") * 4
     for n in range(len(words), 0, -1):
-        text = chat.render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words[:n]}]}])
+        text = chat.render_prompt(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words[:n]}]}]
+        )
         if len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) <= prompt_tokens:
             break
     inputs = processor(images=[[bench_image()]] * batch, text=[text] * batch, padding=True, bos="once")
@@ -208,14 +219,19 @@ class ReferenceStageSearch:
 
         class StopOnString(StoppingCriteria):  # decodes the new text at every step, as the paper's criterion does
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor([stop in tokenizer.decode(input_ids[0, start:], skip_special_tokens=True)],
-                                    device=input_ids.device)
+                return torch.tensor(
+                    [stop in tokenizer.decode(input_ids[0, start:], skip_special_tokens=True)], device=input_ids.device
+                )
 
         self.calls += 1
         extra = {"stopping_criteria": StoppingCriteriaList([StopOnString()])} if stop else {}
         with torch.no_grad():
-            out = self.hf.generate(**{k: torch.as_tensor(v).to(TORCH_DEVICE) for k, v in inputs.items()}, max_new_tokens=max_new,
-                                   **self.sampling, **extra)
+            out = self.hf.generate(
+                **{k: torch.as_tensor(v).to(TORCH_DEVICE) for k, v in inputs.items()},
+                max_new_tokens=max_new,
+                **self.sampling,
+                **extra,
+            )
         return out[0, start:].cpu().numpy()
 
     def _judge_inputs(self, text: str, image):
@@ -248,16 +264,27 @@ class ReferenceStageSearch:
             candidates = []
             for _ in range(self.n):
                 full = np.concatenate([ids, accepted_ids], axis=1)
-                step = dict(inputs, input_ids=full, attention_mask=np.ones_like(full),
-                            cross_attention_mask=np.concatenate(
-                                [inputs["cross_attention_mask"],
-                                 np.repeat(inputs["cross_attention_mask"][:, -1:], accepted_ids.shape[1], axis=1)], 1))
+                step = dict(
+                    inputs,
+                    input_ids=full,
+                    attention_mask=np.ones_like(full),
+                    cross_attention_mask=np.concatenate(
+                        [
+                            inputs["cross_attention_mask"],
+                            np.repeat(inputs["cross_attention_mask"][:, -1:], accepted_ids.shape[1], axis=1),
+                        ],
+                        1,
+                    ),
+                )
                 new = self._generate(step, self.stage_tokens, chat.close_tag(stage))
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 candidates.append((new, text))
             kind = stage.lower()
-            hint = stages.get("CAPTION", "") if kind == "reasoning" else (
-                stages.get("CAPTION", "") + stages.get("REASONING", "") if kind == "conclusion" else "")
+            hint = (
+                stages.get("CAPTION", "")
+                if kind == "reasoning"
+                else (stages.get("CAPTION", "") + stages.get("REASONING", "") if kind == "conclusion" else "")
+            )
             while len(candidates) > 1:
                 first = candidates.pop(self.rng.integers(len(candidates)))
                 second = candidates.pop(self.rng.integers(len(candidates)))
@@ -272,7 +299,9 @@ def bench_search_ours(model, processor, question_sets):
     from llava_cot_jax.generate import sampler
     from llava_cot_jax.generate.stage_search import SearchConfig, Searcher
 
-    cfg = SearchConfig(num_candidates=N_CANDIDATES, stage_max_new_tokens=STAGE_TOKENS, judge_max_new_tokens=JUDGE_TOKENS)
+    cfg = SearchConfig(
+        num_candidates=N_CANDIDATES, stage_max_new_tokens=STAGE_TOKENS, judge_max_new_tokens=JUDGE_TOKENS
+    )
     searcher = Searcher(model, processor, cfg)
     searcher.sampler.eos_token_ids = ()  # random weights: no EOS, as on the reference side
     image = bench_image()
@@ -281,8 +310,12 @@ def bench_search_ours(model, processor, question_sets):
         t = _timed(lambda: searcher.ask(questions, [[image]] * len(questions)))
         times.append(t)
         compiles.append(sampler.compile_count())
-    return {"seconds": times, "compiled_programs_after_each_run": compiles, "host_syncs": searcher.syncs,
-            "timings_last_run": searcher.timings}
+    return {
+        "seconds": times,
+        "compiled_programs_after_each_run": compiles,
+        "host_syncs": searcher.syncs,
+        "timings_last_run": searcher.timings,
+    }
 
 
 def main():
@@ -305,7 +338,9 @@ def main():
         config, hf, ours, processor = setup(workdir)
         hf.to(TORCH_DEVICE)
         report["devices"] = {"jax": str(jax.devices()[0]), "torch": TORCH_DEVICE}
-        report["params_text"] = sum(p.numel() for n, p in hf.named_parameters() if "vision" not in n and "projector" not in n)
+        report["params_text"] = sum(
+            p.numel() for n, p in hf.named_parameters() if "vision" not in n and "projector" not in n
+        )
         report["params_total"] = sum(p.numel() for p in hf.parameters())
         print(json.dumps(report), flush=True)
         if "bandwidth" not in skip:
@@ -317,8 +352,11 @@ def main():
                 inputs = prompt_inputs(processor, batch)
                 h = bench_decode_hf(hf, inputs, batch, 64, repeats)
                 o = bench_decode_ours(ours, inputs, batch, 64, repeats)
-                report[f"decode_b{batch}"] = {"transformers": h, "ours": o,
-                                              "speedup": o["decode_tokens_per_s"] / h["decode_tokens_per_s"]}
+                report[f"decode_b{batch}"] = {
+                    "transformers": h,
+                    "ours": o,
+                    "speedup": o["decode_tokens_per_s"] / h["decode_tokens_per_s"],
+                }
                 print(json.dumps({f"decode_b{batch}": report[f"decode_b{batch}"]}), flush=True)
             vision_tokens = 4 * config.vision.num_patches
             from llava_cot_jax.generate.sampler import bucket_length
@@ -329,9 +367,11 @@ def main():
             report["roofline_b1"] = {"bytes_per_token": bpt}
             if bw:
                 roof = bw * 1e9 / bpt["total"]
-                report["roofline_b1"].update(roofline_tokens_per_s=roof, fraction_ours=report["decode_b1"]["ours"][
-                    "decode_tokens_per_s"] / roof, fraction_transformers=report["decode_b1"]["transformers"][
-                    "decode_tokens_per_s"] / roof)
+                report["roofline_b1"].update(
+                    roofline_tokens_per_s=roof,
+                    fraction_ours=report["decode_b1"]["ours"]["decode_tokens_per_s"] / roof,
+                    fraction_transformers=report["decode_b1"]["transformers"]["decode_tokens_per_s"] / roof,
+                )
             print(json.dumps({"roofline_b1": report["roofline_b1"]}), flush=True)
 
         if "search" not in skip:
@@ -341,16 +381,23 @@ def main():
             print(json.dumps({"search_transformers_s": t_ref, "generate_calls": ref.calls}), flush=True)
             more = ["How many objects are in the picture?", QUESTION + " Be precise.", "Which object is the largest?"]
             o = bench_search_ours(ours, processor, [[QUESTION], more[:1], more[1:2]])
-            report["stage_search_n4"] = {"transformers_s": t_ref, "transformers_generate_calls": ref.calls, "ours": o,
-                                         "speedup_warm": t_ref / min(o["seconds"][1:]),
-                                         "speedup_incl_compile": t_ref / o["seconds"][0]}
+            report["stage_search_n4"] = {
+                "transformers_s": t_ref,
+                "transformers_generate_calls": ref.calls,
+                "ours": o,
+                "speedup_warm": t_ref / min(o["seconds"][1:]),
+                "speedup_incl_compile": t_ref / o["seconds"][0],
+            }
             print(json.dumps({"stage_search_n4": report["stage_search_n4"]}), flush=True)
             # Throughput, not latency: 4 questions searched as one batch (16 candidate rows); the reference loop
             # answers one question at a time, so its time per question is the single-question figure above.
             batched = bench_search_ours(ours, processor, [[QUESTION] + more, more + [QUESTION]])
             per_question = min(batched["seconds"][1:]) / 4
-            report["stage_search_n4_batch4"] = {"ours": batched, "seconds_per_question_warm": per_question,
-                                                "throughput_ratio": t_ref / per_question}
+            report["stage_search_n4_batch4"] = {
+                "ours": batched,
+                "seconds_per_question_warm": per_question,
+                "throughput_ratio": t_ref / per_question,
+            }
             print(json.dumps({"stage_search_n4_batch4": report["stage_search_n4_batch4"]}), flush=True)
     print("REPORT " + json.dumps(report))
 

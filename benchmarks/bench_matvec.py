@@ -50,7 +50,7 @@ def scanned_vs_separate():
 
 
 def decoder_weights(rng, d=768, f=2048, kv=256, vocab=32000, self_layers=10, cross_layers=2):
-    w = lambda *shape: (0.02 * rng.standard_normal(shape, dtype=np.float32))
+    w = lambda *shape: 0.02 * rng.standard_normal(shape, dtype=np.float32)
     layers = [[w(d, d), w(d, kv), w(d, kv), w(d, d), w(d, f), w(d, f), w(f, d)] for _ in range(self_layers)]
     layers += [[w(d, d), None, None, w(d, d), w(d, f), w(d, f), w(f, d)] for _ in range(cross_layers)]
     return layers, w(d, vocab)
@@ -95,8 +95,10 @@ def matmul_floor(batches=(1, 4, 8), repeats=15):
                     fn()
                     times[name].append(time.perf_counter() - start)
         j, t = (float(np.median(times[k])) for k in ("jax", "torch"))
-        print(f"  batch {batch}: jax {j * 1e3:5.1f} ms ({nbytes / j / 1e9:4.1f} GB/s, {batch / j:4.0f} tokens/s)   "
-              f"torch {t * 1e3:5.1f} ms ({batch / t:4.0f} tokens/s)   jax/torch time {j / t:.2f}")
+        print(
+            f"  batch {batch}: jax {j * 1e3:5.1f} ms ({nbytes / j / 1e9:4.1f} GB/s, {batch / j:4.0f} tokens/s)   "
+            f"torch {t * 1e3:5.1f} ms ({batch / t:4.0f} tokens/s)   jax/torch time {j / t:.2f}"
+        )
 
 
 if __name__ == "__main__":

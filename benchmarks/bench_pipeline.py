@@ -148,10 +148,14 @@ def main():
         config = PipelineConfig(batch_size=args.batch_size, seq_buckets=(512, 1024, 2048), seed=0)
         lengths = [len(ExampleEncoder(tokenizer, processor, config)(source[i])["input_ids"]) for i in range(8)]
         sizes = [len(source[i]["image"]) for i in range(8)]
-        print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} "
-              f"(other processes share the cores); tokenizer: {tokenizer_name}")
-        print(f"# samples: 1000x750 JPEG ~{np.mean(sizes) / 1e3:.0f} KB, 4 tiles of 560 px, "
-              f"{np.mean(lengths):.0f} tokens on average")
+        print(
+            f"# machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} "
+            f"(other processes share the cores); tokenizer: {tokenizer_name}"
+        )
+        print(
+            f"# samples: 1000x750 JPEG ~{np.mean(sizes) / 1e3:.0f} KB, 4 tiles of 560 px, "
+            f"{np.mean(lengths):.0f} tokens on average"
+        )
 
         print("\n## per-stage cost, one thread (ms per sample)")
         for name, ms in profile_stages(source, tokenizer, processor, config, args.repeats).items():

@@ -31,9 +31,16 @@ def config(kv_heads=2, cross_layers=(3,), layers=5):
 
 def main():
     rows = []
-    setups = [("GQA 2 (4 heads, 2 kv)", config(), list(CASES)), ("GQA 1", config(kv_heads=4), ["multi_tile_aspect_ratios"]),
-              ("GQA 4", config(kv_heads=1), ["multi_tile_aspect_ratios"]),
-              ("irregular cross layers (0, 2, 3) of 6", config(cross_layers=(0, 2, 3), layers=6), ["two_images_in_one_sample"])]
+    setups = [
+        ("GQA 2 (4 heads, 2 kv)", config(), list(CASES)),
+        ("GQA 1", config(kv_heads=4), ["multi_tile_aspect_ratios"]),
+        ("GQA 4", config(kv_heads=1), ["multi_tile_aspect_ratios"]),
+        (
+            "irregular cross layers (0, 2, 3) of 6",
+            config(cross_layers=(0, 2, 3), layers=6),
+            ["two_images_in_one_sample"],
+        ),
+    ]
     for label, cfg, cases in setups:
         hf = build_hf_model(cfg, seed=1)
         with tempfile.TemporaryDirectory() as d:
@@ -48,8 +55,10 @@ def main():
                     inputs = random_inputs(cfg, np.random.default_rng(7), batch, seq, images, tiles, pad_right=pad)
                 valid = inputs["attention_mask"].astype(bool)
                 ref = hf_logits(hf, inputs)
-                diffs = {k: float(np.abs(np.asarray(_logits(m, inputs), np.float32) - ref)[valid].max())
-                         for k, m in models.items()}
+                diffs = {
+                    k: float(np.abs(np.asarray(_logits(m, inputs), np.float32) - ref)[valid].max())
+                    for k, m in models.items()
+                }
                 rows.append((label, case, diffs["float32"], diffs["bfloat16"] / float(np.abs(ref).max())))
     print("| model | input | max abs dlogits fp32 | bf16 max abs dlogits / max abs logit |")
     print("|---|---|---|---|")

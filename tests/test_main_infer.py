@@ -23,15 +23,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_infer_prints_conclusion_and_writes_trace(tmp_path):
     config = MllamaConfig.tiny()
     ckpt = save_hf_checkpoint(build_hf_model(config), config, str(tmp_path / "ckpt"))
-    MllamaProcessor(MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4),
-                    build_tiny_tokenizer()).save_pretrained(ckpt)
+    MllamaProcessor(
+        MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4), build_tiny_tokenizer()
+    ).save_pretrained(ckpt)
     image = tmp_path / "img.png"
     PIL.Image.fromarray((np.random.default_rng(0).random((20, 40, 3)) * 255).astype(np.uint8)).save(image)
     trace = tmp_path / "trace.json"
-    cmd = [sys.executable, "-m", "llava_cot_jax.main", f"--config={REPO}/configs/infer.py:runlocal",
-           f"--config.checkpoint={ckpt}", f"--config.image={image}", "--config.question=How many cubes?",
-           "--config.stage_max_new_tokens=6", "--config.judge_max_new_tokens=4", f"--config.trace={trace}",
-           f"--config.compilation_cache={tmp_path}/xla"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llava_cot_jax.main",
+        f"--config={REPO}/configs/infer.py:runlocal",
+        f"--config.checkpoint={ckpt}",
+        f"--config.image={image}",
+        "--config.question=How many cubes?",
+        "--config.stage_max_new_tokens=6",
+        "--config.judge_max_new_tokens=4",
+        f"--config.trace={trace}",
+        f"--config.compilation_cache={tmp_path}/xla",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(trace.read_text())
@@ -40,8 +50,13 @@ def test_infer_prints_conclusion_and_writes_trace(tmp_path):
     assert all(len(step["candidates"]) == 2 for step in result["trace"])
     assert out.stdout.strip().splitlines()[-1] == result["conclusion"].strip() or result["conclusion"].strip() == ""
 
-    missing = subprocess.run(cmd[:4] + ["--config.question=hi", f"--config.image={tmp_path}/nope.png"],
-                             capture_output=True, text=True, cwd=REPO, timeout=600)
+    missing = subprocess.run(
+        cmd[:4] + ["--config.question=hi", f"--config.image={tmp_path}/nope.png"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert missing.returncode != 0 and "image not found" in missing.stderr
 
 

@@ -73,8 +73,9 @@ def test_rows_sharing_image_kv_match_rows_with_copies(model):
     _perturb_gates(model)
     cfg = model.config
     inputs = random_inputs(cfg, np.random.default_rng(1), 2, 10, [1, 1], [[3], [2]])
-    kv = model.cross_kv(model.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"],
-                                            inputs["aspect_ratio_mask"]))
+    kv = model.cross_kv(
+        model.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    )
     rows = np.repeat(np.arange(2), 3)
     ids = np.random.default_rng(2).integers(0, cfg.text.vocab_size, (6, 10))
     ids[:, 0] = cfg.image_token_id

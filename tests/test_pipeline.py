@@ -134,8 +134,11 @@ def test_processes_share_one_global_order():
     """Global batch k holds the same records however many processes read it; each process reads only its slice;
     every epoch is every record once, reshuffled per epoch."""
     records = list(range(12))
-    single = list(pipeline.record_dataset(records, pipeline.PipelineConfig(batch_size=4, seed=3, num_epochs=2),
-                                          process_index=0, process_count=1))
+    single = list(
+        pipeline.record_dataset(
+            records, pipeline.PipelineConfig(batch_size=4, seed=3, num_epochs=2), process_index=0, process_count=1
+        )
+    )
     config = pipeline.PipelineConfig(batch_size=2, seed=3, num_epochs=2)
     shards = [list(pipeline.record_dataset(records, config, process_index=p, process_count=2)) for p in (0, 1)]
     assert len(single) == 24 and [len(s) for s in shards] == [12, 12]
@@ -146,17 +149,19 @@ def test_processes_share_one_global_order():
     # global batch (hosts stay in step); without it, the last global batch is split as far as it goes.
     odd = pipeline.PipelineConfig(batch_size=2, shuffle=False, num_epochs=1)
     assert [list(pipeline.record_dataset(range(11), odd, process_index=p, process_count=2)) for p in (0, 1)] == [
-        [0, 1, 4, 5], [2, 3, 6, 7]]
+        [0, 1, 4, 5],
+        [2, 3, 6, 7],
+    ]
     ragged = pipeline.PipelineConfig(batch_size=2, shuffle=False, num_epochs=1, drop_remainder=False)
     assert [list(pipeline.record_dataset(range(11), ragged, process_index=p, process_count=2)) for p in (0, 1)] == [
-        [0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10]]
+        [0, 1, 4, 5, 8, 9],
+        [2, 3, 6, 7, 10],
+    ]
 
 
 def test_two_processes_end_to_end(numbered, tokenizer, processor):
     """Through tokenisation and batching: the two processes' batches hold every record exactly once."""
-    config = pipeline.PipelineConfig(
-        batch_size=2, seq_buckets=(64,), num_epochs=1, drop_remainder=False
-    )
+    config = pipeline.PipelineConfig(batch_size=2, seq_buckets=(64,), num_epochs=1, drop_remainder=False)
     seen = []
     for process in (0, 1):
         dataset = pipeline.build_dataset(numbered, tokenizer, processor, config, process_index=process, process_count=2)

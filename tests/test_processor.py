@@ -104,9 +104,10 @@ def test_single_prompt_and_chat_template(processors, tokenizer):
     assert raw[:2].tolist() == [bos, ours.image_token_id]
     none = ours(images=image, text=prompt, bos="none")["input_ids"][0]
     assert none.tolist() == out["input_ids"][0, 2:].tolist()
-    assert ours.apply_chat_template(messages, tokenize=True) == tokenizer(
-        chat.render_prompt(messages, add_generation_prompt=False), add_special_tokens=False
-    )["input_ids"]
+    assert (
+        ours.apply_chat_template(messages, tokenize=True)
+        == tokenizer(chat.render_prompt(messages, add_generation_prompt=False), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_text_only_and_images_only(processors):

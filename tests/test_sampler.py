@@ -88,8 +88,17 @@ def test_sampling_matches_next_token_distribution(models):
     batch = np.repeat(prompt, n, axis=0)
 
     def p_value(temperature, seed):
-        out = S.generate(model, batch, max_new_tokens=1, do_sample=True, temperature=temperature, top_k=0,
-                         top_p=1.0, eos_token_id=None, seed=seed)
+        out = S.generate(
+            model,
+            batch,
+            max_new_tokens=1,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            eos_token_id=None,
+            seed=seed,
+        )
         counts = np.bincount(out[:, -1], minlength=probs.size)
         expected = probs * n
         # pool rare tokens into one bin so every expected count is >= 5
@@ -215,8 +224,16 @@ def test_decode_loop_stops_at_the_token_completing_a_stop_string(models):
             expected = i
             break
     streamed = []
-    out = S.generate(model, prompt, max_new_tokens=24, eos_token_id=None, stop_strings=[stop], tokenizer=tokenizer,
-                     return_dict=True, streamer=lambda tokens, active: streamed.extend(tokens[active].tolist()))
+    out = S.generate(
+        model,
+        prompt,
+        max_new_tokens=24,
+        eos_token_id=None,
+        stop_strings=[stop],
+        tokenizer=tokenizer,
+        return_dict=True,
+        streamer=lambda tokens, active: streamed.extend(tokens[active].tolist()),
+    )
     assert out["finish"][0] == S.FINISH_STOP
     assert out["num_tokens"][0] == expected + 1
     np.testing.assert_array_equal(out["sequences"][0, 5:], full[: expected + 1])

@@ -36,8 +36,14 @@ def test_parse_choice_and_screen():
 
 def test_prompts_file_overrides(tmp_path):
     path = tmp_path / "prompts.json"
-    path.write_text(json.dumps({"compare": {"summary": "Q={question} A={response_1} B={response_2}"},
-                                "choice_patterns": [r"winner is ([12])"]}))
+    path.write_text(
+        json.dumps(
+            {
+                "compare": {"summary": "Q={question} A={response_1} B={response_2}"},
+                "choice_patterns": [r"winner is ([12])"],
+            }
+        )
+    )
     p = J.JudgePrompts.load(str(path))
     assert p.compare_text("summary", "q", "a", "b") == "Q=q A=a B=b"
     assert p.compare["caption"] == J.DEFAULT_COMPARE["caption"]
@@ -108,7 +114,10 @@ def test_knockout_picks_the_judged_winner_in_batched_rounds(n):
 def test_fallback_is_symmetric_and_screen_decides():
     a, b = J.Candidate("a", closed=True, mean_logprob=-3.0), J.Candidate("b", closed=False, mean_logprob=-1.0)
     rng = np.random.default_rng(0)
-    assert J.fallback_winner(a, b, rng) == (0, "fallback:closed") and J.fallback_winner(b, a, rng) == (1, "fallback:closed")
+    assert J.fallback_winner(a, b, rng) == (0, "fallback:closed") and J.fallback_winner(b, a, rng) == (
+        1,
+        "fallback:closed",
+    )
     c = J.Candidate("c", closed=True, mean_logprob=-2.0)
     assert J.fallback_winner(a, c, rng)[0] == 1 and J.fallback_winner(c, a, rng)[0] == 0
     # exact ties: a fair coin, not "always the second"
@@ -134,8 +143,9 @@ def setup(tmp_path_factory):
     config = MllamaConfig.tiny()
     # loading a saved torch model is much quicker than NNX's eager random init
     model = from_hf(save_hf_checkpoint(build_hf_model(config), config, str(tmp_path_factory.mktemp("ckpt"))))
-    processor = MllamaProcessor(MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4),
-                                build_tiny_tokenizer())
+    processor = MllamaProcessor(
+        MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4), build_tiny_tokenizer()
+    )
     image = PIL.Image.fromarray((np.random.default_rng(0).random((30, 56, 3)) * 255).astype(np.uint8))
     return model, processor, image
 
@@ -197,7 +207,9 @@ def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
     model, processor, image = setup
     # a budget too small to close a tag: every candidate is cut there, marked, and still judged sensibly
     # judge prefixes here run to ~150-190 tokens: with 128-token buckets both questions share every shape
-    cfg = SS.SearchConfig(num_candidates=2, stage_max_new_tokens=4, judge_max_new_tokens=4, judge_bucket_step=128, seed=0)
+    cfg = SS.SearchConfig(
+        num_candidates=2, stage_max_new_tokens=4, judge_max_new_tokens=4, judge_bucket_step=128, seed=0
+    )
     searcher = SS.Searcher(model, processor, cfg)
     searcher.sampler.eos_token_ids = ()  # random weights may sample an EOS, which ends an answer early
     first = searcher.ask(["How many cubes?"], [[image]])[0]
@@ -214,7 +226,9 @@ def test_search_compiles_once_per_bucket_and_handles_odd_inputs(setup):
     assert all(c["num_tokens"] > 1 for c in summary)  # tags in the question do not end the stage
     for step in second.trace:
         assert all(m["winner"] in (m["first"], m["second"]) for m in step["matches"])
-        assert all(m["rule"] in ("judge", "fallback:closed", "fallback:logprob", "fallback:coin") for m in step["matches"])
+        assert all(
+            m["rule"] in ("judge", "fallback:closed", "fallback:logprob", "fallback:coin") for m in step["matches"]
+        )
 
     text_only = searcher.ask(["What is 2 + 3?"])[0]  # no image: cross-attention layers are skipped
     assert set(text_only.stages) == set(chat.STAGES)
@@ -243,8 +257,9 @@ def test_warmup_compiles_every_program_of_a_question(setup, procedure):
 def test_baselines_share_the_interface(setup):
     model, processor, image = setup
     for method in ("greedy", "best_of_n", "sentence"):
-        cfg = SS.SearchConfig(method=method, num_candidates=2, max_new_tokens=8, sentence_max_new_tokens=4,
-                              judge_max_new_tokens=4)
+        cfg = SS.SearchConfig(
+            method=method, num_candidates=2, max_new_tokens=8, sentence_max_new_tokens=4, judge_max_new_tokens=4
+        )
         log = []
         res = SS.Searcher(model, processor, cfg, judge_fn=_scripted_judge(log)).ask(["How many cubes?"], [[image]])[0]
         assert isinstance(res.conclusion, str) and res.trace
@@ -277,15 +292,18 @@ def test_judge_calls_continue_a_shared_prefix_exactly(setup):
 
     def expected(text, with_image):
         parts = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
-        prompt = processor(images=[[image]] if with_image else None,
-                           text=[chat.render_prompt([{"role": "user", "content": parts}])])  # two BOS, as the search
+        prompt = processor(
+            images=[[image]] if with_image else None, text=[chat.render_prompt([{"role": "user", "content": parts}])]
+        )  # two BOS, as the search
         out = S.generate(model, **prompt, max_new_tokens=6, sampler=searcher.sampler)
-        return searcher._decode_text(out[0, prompt["input_ids"].shape[1]:])
+        return searcher._decode_text(out[0, prompt["input_ids"].shape[1] :])
 
-    rounds = [[(0, "one cube", "two cubes"), (0, "three", "four cubes in a row"), (1, "red", "a blue car")],
-              [(0, "two cubes", "four cubes"), (0, "one", "three"), (1, "a blue car", "green")],  # same questions
-              [(0, "two cubes", "four cubes in a row")],  # only question 0 left: its prefix is still there
-              [(0, "two", "four")]]  # another hint (below): a new prefix
+    rounds = [
+        [(0, "one cube", "two cubes"), (0, "three", "four cubes in a row"), (1, "red", "a blue car")],
+        [(0, "two cubes", "four cubes"), (0, "one", "three"), (1, "a blue car", "green")],  # same questions
+        [(0, "two cubes", "four cubes in a row")],  # only question 0 left: its prefix is still there
+        [(0, "two", "four")],
+    ]  # another hint (below): a new prefix
     entries = []
     for index, matches in enumerate(rounds):
         hint_now = hint if index < 3 else "Two red cubes."
@@ -297,6 +315,7 @@ def test_judge_calls_continue_a_shared_prefix_exactly(setup):
     assert entries[1] is entries[0] and entries[2] is entries[1] and entries[3] is not entries[2]
 
     screen = [searcher.prompts.screen_text(questions[1], r, hint) for r in ("It is red.", "It is blue, so red.")]
-    got = searcher._run_judges(screen, [1, 1], {1: searcher.prompts.screen_prefix(questions[1], hint)}, batch, False,
-                               "screen")
+    got = searcher._run_judges(
+        screen, [1, 1], {1: searcher.prompts.screen_prefix(questions[1], hint)}, batch, False, "screen"
+    )
     assert got == [expected(t, False) for t in screen]

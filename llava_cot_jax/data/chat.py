@@ -385,7 +385,9 @@ def encode_training_example(
     n_images = input_ids.count(image_id)
     if n_images and num_tiles is None:
         raise ValueError("num_tiles is required for a sample with images (MllamaImageProcessor's 'num_tiles')")
-    mask = cross_attention_mask(input_ids, image_id, [] if num_tiles is None else [int(t) for t in num_tiles], max_images, max_tiles)
+    mask = cross_attention_mask(
+        input_ids, image_id, [] if num_tiles is None else [int(t) for t in num_tiles], max_images, max_tiles
+    )
     return {
         "input_ids": np.asarray(input_ids, dtype=np.int32),
         "labels": np.asarray(labels, dtype=np.int32),

@@ -386,6 +386,8 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], micro_batches: int) -> 
     out = {}
     for key, value in batch.items():
         if micro_batches < 1 or value.shape[0] % micro_batches:
-            raise ValueError(f"batch field {key} has {value.shape[0]} rows, not divisible into {micro_batches} micro-batches")
+            raise ValueError(
+                f"batch field {key} has {value.shape[0]} rows, not divisible into {micro_batches} micro-batches"
+            )
         out[key] = value.reshape(micro_batches, value.shape[0] // micro_batches, *value.shape[1:])
     return out

@@ -41,7 +41,8 @@ def checkpoint_format(checkpoint: str) -> str:
     if os.path.exists(os.path.join(checkpoint, "config.json")):
         return "hf"
     raise FileNotFoundError(
-        f"{checkpoint} is not a checkpoint: it has neither {ckpt_lib.CONFIG_FILE} (converted) nor config.json (HF)")
+        f"{checkpoint} is not a checkpoint: it has neither {ckpt_lib.CONFIG_FILE} (converted) nor config.json (HF)"
+    )
 
 
 def load(checkpoint: str, dtype: str, mesh=None, quantize: str | None = None):
@@ -57,8 +58,9 @@ def load(checkpoint: str, dtype: str, mesh=None, quantize: str | None = None):
         rules = None
         if mesh is not None:
             rules = sharding.inference_rules(ckpt_lib.load_config(checkpoint).text.num_key_value_heads, mesh)
-        model = ckpt_lib.load_model(checkpoint, dtype=dtype, scan_layers=False, mesh=mesh, rules=rules,
-                                    quantize=quantize)
+        model = ckpt_lib.load_model(
+            checkpoint, dtype=dtype, scan_layers=False, mesh=mesh, rules=rules, quantize=quantize
+        )
     else:
         model = from_hf(checkpoint, dtype=dtype, quantize=quantize, scan_layers=False)
     return model, MllamaProcessor.from_pretrained(ckpt_lib.side_files_dir(checkpoint))
@@ -79,8 +81,15 @@ def build_searcher(config, on_stage=None, streaming: bool = False) -> stage_sear
     mesh = sharding.config_mesh(config)
     model, processor = load(config.checkpoint, config.dtype, mesh, config.get("quantize") or None)
     on_token = TokenPrinter(processor.tokenizer) if streaming else None
-    searcher = stage_search.Searcher(model, processor, search_config(config), on_stage=on_stage, on_token=on_token,
-                                     mesh=mesh, scan_layers=config.get("scan_layers", False))
+    searcher = stage_search.Searcher(
+        model,
+        processor,
+        search_config(config),
+        on_stage=on_stage,
+        on_token=on_token,
+        mesh=mesh,
+        scan_layers=config.get("scan_layers", False),
+    )
     if not config.get("stop_at_eos", True):
         searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
     return searcher
@@ -121,6 +130,10 @@ def run(config, workdir: str = "") -> int:
         print(result.conclusion)
     if config.trace:
         with open(config.trace, "w") as f:
-            json.dump({"config": searcher.config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings},
-                      f, indent=1, default=str)
+            json.dump(
+                {"config": searcher.config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings},
+                f,
+                indent=1,
+                default=str,
+            )
     return 0

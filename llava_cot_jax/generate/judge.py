@@ -50,22 +50,30 @@ DEFAULT_COMPARE = {
     "summary": (
         "You are reviewing two plans for answering a question about an image. A good plan says what has to be "
         "looked at and which approach will answer the question; it does not yet work out the answer. "
-        + _SHARED_FORMAT + "\n\nQuestion: {question}" + _RESPONSES
+        + _SHARED_FORMAT
+        + "\n\nQuestion: {question}"
+        + _RESPONSES
     ),
     "caption": (
         "You are reviewing two descriptions of an image, each written to help answer a question. Prefer the one "
         "that reports more of the details relevant to the question while stating nothing the image does not show. "
-        + _SHARED_FORMAT + "\n\nQuestion: {question}" + _RESPONSES
+        + _SHARED_FORMAT
+        + "\n\nQuestion: {question}"
+        + _RESPONSES
     ),
     "reasoning": (
         "You are reviewing two lines of reasoning towards the answer of a question about an image. Check each step "
         "of both, note where they differ, and prefer the one whose steps are sound and whose arithmetic is right. "
-        + _SHARED_FORMAT + "\n\nQuestion: {question}\n\nWhat the image shows: {hint}" + _RESPONSES
+        + _SHARED_FORMAT
+        + "\n\nQuestion: {question}\n\nWhat the image shows: {hint}"
+        + _RESPONSES
     ),
     "conclusion": (
         "You are reviewing two final answers to a question about an image. Prefer the answer that follows from the "
         "description and reasoning below and that actually answers the question rather than declining to. "
-        + _SHARED_FORMAT + "\n\nQuestion: {question}\n\nDescription and reasoning: {hint}" + _RESPONSES
+        + _SHARED_FORMAT
+        + "\n\nQuestion: {question}\n\nDescription and reasoning: {hint}"
+        + _RESPONSES
     ),
     "answer": (
         "You are reviewing two complete answers to a question about an image. Prefer the one that answers the "
@@ -74,7 +82,9 @@ DEFAULT_COMPARE = {
     "sentence": (
         "You are reviewing two candidates for the next sentence of an answer to a question about an image. Prefer "
         "the sentence that continues the answer so far more accurately and usefully. "
-        + _SHARED_FORMAT + "\n\nQuestion: {question}\n\nAnswer so far: {hint}" + _RESPONSES
+        + _SHARED_FORMAT
+        + "\n\nQuestion: {question}\n\nAnswer so far: {hint}"
+        + _RESPONSES
     ),
 }
 
@@ -192,8 +202,11 @@ def _text_before(template: str, stop: set[str], **values: str) -> str:
         out.append(literal)
         if field is None or field in stop:
             break
-        out.append(("{" + field + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}")
-                   .format(**values))
+        out.append(
+            ("{" + field + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}").format(
+                **values
+            )
+        )
     return "".join(out)
 
 

@@ -240,8 +240,18 @@ def _extend(model, state: DecodeState, input_ids, attention_mask, cross_kv, cros
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "rules"))
-def prefill(graphdef, params, input_ids, attention_mask, cross_kv, cross_attention_mask, rows=None, *,
-            cache_len: int, rules=None) -> DecodeState:
+def prefill(
+    graphdef,
+    params,
+    input_ids,
+    attention_mask,
+    cross_kv,
+    cross_attention_mask,
+    rows=None,
+    *,
+    cache_len: int,
+    rules=None,
+) -> DecodeState:
     """Runs left-padded prompts [B, S] into a fresh cache of `cache_len` slots; returns the decode state, with
     row r holding prompt `rows[r]` when `rows` is given (e.g. N candidate rows per question).
 
@@ -262,8 +272,18 @@ def prefill(graphdef, params, input_ids, attention_mask, cross_kv, cross_attenti
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
-def extend(graphdef, params, state: DecodeState, input_ids, attention_mask, cross_kv, cross_attention_mask,
-           rows=None, *, rules=None) -> DecodeState:
+def extend(
+    graphdef,
+    params,
+    state: DecodeState,
+    input_ids,
+    attention_mask,
+    cross_kv,
+    cross_attention_mask,
+    rows=None,
+    *,
+    rules=None,
+) -> DecodeState:
     """Continues rows `rows` of `state` (all of them when None) with a chunk of left-padded tokens [R, S] (the
     cache needs S free slots): e.g. judge prompts continuing the prefilled prefix (question, image,
     instructions) of their question. `state` is kept (not donated): later calls continue it again."""
@@ -326,7 +346,9 @@ def decode(
         window, filled, hit = stop_lib.step(table, window, filled, token)
         hit_any = jnp.any(hit, axis=-1) & ~done & ~is_eos
         last = (i + 1 >= budget) & ~done & ~is_eos & ~hit_any
-        finish = jnp.where(is_eos, FINISH_EOS, jnp.where(hit_any, FINISH_STOP, jnp.where(last, FINISH_BUDGET, out.finish)))
+        finish = jnp.where(
+            is_eos, FINISH_EOS, jnp.where(hit_any, FINISH_STOP, jnp.where(last, FINISH_BUDGET, out.finish))
+        )
         new_done = done | is_eos | hit_any | last
         write = ~done & ~is_eos  # EOS ends a row without entering its context
         out = DecodeOutput(
@@ -334,7 +356,8 @@ def decode(
             num_tokens=out.num_tokens + (~done).astype(jnp.int32),
             finish=finish,
             stop_index=jnp.where(hit_any, jnp.argmax(hit, axis=-1), out.stop_index),
-            logprob_sum=out.logprob_sum + jnp.where(write, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0),
+            logprob_sum=out.logprob_sum
+            + jnp.where(write, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0),
             steps=i + 1,
         )
         if stream:
@@ -428,8 +451,16 @@ class Sampler:
     weights (`models/mllama/quant.py`; a model loaded with `quantize="int8"` already has them).
     """
 
-    def __init__(self, model, tokenizer=None, eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
-                 mesh: jax.sharding.Mesh | None = None, scan_layers: bool = False, quantize: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        eos_token_ids: Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        scan_layers: bool = False,
+        quantize: str | None = None,
+    ):
         model = with_scan_layers(model, scan_layers)
         self.model = model
         self.graphdef, self.params = nnx.split(model)
@@ -480,19 +511,35 @@ class Sampler:
         if aspect_ratio_mask is None:
             aspect_ratio_mask = np.ones(np.shape(pixel_values)[:3], np.int32)
         with self.on_mesh():
-            return encode(self.graphdef, self.params, np.asarray(pixel_values), np.asarray(aspect_ratio_ids),
-                          np.asarray(aspect_ratio_mask), rules=self.rules)
+            return encode(
+                self.graphdef,
+                self.params,
+                np.asarray(pixel_values),
+                np.asarray(aspect_ratio_ids),
+                np.asarray(aspect_ratio_mask),
+                rules=self.rules,
+            )
 
-    def prefill(self, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, *, cache_len: int,
-                rows=None):
+    def prefill(
+        self, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, *, cache_len: int, rows=None
+    ):
         """A fresh decode state of `cache_len` slots holding the prompts [B, S]; with `rows` [R], row r holds
         prompt `rows[r]` (computed once per prompt)."""
         if cross_kv is not None and cross_attention_mask is None:
             raise ValueError("cross_attention_mask is required with images")
         xmask = None if cross_kv is None else np.asarray(cross_attention_mask)
         with self.on_mesh():
-            return prefill(self.graphdef, self.params, np.asarray(input_ids), np.asarray(attention_mask), cross_kv,
-                           xmask, _rows(rows), cache_len=cache_len, rules=self.rules)
+            return prefill(
+                self.graphdef,
+                self.params,
+                np.asarray(input_ids),
+                np.asarray(attention_mask),
+                cross_kv,
+                xmask,
+                _rows(rows),
+                cache_len=cache_len,
+                rules=self.rules,
+            )
 
     def extend(self, state, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, rows=None):
         """A new state: rows `rows` of `state` (all when None) continued by the chunk [R, S]; `state` is kept."""
@@ -500,12 +547,34 @@ class Sampler:
             raise ValueError("cross_attention_mask is required with images")
         xmask = None if cross_kv is None else np.asarray(cross_attention_mask)
         with self.on_mesh():
-            return extend(self.graphdef, self.params, state, np.asarray(input_ids), np.asarray(attention_mask),
-                          cross_kv, xmask, _rows(rows), rules=self.rules)
+            return extend(
+                self.graphdef,
+                self.params,
+                state,
+                np.asarray(input_ids),
+                np.asarray(attention_mask),
+                cross_kv,
+                xmask,
+                _rows(rows),
+                rules=self.rules,
+            )
 
-    def decode(self, state, *, max_new: int, sampling: Sampling, seed: int | jax.Array = 0, stop_strings=(),
-               eos_ids: Sequence[int] | None = (), cross_kv=None, budget: int | None = None, keep_last=False,
-               stream=False, active=None, rows=None):
+    def decode(
+        self,
+        state,
+        *,
+        max_new: int,
+        sampling: Sampling,
+        seed: int | jax.Array = 0,
+        stop_strings=(),
+        eos_ids: Sequence[int] | None = (),
+        cross_kv=None,
+        budget: int | None = None,
+        keep_last=False,
+        stream=False,
+        active=None,
+        rows=None,
+    ):
         """Decodes from `state` (donated): at most `budget` tokens per row (default `max_new`, which sizes the
         program's token buffer; calls with the same `max_new` share one program whatever their budget). With
         `rows`, row r first takes the state of row `rows[r]`."""
@@ -513,10 +582,23 @@ class Sampler:
         active = np.ones(state.positions.shape, bool) if active is None else np.asarray(active, bool)
         with self.on_mesh():
             return decode(
-                self.graphdef, self.params, state, key, sampling.values(), self.stop_table(stop_strings),
-                self.eos_array(eos_ids), cross_kv, np.int32(max_new if budget is None else budget), active,
-                np.bool_(keep_last), _rows(rows), max_new=max_new, flags=sampling.static(),
-                pad_id=int(self.pad_token_id), stream=stream, rules=self.rules,
+                self.graphdef,
+                self.params,
+                state,
+                key,
+                sampling.values(),
+                self.stop_table(stop_strings),
+                self.eos_array(eos_ids),
+                cross_kv,
+                np.int32(max_new if budget is None else budget),
+                active,
+                np.bool_(keep_last),
+                _rows(rows),
+                max_new=max_new,
+                flags=sampling.static(),
+                pad_id=int(self.pad_token_id),
+                stream=stream,
+                rules=self.rules,
             )
 
     def take_rows(self, cross_kv, rows):
@@ -603,9 +685,17 @@ def generate(
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p if do_sample else 1.0, top_k=top_k)
     context = streaming(streamer) if streamer else contextlib.nullcontext()
     with context:
-        _, out = sampler.decode(state, max_new=max_new, budget=max_new_tokens, sampling=sampling, seed=seed,
-                                stop_strings=tuple(stop_strings or ()), eos_ids=eos_ids, cross_kv=cross_kv,
-                                stream=streamer is not None)
+        _, out = sampler.decode(
+            state,
+            max_new=max_new,
+            budget=max_new_tokens,
+            sampling=sampling,
+            seed=seed,
+            stop_strings=tuple(stop_strings or ()),
+            eos_ids=eos_ids,
+            cross_kv=cross_kv,
+            stream=streamer is not None,
+        )
     steps = int(out.steps)
     new = np.asarray(out.tokens)[:, :steps]
     prompt = ids[:, bucket - s :]

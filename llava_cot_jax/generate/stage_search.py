@@ -106,8 +106,13 @@ class SearchConfig:
         for name, value in PROCEDURES[self.procedure].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        allowed = {"bracket": judge_lib.BRACKETS, "screen": judge_lib.SCREENS, "fallback": judge_lib.FALLBACKS,
-                   "sentence_end": SENTENCE_ENDS, "bos": chat.BOS_MODES}
+        allowed = {
+            "bracket": judge_lib.BRACKETS,
+            "screen": judge_lib.SCREENS,
+            "fallback": judge_lib.FALLBACKS,
+            "sentence_end": SENTENCE_ENDS,
+            "bos": chat.BOS_MODES,
+        }
         for name, values in allowed.items():
             if getattr(self, name) not in values:
                 raise ValueError(f"{name} must be one of {values}, got {getattr(self, name)!r}")
@@ -141,8 +146,9 @@ class SearchResult:
         return dataclasses.asdict(self)
 
 
-def question_inputs(processor, questions: Sequence[str], images: Sequence[Sequence[Any]] | None = None,
-                    bos: str = chat.DEFAULT_BOS) -> dict:
+def question_inputs(
+    processor, questions: Sequence[str], images: Sequence[Sequence[Any]] | None = None, bos: str = chat.DEFAULT_BOS
+) -> dict:
     """Processor inputs of questions asked as LLaVA-CoT asks them: one user turn (its images first, then the
     text), the assistant header to continue, and the BOS tokens of `bos` (two by default, as theirs)."""
     if images is not None and len(images) != len(questions):
@@ -157,8 +163,9 @@ def question_inputs(processor, questions: Sequence[str], images: Sequence[Sequen
     return processor(images=list(images) if has_images else None, text=prompts, padding=True, bos=bos)
 
 
-def judge_prompt_ids(tokenizer, text: str, num_images: int, bos: str = chat.DEFAULT_BOS,
-                     upto: str | None = None) -> list[int]:
+def judge_prompt_ids(
+    tokenizer, text: str, num_images: int, bos: str = chat.DEFAULT_BOS, upto: str | None = None
+) -> list[int]:
     """Token ids of a judge prompt: one user turn (`num_images` images, then `text`) and the assistant header,
     with the BOS tokens of `bos` (two by default, as LLaVA-CoT's judge prompts). With `upto` (a prefix of `text`),
     the ids of the rendered prompt up to the end of that prefix."""
@@ -222,11 +229,18 @@ class Searcher:
     rendered yourself (`questions` is then the plain text the judge is shown).
     """
 
-    def __init__(self, model, processor, config: SearchConfig = SearchConfig(), prompts: judge_lib.JudgePrompts | None = None,
-                 judge_fn: Callable[[list[str], str], Sequence[str]] | None = None,
-                 on_stage: Callable[[int, str, str], None] | None = None,
-                 on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 mesh: jax.sharding.Mesh | None = None, scan_layers: bool = False):
+    def __init__(
+        self,
+        model,
+        processor,
+        config: SearchConfig = SearchConfig(),
+        prompts: judge_lib.JudgePrompts | None = None,
+        judge_fn: Callable[[list[str], str], Sequence[str]] | None = None,
+        on_stage: Callable[[int, str, str], None] | None = None,
+        on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        scan_layers: bool = False,
+    ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -269,9 +283,19 @@ class Searcher:
 
         if method == "stage":
             for index, stage in enumerate(chat.STAGES):
-                state, rows = self._step(batch, state, rows, rows_kv, n, jax.random.fold_in(key, index), stage=stage,
-                                         stops=(chat.close_tag(stage),), budget=budget(cfg.stage_max_new_tokens),
-                                         kind=stage.lower(), max_new=cfg.stage_max_new_tokens)
+                state, rows = self._step(
+                    batch,
+                    state,
+                    rows,
+                    rows_kv,
+                    n,
+                    jax.random.fold_in(key, index),
+                    stage=stage,
+                    stops=(chat.close_tag(stage),),
+                    budget=budget(cfg.stage_max_new_tokens),
+                    kind=stage.lower(),
+                    max_new=cfg.stage_max_new_tokens,
+                )
         elif method == "sentence":
             used = 0
             for index in range(cfg.max_new_tokens):
@@ -279,10 +303,19 @@ class Searcher:
                     break
                 before = int(state.cursor)
                 period = "." if cfg.sentence_end == "period" else stop_lib.TextEnd(".")
-                state, rows = self._step(batch, state, rows, rows_kv, n, jax.random.fold_in(key, index), stage=None,
-                                         stops=(period, chat.close_tag("CONCLUSION")),
-                                         budget=budget(min(cfg.sentence_max_new_tokens, cfg.max_new_tokens - used)),
-                                         kind="sentence", max_new=cfg.sentence_max_new_tokens)
+                state, rows = self._step(
+                    batch,
+                    state,
+                    rows,
+                    rows_kv,
+                    n,
+                    jax.random.fold_in(key, index),
+                    stage=None,
+                    stops=(period, chat.close_tag("CONCLUSION")),
+                    budget=budget(min(cfg.sentence_max_new_tokens, cfg.max_new_tokens - used)),
+                    kind="sentence",
+                    max_new=cfg.sentence_max_new_tokens,
+                )
                 used += int(state.cursor) - before
                 for b, text in enumerate(batch.accepted):
                     if chat.close_tag("CONCLUSION") in text:
@@ -290,9 +323,19 @@ class Searcher:
                 if self._warming_up:
                     break
         else:  # greedy, sample, best_of_n: one step over the whole answer
-            state, rows = self._step(batch, state, rows, rows_kv, n, key, stage=None,
-                                     stops=(chat.close_tag("CONCLUSION"),), budget=budget(cfg.max_new_tokens),
-                                     kind="answer", max_new=cfg.max_new_tokens)
+            state, rows = self._step(
+                batch,
+                state,
+                rows,
+                rows_kv,
+                n,
+                key,
+                stage=None,
+                stops=(chat.close_tag("CONCLUSION"),),
+                budget=budget(cfg.max_new_tokens),
+                kind="answer",
+                max_new=cfg.max_new_tokens,
+            )
 
         results = []
         for b, q in enumerate(batch.questions):
@@ -321,16 +364,33 @@ class Searcher:
         ids, mask, _, extras = sampler_lib.left_align(ids, mask, bucket, self.sampler.pad_token_id, *extra)
         cross_kv, num_tiles = None, None
         if has_images:
-            ar_mask = np.asarray(inputs.get("aspect_ratio_mask", np.ones(np.shape(inputs["pixel_values"])[:3], np.int32)))
+            ar_mask = np.asarray(
+                inputs.get("aspect_ratio_mask", np.ones(np.shape(inputs["pixel_values"])[:3], np.int32))
+            )
             cross_kv = self.sampler.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask)
             num_tiles = [[int(t) for t in row.sum(-1) if t > 0] for row in ar_mask]
         max_images = np.shape(inputs["pixel_values"])[1] if has_images else 0
         question_tokens = max(len(self.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
         shapes = search_shapes(self.config, self.prompts, self.tokenizer, bucket, question_tokens, n, max_images)
-        state = self.sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None,
-                                     cache_len=shapes.cache_len, rows=np.repeat(np.arange(b), n))
-        batch = _Batch(questions, num_tiles, max_images, cross_kv, [""] * b, [{} for _ in range(b)], [[] for _ in range(b)],
-                       np.zeros(b, bool), shapes)
+        state = self.sampler.prefill(
+            ids,
+            mask,
+            cross_kv,
+            extras[0] if has_images else None,
+            cache_len=shapes.cache_len,
+            rows=np.repeat(np.arange(b), n),
+        )
+        batch = _Batch(
+            questions,
+            num_tiles,
+            max_images,
+            cross_kv,
+            [""] * b,
+            [{} for _ in range(b)],
+            [[] for _ in range(b)],
+            np.zeros(b, bool),
+            shapes,
+        )
         return batch, state
 
     def warmup(self, batch_size: int = 1, num_images: int = 1, question_tokens: int | None = None) -> float:
@@ -342,7 +402,10 @@ class Searcher:
         start = time.perf_counter()
         question_tokens = question_tokens or self.config.judge_bucket_step
         words = ["warm"] * question_tokens  # one token each in any Llama-style vocabulary; trimmed to fit below
-        while len(words) > 1 and len(self.tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) > question_tokens:
+        while (
+            len(words) > 1
+            and len(self.tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) > question_tokens
+        ):
             words.pop()
         question = " ".join(words)
         vision = self.model.config.vision
@@ -360,8 +423,21 @@ class Searcher:
         vocab = len(self.tokenizer)
         return self.tokenizer.decode([int(t) for t in tokens if 0 <= t < vocab], skip_special_tokens=True)
 
-    def _step(self, batch: _Batch, state, rows, rows_kv, n: int, key, *, stage: str | None, stops, budget: int,
-              kind: str, max_new: int):
+    def _step(
+        self,
+        batch: _Batch,
+        state,
+        rows,
+        rows_kv,
+        n: int,
+        key,
+        *,
+        stage: str | None,
+        stops,
+        budget: int,
+        kind: str,
+        max_new: int,
+    ):
         """Sample n candidates per question (candidate row r continuing state row `rows[r]`), run the tournament;
         returns the state and the rows that make each question's winner the prefix of all its candidates."""
         b = len(batch.questions)
@@ -369,9 +445,20 @@ class Searcher:
         active = ~np.repeat(batch.ended, n)
         stream = self.on_token is not None and n == 1
         with sampler_lib.streaming(self.on_token) if stream else contextlib.nullcontext():
-            state, out = self.sampler.decode(state, max_new=max_new, budget=budget, sampling=self._sampling(), seed=key,
-                                             stop_strings=stops, eos_ids=self.sampler.eos_token_ids, cross_kv=rows_kv,
-                                             keep_last=True, active=active, stream=stream, rows=rows)
+            state, out = self.sampler.decode(
+                state,
+                max_new=max_new,
+                budget=budget,
+                sampling=self._sampling(),
+                seed=key,
+                stop_strings=stops,
+                eos_ids=self.sampler.eos_token_ids,
+                cross_kv=rows_kv,
+                keep_last=True,
+                active=active,
+                stream=stream,
+                rows=rows,
+            )
         steps = int(out.steps)  # host sync: candidates
         self.syncs += 1
         tokens = np.asarray(out.tokens)[:, :steps]
@@ -388,9 +475,16 @@ class Searcher:
                 text = self._decode_text(tokens[r, : num[r]])
                 written = num[r] - (finish[r] == sampler_lib.FINISH_EOS)
                 shown = stage_content(text, stage) if stage else text.strip()
-                cands.append(judge_lib.Candidate(text=shown, closed=bool(finish[r] == sampler_lib.FINISH_STOP),
-                                                 mean_logprob=float(logprob[r] / max(written, 1))))
-                info.append({"text": text, "finish": sampler_lib.FINISH_NAMES[int(finish[r])], "num_tokens": int(num[r])})
+                cands.append(
+                    judge_lib.Candidate(
+                        text=shown,
+                        closed=bool(finish[r] == sampler_lib.FINISH_STOP),
+                        mean_logprob=float(logprob[r] / max(written, 1)),
+                    )
+                )
+                info.append(
+                    {"text": text, "finish": sampler_lib.FINISH_NAMES[int(finish[r])], "num_tokens": int(num[r])}
+                )
             groups.append(cands)
             infos.append(info)
 
@@ -409,9 +503,14 @@ class Searcher:
         if n > 1 and live:
             t1 = time.perf_counter()
             live_winners, matches = judge_lib.knockout(
-                [groups[q] for q in live], lambda ms: self._judge(batch, [groups[q] for q in live], live, ms, kind, stage),
-                self.prompts.parse_choice, self._rng, bracket=self.config.bracket, fallback=self.config.fallback,
-                screen=screen_per_match)
+                [groups[q] for q in live],
+                lambda ms: self._judge(batch, [groups[q] for q in live], live, ms, kind, stage),
+                self.prompts.parse_choice,
+                self._rng,
+                bracket=self.config.bracket,
+                fallback=self.config.fallback,
+                screen=screen_per_match,
+            )
             for q, w in zip(live, live_winners):
                 winners[q] = w
             for m in matches:
@@ -425,13 +524,18 @@ class Searcher:
                 batch.stages[q][stage] = win.text
             if info["finish"] == "eos" or stage == "CONCLUSION":
                 batch.ended[q] = True  # the model ended its answer (or the last stage is in): nothing more to add
-            batch.traces[q].append({
-                "step": stage or kind, "winner": winners[q],
-                "candidates": [dict(i, shown_to_judge=c.text, closed=c.closed, mean_logprob=c.mean_logprob, screen=c.screen)
-                               for c, i in zip(groups[q], infos[q])],
-                "matches": [m.as_dict() for m in matches if m.group == q],
-                "verdicts": verdict_counts([m for m in matches if m.group == q]),
-            })
+            batch.traces[q].append(
+                {
+                    "step": stage or kind,
+                    "winner": winners[q],
+                    "candidates": [
+                        dict(i, shown_to_judge=c.text, closed=c.closed, mean_logprob=c.mean_logprob, screen=c.screen)
+                        for c, i in zip(groups[q], infos[q])
+                    ],
+                    "matches": [m.as_dict() for m in matches if m.group == q],
+                    "verdicts": verdict_counts([m for m in matches if m.group == q]),
+                }
+            )
             if self.on_stage:
                 self.on_stage(q, stage or kind, info["text"])
         return state, np.repeat(np.arange(b) * n + np.asarray(winners), n)
@@ -466,8 +570,15 @@ class Searcher:
             texts.append(self.prompts.compare_text(kind, batch.questions[q], a.text, c.text, hint))
             owners.append(q)
             prefixes[q] = self.prompts.compare_prefix(kind, batch.questions[q], hint)
-        return self._ask_judges(texts, owners, prefixes, batch, with_image=self.prompts.compare_with_image, kind=kind,
-                                stops=self.prompts.verdict_phrases)
+        return self._ask_judges(
+            texts,
+            owners,
+            prefixes,
+            batch,
+            with_image=self.prompts.compare_with_image,
+            kind=kind,
+            stops=self.prompts.verdict_phrases,
+        )
 
     def _ask_judges(self, texts, owners, prefixes, batch: _Batch, with_image: bool, kind: str, stops=()) -> list[str]:
         if not texts:  # every question in the batch has already ended (e.g. its last winner emitted EOS)
@@ -479,8 +590,16 @@ class Searcher:
             return replies
         return self._run_judges(texts, owners, prefixes, batch, with_image, kind, stops)
 
-    def _run_judges(self, texts: Sequence[str], owners: Sequence[int], prefixes: dict, batch: _Batch, with_image: bool,
-                    kind: str, stops: Sequence[str] = ()) -> list[str]:
+    def _run_judges(
+        self,
+        texts: Sequence[str],
+        owners: Sequence[int],
+        prefixes: dict,
+        batch: _Batch,
+        with_image: bool,
+        kind: str,
+        stops: Sequence[str] = (),
+    ) -> list[str]:
         """One batched generate over judge prompts, continuing from each question's prefilled judge prefix. A reply
         ends at EOS, at the budget, or at the first of `stops` it writes (the verdict phrases of a comparison).
 
@@ -514,15 +633,26 @@ class Searcher:
         ids, mask, xmask = self._left_pad(chunks, batch, with_image, rest)
         cross_kv = batch.cross_kv if with_image else None
         rows_state = self.sampler.extend(state, ids, mask, cross_kv, xmask, rows=np.arange(rows) // per_question)
-        sampling = (sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-                    if cfg.judge_do_sample else sampler_lib.Sampling())
+        sampling = (
+            sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+            if cfg.judge_do_sample
+            else sampler_lib.Sampling()
+        )
         key = jax.random.key(int(self._rng.integers(2**31)))
         active = np.zeros(rows, bool)
         active[slot_of] = True
         budget = 1 if self._warming_up else cfg.judge_max_new_tokens
-        _, out = self.sampler.decode(rows_state, max_new=cfg.judge_max_new_tokens, budget=budget, sampling=sampling,
-                                     seed=key, stop_strings=tuple(stops), eos_ids=self.sampler.eos_token_ids,
-                                     cross_kv=cross_kv, active=active)
+        _, out = self.sampler.decode(
+            rows_state,
+            max_new=cfg.judge_max_new_tokens,
+            budget=budget,
+            sampling=sampling,
+            seed=key,
+            stop_strings=tuple(stops),
+            eos_ids=self.sampler.eos_token_ids,
+            cross_kv=cross_kv,
+            active=active,
+        )
         tokens = np.asarray(out.tokens)  # host sync: judge replies
         num = np.asarray(out.num_tokens)
         self.syncs += 1
@@ -545,12 +675,17 @@ class Searcher:
                 continue
             prompt, start, q = chunk
             n = len(prompt) - start
-            ids[r, length - n:] = prompt[start:]
-            mask[r, length - n:] = 1
+            ids[r, length - n :] = prompt[start:]
+            mask[r, length - n :] = 1
             if with_image:
-                seen = chat.cross_attention_mask(prompt, self.image_token_id, batch.num_tiles[q],
-                                                 max_images=batch.max_images, max_tiles=self.max_tiles)
-                xmask[r, length - n:] = seen[start:]
+                seen = chat.cross_attention_mask(
+                    prompt,
+                    self.image_token_id,
+                    batch.num_tiles[q],
+                    max_images=batch.max_images,
+                    max_tiles=self.max_tiles,
+                )
+                xmask[r, length - n :] = seen[start:]
         return ids, mask, xmask
 
     def _judge_prefix(self, kind: str, group: str, heads: dict, prompts: list, batch: _Batch, with_image: bool):
@@ -564,8 +699,10 @@ class Searcher:
         head and the question's prompts is what gets prefilled."""
         shapes, step = batch.shapes, self.config.judge_bucket_step
         starts = lambda prefix, ids: len(ids) > len(prefix) and list(ids[: len(prefix)]) == list(prefix)
-        rest_of = lambda shared: max(shapes.judge_rest[group], sampler_lib.bucket_length(
-            max(len(ids) - len(shared[q]) for q, ids in prompts), minimum=step, step=step))
+        rest_of = lambda shared: max(
+            shapes.judge_rest[group],
+            sampler_lib.bucket_length(max(len(ids) - len(shared[q]) for q, ids in prompts), minimum=step, step=step),
+        )
         room = lambda state, rest: int(state.cursor) + rest + self.config.judge_max_new_tokens <= state.cache_len
         cached = self._prefix_cache.get(kind)
         if cached is not None:
@@ -602,8 +739,15 @@ def judge_tokens(tokenizer, text: str, prefix: str | None, num_images: int, bos:
     return ids, judge_prompt_ids(tokenizer, text, num_images, bos, upto=prefix)
 
 
-def search_shapes(config: SearchConfig, prompts: judge_lib.JudgePrompts, tokenizer, prompt_bucket: int,
-                  question_tokens: int, n: int, max_images: int) -> SearchShapes:
+def search_shapes(
+    config: SearchConfig,
+    prompts: judge_lib.JudgePrompts,
+    tokenizer,
+    prompt_bucket: int,
+    question_tokens: int,
+    n: int,
+    max_images: int,
+) -> SearchShapes:
     """Bounds on every length a search can produce (see `SearchShapes`), from the prompt bucket, the longest
     question's token count rounded up to a judge bucket step, and the generation budgets. The judge's template
     overhead is measured by tokenising its prompts with empty fields."""
@@ -615,8 +759,12 @@ def search_shapes(config: SearchConfig, prompts: judge_lib.JudgePrompts, tokeniz
     stage = cfg.stage_max_new_tokens
     # judged kind -> (longest hint, longest response) in tokens; the screen shows the caption and one reasoning
     kinds = {
-        "stage": {"summary": (0, stage), "caption": (0, stage), "reasoning": (stage, stage),
-                  "conclusion": (2 * stage + 1, stage)},
+        "stage": {
+            "summary": (0, stage),
+            "caption": (0, stage),
+            "reasoning": (stage, stage),
+            "conclusion": (2 * stage + 1, stage),
+        },
         "best_of_n": {"answer": (0, cfg.max_new_tokens)},
         "sentence": {"sentence": (cfg.max_new_tokens, cfg.sentence_max_new_tokens)},
     }.get(cfg.method, {})
@@ -632,15 +780,23 @@ def search_shapes(config: SearchConfig, prompts: judge_lib.JudgePrompts, tokeniz
         prefix["screen"], rest["screen"] = round_up(head + question + stage), round_up(full - head + 1 + stage)
     judge = max([prefix[g] + rest[g] + cfg.judge_max_new_tokens for g in prefix], default=0)
     candidates = sampler_lib.bucket_length(prompt_bucket + total_budget(config), step=CACHE_STEP)
-    return SearchShapes(prompt_bucket, candidates, sampler_lib.bucket_length(judge, step=CACHE_STEP), prefix, rest,
-                        {"compare": -(-n // 2), "screen": n})
+    return SearchShapes(
+        prompt_bucket,
+        candidates,
+        sampler_lib.bucket_length(judge, step=CACHE_STEP),
+        prefix,
+        rest,
+        {"compare": -(-n // 2), "screen": n},
+    )
 
 
 def verdict_counts(matches: Sequence[judge_lib.Match]) -> dict[str, int]:
     """How many judge replies were read and how many fell back to the fallback rule (screen-decided matches
     asked no judge and count in neither)."""
-    return {"read": sum(m.rule == "judge" for m in matches),
-            "fallback": sum(m.rule.startswith("fallback") for m in matches)}
+    return {
+        "read": sum(m.rule == "judge" for m in matches),
+        "fallback": sum(m.rule.startswith("fallback") for m in matches),
+    }
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

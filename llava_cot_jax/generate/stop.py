@@ -31,7 +31,9 @@ import numpy as np
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes→printable-unicode map used by byte-level BPE vocabularies (Llama 3)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -179,7 +181,9 @@ def step(table: StopTable, window: jax.Array, filled: jax.Array, tokens: jax.Arr
     offsets = jnp.arange(h + 1)  # starts 0..H (a start at H is wholly inside the token: `contains` covers it)
     idx = offsets[:, None] + jnp.arange(h)[None, :]  # [P, H]
     windows = buf[:, jnp.minimum(idx, 2 * h - 1)]  # [B, P, H]
-    char_ok = (windows[:, None] == table.stops[None, :, None, :]) | (jnp.arange(h) >= table.stop_len[:, None])[None, :, None, :]
+    char_ok = (windows[:, None] == table.stops[None, :, None, :]) | (jnp.arange(h) >= table.stop_len[:, None])[
+        None, :, None, :
+    ]
     eq = jnp.all(char_ok, axis=-1)  # [B, S, P]
     end = offsets[None, None, :] + table.stop_len[None, :, None]  # exclusive end of the match in buf
     spans_boundary = (
