@@ -408,6 +408,17 @@ def test_training_checkpoint_exports_to_hf_and_loads_for_inference(scenes, tmp_p
     _, processor = infer_cli.load(step_dir, "float32")
     assert processor.tokenizer.pad_token_id is not None
 
+    # A run that starts from it reads each parameter straight onto the mesh, placed as the train state wants it.
+    config.model.init_from = step_dir
+    trainer = trainer_lib.Trainer(config, str(tmp_path / "second"))
+    on_mesh = trainer_lib.initial_params(config.model, trainer.model_config, 0, trainer.spec.mesh)
+    on_host = trainer_lib.initial_params(config.model, trainer.model_config, 0)
+    targets = step_lib.param_shardings(trainer.spec)
+    assert jax.tree.structure(on_mesh) == jax.tree.structure(on_host) == jax.tree.structure(targets)
+    for placed, host, target in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(on_host), jax.tree.leaves(targets)):
+        assert isinstance(placed, jax.Array) and placed.sharding == target
+        np.testing.assert_array_equal(np.asarray(placed), host)
+
 
 def test_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     scenes, tmp_path, xla_cache, capsys

@@ -105,9 +105,18 @@ def model_config_from(cfg) -> MllamaConfig:
     return base.replace(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=True)
 
 
-def initial_params(cfg, model_config: MllamaConfig, seed: int) -> dict:
-    """The parameters a fresh run starts from (host arrays, nested by module path)."""
+def initial_params(cfg, model_config: MllamaConfig, seed: int, mesh=None) -> dict:
+    """The parameters a fresh run starts from, nested by module path. From a converted checkpoint with a `mesh`,
+    every device's shard is read from disk by itself, already placed as the rules table places it
+    (`checkpoint.load_model`), so no host holds the whole model (90B in float32 is 360 GB); otherwise host arrays."""
     if cfg.init_from and weights.is_checkpoint(cfg.init_from):
+        if mesh is not None:
+            from flax import nnx
+
+            model = weights.load_model(
+                cfg.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, scan_layers=True, mesh=mesh
+            )
+            return nnx.to_pure_dict(nnx.state(model, nnx.Param))
         _, params = weights.load_params(cfg.init_from)
         return weights.nested(params)
     if cfg.init_from:
@@ -384,7 +393,7 @@ class Trainer:
             state = checkpointing.restore(self.manager, resume_step, abstract, iterator)
             print(f"resumed from {self.manager.directory}/{resume_step}")
         else:
-            params = initial_params(c.model, self.model_config, c.seed)
+            params = initial_params(c.model, self.model_config, c.seed, self.spec.mesh)
             state = step_lib.init_state(self.spec, params, c.seed)
             del params
         start = int(jax.device_get(state["step"]))
