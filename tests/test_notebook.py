@@ -26,6 +26,7 @@ def test_colab_notebook_runs_on_cpu(tmp_path):
         HF_DIR=hf_dir,
         WORKDIR=str(tmp_path / "work"),
         DTYPE="float32",
+        QUANTIZE="int8",  # the one-16-GB-chip path (Colab's v5e-1), on the tiny model
         STAGE_MAX_NEW_TOKENS=6,
         JUDGE_MAX_NEW_TOKENS=3,
         STOP_AT_EOS=False,
