@@ -298,11 +298,11 @@ class Searcher:
                 )
         elif method == "sentence":
             used = 0
+            period = "." if cfg.sentence_end == "period" else stop_lib.TextEnd(".")
             for index in range(cfg.max_new_tokens):
                 if batch.ended.all() or used >= cfg.max_new_tokens:
                     break
                 before = int(state.cursor)
-                period = "." if cfg.sentence_end == "period" else stop_lib.TextEnd(".")
                 state, rows = self._step(
                     batch,
                     state,
