@@ -1,6 +1,6 @@
 """The offline CPU demo: a small Mllama learns to answer multiple-choice questions about synthetic scenes.
 
-    python -m llava_cot_jax.main --config configs/demo.py --workdir DIR [--config.search=best_of_n]
+    python -m llava_cot_jax.main --config configs/demo.py --workdir DIR [--config.search.method=best_of_n]
 
 Writes the data, trains with the real trainer, evaluates held-out questions with the evaluation harness (greedy,
 image-blind, and the search method) and prints the table; see llava_cot_jax/demo.py. Without --workdir it works
@@ -8,21 +8,28 @@ in the system's temporary directory. A second run in the same DIR reuses the dat
 answers. Arg `runlocal`: every phase on a few samples and steps (tests; its accuracy means nothing).
 """
 
-import os
-
 import ml_collections
 
-from llava_cot_jax import config_file
-from llava_cot_jax.train.config import default_config
+from llava_cot_jax import config_schema
+from llava_cot_jax.eval.config import default_config as eval_config
+from llava_cot_jax.generate.config import search_group
+from llava_cot_jax.train.config import default_config as train_config
+
+# Keys the demo's phases share, set once at the top level; the trainer and eval sub-configs do not repeat them.
+SHARED = ("mode", "seed", "compilation_cache", "model", "mesh", "search")
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.mode = "demo"
-    c.seed = 0
-    c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
-    c.search = "stage"  # the search compared with greedy: stage | best_of_n | sentence | sample
-    c.num_candidates = 2  # N candidates per stage (the paper's tables use 2)
+def get_config(arg: str | None = None):
+    c = config_schema.base("demo")
+    c.model.preset = "demo"  # MllamaConfig.demo: ~1.4M parameters, 64-px one-tile images
+    c.model.dtype = "float32"  # XLA:CPU runs float32 well
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"
+    # The search compared with greedy, with the demo's budgets (every answer fits 128 tokens of the tiny tokenizer;
+    # "Better response: N" is 13). stage | best_of_n | sentence | sample; N = 2 as in the paper's tables.
+    c.search = search_group(
+        method="stage", num_candidates=2, max_new_tokens=128, stage_max_new_tokens=40, judge_max_new_tokens=16
+    )
     c.judge_questions = 96  # with judge examples: held-out pairs (the right stage against a corrupted one) to judge
     c.search_questions = 64  # the search runs on the first this many held-out questions (it costs ~10x greedy)
     # Cross-attention gates at init (a fresh Llama-3.2-Vision has 0: the image would not reach the text).
@@ -41,9 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # of the training samples; the search then settles its matches by the fallback rules (judge.fallback_winner).
     c.data.judge_fraction = 0.0
 
-    t = default_config()  # the trainer's settings; model.init_from and data.train are filled in by the demo
-    t.model.compute_dtype = "float32"
-    t.model.remat = "none"
+    t = train_config()  # the trainer's settings; data.train is filled in by the demo
     t.data.seq_buckets = (160, 208)  # every question and answer fits 160 (one compiled step); judge examples 208
     t.data.read_threads = 2
     t.train.global_batch = 16
@@ -53,21 +58,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.optimizer.warmup_steps = 20
     t.optimizer.final_lr_fraction = 0.05
     t.optimizer.grad_clip_norm = 1.0
-    t.checkpoint.every_steps = 100
-    t.checkpoint.keep = 2
+    t.checkpointing.every_steps = 100
+    t.checkpointing.keep = 2
     t.log_every = 5
-    c.trainer = t
+    c.trainer = _without_shared(t)
 
-    e = config_file.load(os.path.join(os.path.dirname(__file__), "eval_mcq.py"))  # the evaluation harness
+    e = eval_config()  # the evaluation harness
     e.batch_size = 16
     # The trainer strips questions as LLaVA-CoT's loader does; asked the unstripped VLMEvalKit prompt (a trailing
     # " \n" it never saw), the demo model answered 23/30 colour questions instead of 30/30 (first 64 held-out rows).
     e.strip_prompt = True
-    e.infer.dtype = "float32"  # XLA:CPU runs float32 well (the harness's default is bfloat16, as LLaVA-CoT's)
-    e.infer.max_new_tokens = 128  # a whole answer (greedy)
-    e.infer.stage_max_new_tokens = 40  # one stage candidate
-    e.infer.judge_max_new_tokens = 16  # "Better response: N" is 13 tokens of the tiny tokenizer
-    c.eval = e
+    c.eval = _without_shared(e)
 
     if arg == "runlocal":
         c.search_questions = 4
@@ -78,9 +79,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         t.train.global_batch = 8
         t.train.num_steps = 4
         t.optimizer.warmup_steps = 1
-        t.checkpoint.every_steps = 2
+        t.checkpointing.every_steps = 2
         t.log_every = 1
         e.batch_size = 4
+        c.trainer, c.eval = _without_shared(t), _without_shared(e)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}: runlocal or none")
     return c
+
+
+def _without_shared(sub: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    sub = ml_collections.ConfigDict(sub.to_dict())
+    for key in SHARED:
+        if key in sub:
+            del sub[key]
+    return sub

@@ -2,7 +2,7 @@
 llava_cot_jax/train/config.py for every key and its default).
 
     python -m llava_cot_jax.main --config configs/sft_llava_cot_11b.py \
-        --config.model.init_from=ckpt/llama32v_11b --config.data.train=DATA/tfds --workdir runs/llava_cot_11b
+        --config.model.weights=ckpt/llama32v_11b --config.data.train=DATA/tfds --workdir runs/llava_cot_11b
 
 Args (`--config configs/sft_llava_cot_11b.py:ARG`):
   tpu (default)  a TPU slice: FSDP over as many chips as the batch allows, tensor parallelism over the rest

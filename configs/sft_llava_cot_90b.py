@@ -2,7 +2,7 @@
 llava_cot_jax/train/config.py for every key).
 
     python -m llava_cot_jax.main --config configs/sft_llava_cot_90b.py \
-        --config.model.init_from=ckpt/llama32v_90b --config.data.train=DATA/tfds --workdir runs/llava_cot_90b
+        --config.model.weights=ckpt/llama32v_90b --config.data.train=DATA/tfds --workdir runs/llava_cot_90b
 
 Args: tpu (default; FSDP x tensor parallelism chosen from the chip count), gpu8x4 (four 8-GPU hosts: FSDP over 32
 GPUs), runlocal (a CPU smoke run of the tiny architecture).

@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_steps = 10
     c.optimizer.final_lr_fraction = 0.1
     c.optimizer.grad_clip_norm = 1.0
-    c.checkpoint.every_steps = 50
+    c.checkpointing.every_steps = 50
     c.log_every = 5
     if arg == "runlocal":
         runlocal(c)

@@ -3,8 +3,8 @@
 `topology_devices("v5e-8")` describes the slice's devices through libtpu (`pip install -e ".[tpu]"`; no TPU needed),
 a mesh over them lowers and compiles jitted programs exactly as on the slice, and `memory_report(compiled, ...)`
 reads XLA's per-device buffer assignment: arguments (weights, caches), outputs, temporaries, and whether the sum
-fits the device's HBM. Training (`train/aot.py`) and inference (`generate/aot.py`) both compile through here;
-`tools/aot_compile.py` is the command line.
+fits the device's HBM. Training (`train/aot.py`) and inference (`generate/aot.py`) describe their programs with
+`Program`; `tools/aot_compile.py` picks which for a config and compiles them here.
 
 Slice names follow Cloud TPU's accelerator types. For v2, v3, v4 and v5p the number counts TensorCores (2 per
 chip), so v5p-64 is 32 chips; for v5e and v6e it counts chips. v4 and v5p chips run as one "megacore" device;
@@ -98,6 +98,16 @@ def topology_devices(name: str) -> list:
     return list(devices)
 
 
+def gib_per_device(tree) -> float:
+    """GiB one device holds of a tree of abstract arrays with shardings (each leaf's shard size)."""
+    import math
+
+    import jax
+
+    leaves = jax.tree.leaves(tree)
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves) / GIB
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
     """Per-device memory of one compiled program, in GiB (XLA's buffer assignment, the same on every device)."""
@@ -184,52 +194,3 @@ def compile_program(program: Program, hbm_gib: float) -> CompileResult:
         return CompileResult(program, seconds, cpu_seconds, None, error=str(err).split("\n")[0])
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     return CompileResult(program, seconds, cpu_seconds, memory_report(compiled, hbm_gib), compiled)
-
-
-def mesh_from_config(config, devices):
-    """The (data, fsdp, tensor) mesh a config asks for (`mesh_data`, `mesh_fsdp`, `mesh_tensor`; one may be -1)
-    over `devices`; by default tensor parallelism over all of them."""
-    from llava_cot_jax import sharding  # pylint: disable=g-import-not-at-top
-
-    sizes = [config.get(f"mesh_{axis}", default) for axis, default in (("data", 1), ("fsdp", 1), ("tensor", -1))]
-    if -1 not in sizes and sizes[0] * sizes[1] * sizes[2] == 1:
-        sizes[2] = -1  # a single-device default config: use the whole slice
-    return sharding.make_mesh(*sizes, devices=devices)
-
-
-def programs_for_config(config, mesh) -> list[Program]:
-    """What to compile for a config: the training step (`mode == "train"`) or the inference programs (any other
-    mode), each described by its own package (`train/aot.py`, `generate/aot.py`: `programs(config, mesh)`)."""
-    if config.get("mode") == "train":
-        try:
-            from llava_cot_jax.train import aot as train_aot  # pylint: disable=g-import-not-at-top
-        except ImportError as err:
-            raise NotImplementedError(
-                "AOT compilation of the training step is not available yet: it needs "
-                "llava_cot_jax.train.aot.programs(config, mesh) -> list[llava_cot_jax.aot.Program]"
-            ) from err
-        return train_aot.programs(config, mesh)
-    from llava_cot_jax.generate import aot as generate_aot  # pylint: disable=g-import-not-at-top
-
-    return generate_aot.programs(config, mesh)
-
-
-def compile_for_topology(config, topology_name: str, only=()) -> list[CompileResult]:
-    """Compiles every program a config describes for a TPU slice (those whose names contain a word of `only`, if
-    given), one after another, printing a row for each."""
-    t = topology(topology_name)
-    mesh = mesh_from_config(config, topology_devices(topology_name))
-    results = []
-    # A training config lays out its own mesh from the batch (its row's notes name it).
-    mesh_note = "" if config.get("mode") == "train" else f", mesh {dict(mesh.shape)}"
-    print(
-        f"{t.name} ({t.topology_name}, {t.chips} chips, {t.devices} devices, {t.hbm_gib_per_device:g} GiB HBM per "
-        f"device){mesh_note}"
-    )
-    print(f"{'program':<28} {'wall, CPU s':>15} {MemoryReport.HEADER}   (GiB per device)")
-    for program in programs_for_config(config, mesh):
-        if only and not any(word in program.name for word in only):
-            continue
-        results.append(compile_program(program, t.hbm_gib_per_device))
-        print(results[-1].row(), flush=True)
-    return results

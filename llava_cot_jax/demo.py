@@ -10,7 +10,7 @@ Phases, each kept in DIR and reused by a later run with the same settings:
            DIR/data/heldout.tsv: held-out questions as a VLMEvalKit TSV (base64 images), and heldout_blind.tsv:
            the same questions with a blank floor for the image.
 2. init    DIR/init: random weights of the demo model (`MllamaConfig.demo()`), the tiny tokenizer and the image
-           processor, saved as a checkpoint the trainer starts from (`model.init_from`).
+           processor, saved as a checkpoint the trainer starts from (`model.weights`).
 3. train   DIR/train: the trainer (mesh, Orbax train-state checkpoints, Grain); a rerun resumes from the last
            checkpoint, and a finished run does no steps.
 4. eval    DIR/eval/{greedy,blind,SEARCH}: the evaluation harness on the held-out TSV with greedy decoding, on the
@@ -173,6 +173,22 @@ def _png_base64(image) -> str:
 # ----------------------------------------------------------------------------------------------------- train
 
 
+def mode_config(config, sub, mode: str, weights: str):
+    """A whole config of another mode for one phase: its own keys from `sub` (the demo's `trainer` or `eval`
+    group, or a mode's defaults), the demo's shared keys (seed, model, mesh; search for inference) and the weights
+    to load."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict(dict(sub))
+    c.mode, c.seed, c.compilation_cache = mode, config.seed, ""
+    c.model = ml_collections.ConfigDict(config.model.to_dict())
+    c.model.weights = weights
+    c.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
+    if mode != "train":
+        c.search = config.search.copy_and_resolve_references()
+    return c
+
+
 def train(config, workdir: str, paths: dict[str, str]) -> str:
     """Runs the trainer (resuming, or doing nothing when finished); returns the last step's checkpoint."""
     from llava_cot_jax.models.mllama.config import MllamaConfig
@@ -183,9 +199,7 @@ def train(config, workdir: str, paths: dict[str, str]) -> str:
         model_config = MllamaConfig.demo(image_size=config.data.image_size)
         print(f"building the initial checkpoint in {init} ({_num_params(model_config):,} parameters)")
         build_demo_checkpoint(init, seed=config.seed, config=model_config, gate=config.init_gate)
-    t = config.trainer
-    t.seed = config.seed
-    t.model.init_from = init
+    t = mode_config(config, config.trainer, "train", weights=init)
     t.data.train, t.data.image_root = paths["train"], ""
     run_dir = os.path.join(workdir, "train")
     code = trainer.run(t, run_dir)
@@ -215,9 +229,8 @@ def evaluate(config, workdir: str, name: str, tsv: str, checkpoint: str, search:
     """The evaluation harness on `tsv` (its accuracy.json), in DIR/eval/NAME; a rerun resumes."""
     from llava_cot_jax.eval import run as eval_run
 
-    e = config.eval.copy_and_resolve_references()
-    e.checkpoint, e.tsv, e.limit = checkpoint, tsv, limit
-    e.infer.search, e.infer.num_candidates, e.infer.seed = search, config.num_candidates, config.seed
+    e = mode_config(config, config.eval, "eval", weights=checkpoint)
+    e.tsv, e.limit, e.search.method = tsv, limit, search
     out = os.path.join(workdir, "eval", name)
     print(f"\n== {name}: {search} on {os.path.basename(tsv)}" + (f", first {limit} rows" if limit else ""))
     code = eval_run.run(e, out)
@@ -243,8 +256,8 @@ def judge_accuracy(config, checkpoint: str, prompts_file: str) -> dict:
         objects, sample = synthetic.mcq_scene(d.heldout_seed, index, _kinds(d), d.object_scale)
         stage, text, reply = judge_example(np.random.default_rng([d.heldout_seed, index]), objects, sample, prompts)
         cases.append((stage, text, synthetic.render_scene(objects, d.image_size), prompts.parse_choice(reply)))
-    infer = e.infer.copy_and_resolve_references()
-    infer.checkpoint, infer.search, infer.max_new_tokens = checkpoint, "greedy", infer.judge_max_new_tokens
+    infer = mode_config(config, {}, "infer", weights=checkpoint)
+    infer.search.method, infer.search.max_new_tokens = "greedy", infer.search.judge_max_new_tokens
     searcher = cli.build_searcher(infer)
     hits: dict[str, list[bool]] = {}
     for start in tqdm(range(0, len(cases), e.batch_size), desc="judge", unit="batch"):
@@ -269,15 +282,14 @@ def show_example(config, workdir: str, checkpoint: str) -> None:
 
     d = config.data
     objects, sample = synthetic.mcq_scene(d.heldout_seed, 0, _kinds(d), d.object_scale)
-    infer = config.eval.infer.copy_and_resolve_references()
-    infer.checkpoint, infer.question = checkpoint, _user_text(sample)
-    infer.image = os.path.join(workdir, "example.png")
-    infer.search, infer.num_candidates, infer.seed = config.search, config.num_candidates, config.seed
+    from llava_cot_jax.generate.config import default_config
+
+    infer = mode_config(config, default_config(), "infer", weights=checkpoint)
+    infer.question, infer.image = _user_text(sample), os.path.join(workdir, "example.png")
     infer.show_stages, infer.trace = True, os.path.join(workdir, "trace.json")
     synthetic.render_scene(objects, d.image_size).save(infer.image)
-    print(
-        f"\n== example: held-out question 0 ({infer.image}), {config.search} search; right answer: {sample.conclusion}"
-    )
+    method = config.search.method
+    print(f"\n== example: held-out question 0 ({infer.image}), {method} search; right answer: {sample.conclusion}")
     cli.run(infer)
     with open(infer.trace) as f:
         trace = json.load(f)["result"]["trace"]
@@ -405,7 +417,7 @@ def run(config, workdir: str = "") -> int:
 
     start = time.perf_counter()
     paths = write_data(config, os.path.join(workdir, "data"))
-    config.eval.infer.prompts_file = paths["judge_prompts"]
+    config.search.prompts_file = paths["judge_prompts"]
     times["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -416,7 +428,8 @@ def run(config, workdir: str = "") -> int:
     search_rows = min(config.search_questions, config.data.heldout_questions)
     greedy = evaluate(config, workdir, "greedy", paths["heldout"], checkpoint, "greedy")
     blind = evaluate(config, workdir, "blind", paths["blind"], checkpoint, "greedy")
-    searched = evaluate(config, workdir, config.search, paths["heldout"], checkpoint, config.search, search_rows)
+    method = config.search.method
+    searched = evaluate(config, workdir, method, paths["heldout"], checkpoint, method, search_rows)
     judge = None
     if config.data.judge_fraction > 0 and config.judge_questions > 0:
         judge_file = os.path.join(workdir, "eval", "judge.json")
@@ -456,7 +469,7 @@ def run(config, workdir: str = "") -> int:
         "num_heldout": config.data.heldout_questions,
         "num_search_questions": search_rows,
         "kinds": list(_kinds(config.data)),
-        "search": {"method": config.search, "num_candidates": config.num_candidates},
+        "search": {"method": config.search.method, "num_candidates": config.search.num_candidates},
         "checkpoint": checkpoint,
         "training": {
             "steps": int(os.path.basename(checkpoint)),

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from llava_cot_jax import config_file, config_schema
 
 # mode → "module:function".
 MODES = {
@@ -56,18 +57,62 @@ def dispatch(config, workdir: str = "") -> int:
     return getattr(importlib.import_module(module), function)(config, workdir)
 
 
+def _override_keys(argv) -> tuple[str | None, list[str]]:
+    """The config file argument and the keys of every `--config.KEY[=value]` flag in `argv`."""
+    config_arg, keys = None, []
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            config_arg = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            config_arg = argv[i + 1]
+        elif arg.startswith("--config."):
+            keys.append(arg[len("--config.") :].split("=", 1)[0])
+    return config_arg, keys
+
+
+_MISSING = object()
+
+
+def _lookup(config, key: str):
+    """The value at a dotted key of a config, or _MISSING."""
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def check_override_keys(argv) -> None:
+    """Names the first `--config.KEY` the config does not have (with the key that replaced it, for a moved one),
+    before absl's parser would report every override at once."""
+    config_arg, keys = _override_keys(argv)
+    if not config_arg or not keys:
+        return
+    path, _, arg = config_arg.partition(":")
+    if not os.path.isfile(path):
+        return  # absl reports the missing file
+    config = config_file.load(path, arg or None)
+    for key in keys:
+        value = _lookup(config, key)
+        if value is _MISSING:
+            new = config_schema.moved_key(key)
+            if new and _lookup(config, new) is not _MISSING:
+                raise SystemExit(f"error: config key {key} is now {new}: use --config.{new}")
+            raise SystemExit(f"error: unknown config key {key} in {path}")
+        if hasattr(value, "keys"):  # e.g. --config.search=stage, from when the method was a flat key
+            raise SystemExit(f"error: --config.{key} is a group: set one of its keys ({', '.join(value.keys())})")
+
+
 def parse_flags(argv):
-    """absl's flag parsing, with a config override of an unknown key reported as one line."""
+    """absl's flag parsing, with a config override of an unknown key reported as one line naming it."""
+    check_override_keys(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
         raise SystemExit(f"error: {err}") from None
-    except (AttributeError, KeyError) as err:  # ml_collections: --config.key=value for a key the config lacks
-        bad = " ".join(a.split("=")[0] for a in argv[1:] if a.startswith("--config."))
-        hint = re.search(r'Did you mean "([^"]+)"', str(err))
-        raise SystemExit(
-            f"error: unknown config key among {bad}" + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
-        ) from None
+    except (AttributeError, KeyError) as err:  # ml_collections: a key check_override_keys could not see
+        raise SystemExit(f"error: config override failed: {err}") from None
 
 
 def main(argv) -> None:

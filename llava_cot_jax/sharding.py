@@ -69,13 +69,28 @@ def inference_rules(num_key_value_heads: int, mesh: jax.sharding.Mesh) -> tuple:
     return tuple((name, None if name == "kv_heads" else axes) for name, axes in LOGICAL_AXIS_RULES)
 
 
-def config_mesh(config, devices=None) -> jax.sharding.Mesh | None:
-    """The mesh a config's `mesh_data`, `mesh_fsdp`, `mesh_tensor` keys ask for (one may be -1: the devices left
-    over), or None when all three are 1 or absent (one device, no mesh)."""
-    sizes = [config.get(f"mesh_{axis}", 1) for axis in ("data", "fsdp", "tensor")]
-    if sizes == [1, 1, 1]:
-        return None
-    return make_mesh(*sizes, devices=devices)
+def is_single_device(mesh_cfg) -> bool:
+    """A `mesh` group of all ones: one device, no mesh (inference then runs unsharded)."""
+    return (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor) == (1, 1, 1)
+
+
+def mesh_from_config(mesh_cfg, devices=None, *, global_batch: int | None = None, micro_batches: int = 1):
+    """The (data, fsdp, tensor) mesh of a config's `mesh` group over `devices` (default: all). One size may be -1:
+    the devices left over. `tensor = 0` chooses the split for training: FSDP over as many devices as the
+    micro-batch of `global_batch` allows (the largest count dividing both; -1 fsdp), tensor parallelism over the
+    rest."""
+    devices = jax.devices() if devices is None else devices
+    data, fsdp, tensor = mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor
+    if tensor == 0:
+        if global_batch is None:
+            raise ValueError("mesh.tensor=0 (automatic split) needs a global batch: set mesh.tensor to a size")
+        if data < 1 or len(devices) % data:
+            raise ValueError(f"mesh.data={data} does not divide the {len(devices)} devices")
+        per_replica = len(devices) // data
+        micro = max(global_batch // max(micro_batches, 1) // data, 1)
+        fsdp = math.gcd(per_replica, micro) if fsdp == -1 else fsdp
+        tensor = -1
+    return make_mesh(data, fsdp, tensor, devices=devices)
 
 
 def logical_to_spec(names, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:

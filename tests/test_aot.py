@@ -1,11 +1,14 @@
 """The AOT library: slice table, per-device memory report, config dispatch (libtpu itself is not needed here)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import pytest
 
-from llava_cot_jax import aot
+from llava_cot_jax import aot, aot_compile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_slice_table_counts_chips_as_cloud_tpu_names_them():
@@ -43,31 +46,38 @@ def test_memory_report_adds_up_and_judges_fit():
     assert not tiny.fits and "does not fit" in tiny.row()
 
 
+def _load(path):
+    """A module of this repository loaded by its path (configs/ and tools/ are folders of scripts)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_config_dispatch_and_mesh():
-    mesh = aot.mesh_from_config(ml_collections.ConfigDict({"mode": "infer"}), jax.devices())
+    """An inference config left at one device is compiled tensor-parallel over the slice; a training config's
+    mesh is the trainer's (FSDP as wide as the batch allows) and dispatches to the train step."""
+    tool = aot_compile
+    infer = _load(os.path.join(REPO, "configs", "infer.py")).get_config()
+    mesh = tool.mesh_for(infer, jax.devices())
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": len(jax.devices())}
-    train = ml_collections.ConfigDict({"mode": "train"})
-    try:
-        import llava_cot_jax.train.aot  # noqa: F401  (once the trainer provides it, dispatch goes there)
-    except ImportError:
-        with pytest.raises(NotImplementedError, match="not available yet"):
-            aot.programs_for_config(train, mesh)
+    train = _load(os.path.join(REPO, "configs", "sft_tiny.py")).get_config("runlocal")
+    train.model.preset = "tiny"
+    assert dict(tool.mesh_for(train, jax.devices()).shape)["fsdp"] == len(jax.devices())
+    assert [p.name for p in tool.programs_for_config(train, tool.mesh_for(train, jax.devices()))] == ["train_step"]
 
 
 def test_inference_programs_compile_for_the_search_shapes():
     """The programs tools/aot_compile.py describes for an inference config compile (here for this CPU) at the
     shapes the search uses, and note the weights / caches per device."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "infer.py")
-    spec = importlib.util.spec_from_file_location("infer_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.update(model="tiny", stage_max_new_tokens=16, judge_max_new_tokens=8, num_candidates=4)
-    mesh = aot.mesh_from_config(config, jax.devices()[:1])
-    programs = aot.programs_for_config(config, mesh)
+    tool = aot_compile
+    config = _load(os.path.join(REPO, "configs", "infer.py")).get_config()
+    config.model.preset = "tiny"
+    config.search.update(stage_max_new_tokens=16, judge_max_new_tokens=8, num_candidates=4)
+    mesh = tool.mesh_for(config, jax.devices()[:1])
+    programs = tool.programs_for_config(config, mesh)
     names = [p.name for p in programs]
     assert names == [
         "encode image x1",

@@ -304,8 +304,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 def _config(checkpoint, tsv, **overrides):
     config = config_file.load(EVAL_CONFIG, "runlocal")
-    config.checkpoint, config.tsv, config.batch_size, config.compilation_cache = checkpoint, tsv, 2, ""
-    config.infer.max_new_tokens = 6
+    config.model.weights, config.tsv, config.batch_size, config.compilation_cache = checkpoint, tsv, 2, ""
+    config.search.max_new_tokens = 6
     for key, value in overrides.items():
         config[key] = value
     return config
@@ -378,7 +378,7 @@ def test_eval_resumes_without_redoing_rows(tiny_checkpoint, tmp_path, monkeypatc
     assert read_tsv_rows(os.path.join(workdir, "predictions.tsv")) == again
     # Other search settings in the same workdir are refused rather than mixed into one predictions file.
     other = _config(tiny_checkpoint, tsv)
-    other.infer.search = "sample"
+    other.search.method = "sample"
     with pytest.raises(ValueError, match=r"other settings \(changed: search\)"):
         eval_run.run(other, workdir)
 
@@ -400,12 +400,12 @@ def test_eval_through_main_with_stage_search(tiny_checkpoint, tmp_path):
     out = _main(
         tmp_path,
         f"--workdir={tmp_path}/run",
-        f"--config.checkpoint={tiny_checkpoint}",
+        f"--config.model.weights={tiny_checkpoint}",
         f"--config.tsv={tsv}",
         "--config.batch_size=2",
-        "--config.infer.search=stage",
-        "--config.infer.stage_max_new_tokens=4",
-        "--config.infer.judge_max_new_tokens=2",
+        "--config.search.method=stage",
+        "--config.search.stage_max_new_tokens=4",
+        "--config.search.judge_max_new_tokens=2",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "overall" in out.stdout
@@ -419,11 +419,15 @@ def test_eval_errors_are_one_line(tiny_checkpoint, tmp_path):
     not_tsv = tmp_path / "image.tsv"
     not_tsv.write_bytes(base64.b64decode(PNG))
     cases = [
-        (["--config.infer.serach=stage"], "unknown config key"),
-        ([f"--config.checkpoint={tmp_path}/nope", f"--config.tsv={tsv}"], "must be a checkpoint directory"),
-        ([f"--config.checkpoint={tmp_path}", f"--config.tsv={tsv}"], "is not a checkpoint"),
-        ([f"--config.checkpoint={tiny_checkpoint}", f"--config.tsv={tmp_path}/nope.tsv"], "TSV not found"),
-        ([f"--config.checkpoint={tiny_checkpoint}", f"--config.tsv={not_tsv}"], "cannot read"),
+        (["--config.search.mehtod=stage"], "unknown config key search.mehtod"),
+        (["--config.infer.search=stage"], "unknown config key infer.search"),
+        (["--config.checkpoint=x"], "config key checkpoint is now model.weights"),
+        (["--config.infer.num_candidates=2"], "config key infer.num_candidates is now search.num_candidates"),
+        (["--config.search=stage"], "--config.search is a group"),
+        ([f"--config.model.weights={tmp_path}/nope", f"--config.tsv={tsv}"], "must be a checkpoint directory"),
+        ([f"--config.model.weights={tmp_path}", f"--config.tsv={tsv}"], "is not a checkpoint"),
+        ([f"--config.model.weights={tiny_checkpoint}", f"--config.tsv={tmp_path}/nope.tsv"], "TSV not found"),
+        ([f"--config.model.weights={tiny_checkpoint}", f"--config.tsv={not_tsv}"], "cannot read"),
     ]
     for args, message in cases:
         out = _main(tmp_path, f"--workdir={tmp_path}/run", *args)

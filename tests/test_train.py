@@ -12,6 +12,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from flax import nnx
 from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
 
 from llava_cot_jax import checkpoint as weights
+from llava_cot_jax import loading
 from llava_cot_jax.data import synthetic
 from llava_cot_jax.models.mllama import params as hf_params
 from llava_cot_jax.models.mllama.config import MllamaConfig
@@ -208,7 +210,7 @@ def test_frozen_groups_do_not_change_and_have_no_optimizer_state(scenes, tmp_pat
         **{"train.freeze": "vision,projector", "train.num_steps": 2, "optimizer.learning_rate": 1e-2},
     )
     trainer = trainer_lib.Trainer(config, str(tmp_path / "run"))
-    params = trainer_lib.initial_params(config.model, trainer.model_config, seed=0)
+    params = loading.initial_params(config.model, trainer.model_config, seed=0)
     state = step_lib.init_state(trainer.spec, params, seed=0)
     assert set(state["params"]) == {"language_model"}
     assert set(state["frozen"]) == {"vision_model", "multi_modal_projector", "multi_modal_projector_bias"}
@@ -251,7 +253,7 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-RUN = ("--config.train.num_steps=8", "--config.checkpoint.every_steps=2", "--config.log_every=1")
+RUN = ("--config.train.num_steps=8", "--config.checkpointing.every_steps=2", "--config.log_every=1")
 
 
 def test_resume_after_sigkill_and_sigterm_equals_an_uninterrupted_run(scenes, tmp_path, xla_cache):
@@ -327,7 +329,7 @@ def test_two_processes_equal_one(scenes, tmp_path, xla_cache):
     """Two processes of 4 CPU devices each (jax.distributed on localhost, gloo collectives) train exactly as one
     process of 8 devices: the global batches hold the same samples, so the losses agree."""
     data = scenes.jsonl_path.parent
-    run = ("--config.train.num_steps=3", "--config.checkpoint.every_steps=3", "--config.log_every=1")
+    run = ("--config.train.num_steps=3", "--config.checkpointing.every_steps=3", "--config.log_every=1")
     env8 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     single = subprocess.run(
         cli(tmp_path / "one", *run, cache=xla_cache, data=data),
@@ -386,7 +388,7 @@ def test_training_checkpoint_exports_to_hf_and_loads_for_inference(scenes, tmp_p
         scenes.jsonl_path.parent,
         **{
             "train.num_steps": 1,
-            "checkpoint.every_steps": 1,
+            "checkpointing.every_steps": 1,
             "data.eval": str(scenes.jsonl_path.parent),
             "eval_every": 1,
             "eval_batches": 2,
@@ -403,16 +405,14 @@ def test_training_checkpoint_exports_to_hf_and_loads_for_inference(scenes, tmp_p
     exported = from_hf(out)
     ids = np.array([[5, 6, 7, 8]], np.int32)
     np.testing.assert_array_equal(np.asarray(exported(input_ids=ids).logits), np.asarray(model(input_ids=ids).logits))
-    from llava_cot_jax.generate import cli as infer_cli
-
-    _, processor = infer_cli.load(step_dir, "float32")
+    processor = loading.load_processor(ml_collections.ConfigDict({"family": "mllama", "weights": step_dir, "processor": ""}))
     assert processor.tokenizer.pad_token_id is not None
 
     # A run that starts from it reads each parameter straight onto the mesh, placed as the train state wants it.
-    config.model.init_from = step_dir
+    config.model.weights = step_dir
     trainer = trainer_lib.Trainer(config, str(tmp_path / "second"))
-    on_mesh = trainer_lib.initial_params(config.model, trainer.model_config, 0, trainer.spec.mesh)
-    on_host = trainer_lib.initial_params(config.model, trainer.model_config, 0)
+    on_mesh = loading.initial_params(config.model, trainer.model_config, 0, trainer.spec.mesh)
+    on_host = loading.initial_params(config.model, trainer.model_config, 0)
     targets = step_lib.param_shardings(trainer.spec)
     assert jax.tree.structure(on_mesh) == jax.tree.structure(on_host) == jax.tree.structure(targets)
     for placed, host, target in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(on_host), jax.tree.leaves(targets)):
@@ -427,7 +427,7 @@ def test_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkp
         scenes.jsonl_path.parent,
         **{
             "train.num_steps": 6,
-            "checkpoint.every_steps": 1,
+            "checkpointing.every_steps": 1,
             "optimizer.learning_rate": 1e30,
             "optimizer.schedule": "constant",
         },
@@ -443,10 +443,11 @@ def test_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkp
 def test_startup_errors_are_one_clear_line(scenes, tmp_path):
     data = scenes.jsonl_path.parent
     cases = {
-        "unknown config key": (["--config.train.nope=1"], "unknown config key"),
+        "unknown config key": (["--config.train.nope=1"], "unknown config key train.nope"),
+        "moved config key": (["--config.model.init_from=x"], "model.init_from is now model.weights"),
         "no dataset": ([f"--config.data.train={tmp_path}"], "holds no dataset"),
         "missing start checkpoint": (
-            [f"--config.model.init_from={tmp_path}/missing"],
+            [f"--config.model.weights={tmp_path}/missing"],
             "checkpoint directory not found",
         ),
         "mesh": (["--config.mesh.data=3", "--config.mesh.fsdp=1"], "needs 3 devices, have 1"),

@@ -97,7 +97,7 @@ def _batches(pairs, size: int):
         yield batch
 
 
-def _answer(pending: list, images_by_index: dict, batch_size: int, infer, progress: Progress, bad: list) -> None:
+def _answer(pending: list, images_by_index: dict, batch_size: int, config, progress: Progress, bad: list) -> None:
     """Runs the search on the pending rows in batches, appending each batch's answers to `progress`; rows whose
     images do not decode go to `bad`. The model is loaded on the first batch, so a rerun with only bad rows left
     loads nothing."""
@@ -110,7 +110,7 @@ def _answer(pending: list, images_by_index: dict, batch_size: int, infer, progre
         for batch in _batches(_decoded(pending, images_by_index, bad, bar), batch_size):
             # Every call gets batch_size rows (the last one padded with copies), so one program serves all.
             pad = [batch[-1]] * (batch_size - len(batch))
-            searcher = searcher or cli.build_searcher(infer)
+            searcher = searcher or cli.build_searcher(config)
             results = searcher.ask([item.prompt for item, _ in batch + pad], [images for _, images in batch + pad])
             done = [(item, r) for (item, _), r in zip(batch, results)]
             progress.add([{"index": item.index, "raw_output": r.text, "prediction": r.conclusion} for item, r in done])
@@ -121,15 +121,15 @@ def _answer(pending: list, images_by_index: dict, batch_size: int, infer, progre
 
 
 def run(config, workdir: str = "") -> int:
-    from llava_cot_jax.generate import cli
+    from llava_cot_jax import loading
+    from llava_cot_jax.generate import config as generate_config
 
     if not workdir:
         raise ValueError("eval needs --workdir=DIR (predictions, accuracy and progress go there; a rerun resumes)")
     if config.batch_size < 1:
         raise ValueError(f"--config.batch_size must be >= 1, got {config.batch_size}")
-    infer = config.infer
-    infer.checkpoint = config.checkpoint = config.checkpoint or infer.checkpoint
-    cli.checkpoint_format(config.checkpoint)  # a missing checkpoint fails now, not after reading the TSV
+    weights = config.model.weights
+    loading.weights_format(weights)  # a missing checkpoint fails now, not after reading the TSV
     table = mcq.read_tsv(config.tsv)
     style = mcq.resolve_style(config.prompt, table)
     items, bad = mcq.parse_rows(table, style)
@@ -142,16 +142,16 @@ def run(config, workdir: str = "") -> int:
         items = [dataclasses.replace(item, prompt=item.prompt.strip()) for item in items]
 
     os.makedirs(workdir, exist_ok=True)
-    search = cli.search_config(infer)
+    search = generate_config.search_config(config.search, config.seed)
     _claim_workdir(
         workdir,
         {
             "tsv_sha256": _sha256(config.tsv),
-            "checkpoint": os.path.abspath(config.checkpoint),
-            "dtype": infer.dtype,
+            "checkpoint": os.path.abspath(weights),
+            "dtype": config.model.dtype,
             "prompt": style,
             "search": dataclasses.asdict(search),
-            "stop_at_eos": bool(infer.get("stop_at_eos", True)),
+            "stop_at_eos": bool(config.search.stop_at_eos),
             **({"strip_prompt": True} if strip else {}),  # absent when off: earlier workdirs still resume
         },
     )
@@ -163,14 +163,14 @@ def run(config, workdir: str = "") -> int:
     )
 
     if pending:
-        _answer(pending, mcq.image_cells(table), config.batch_size, infer, progress, bad)
+        _answer(pending, mcq.image_cells(table), config.batch_size, config, progress, bad)
 
     bad.sort(key=lambda b: b.row)
     rows = mcq.score(items, progress.done)
     result = mcq.report(rows, bad, num_rows)
     result = {
         "tsv": os.path.abspath(config.tsv),
-        "checkpoint": os.path.abspath(config.checkpoint),
+        "checkpoint": os.path.abspath(weights),
         "prompt": style,
         "strip_prompt": strip,
         "method": search.method,

@@ -6,83 +6,44 @@ the search itself computes (`stage_search.search_shapes`): the vision encoder, t
 rows), the candidate decode loop, and the judge's prefix prefill, extend and decode loop. Each program notes the
 GiB per device of what the analysis can name: weights, KV cache and image K/V.
 
-Config keys (configs/infer.py): `model` (a preset: llama_11b, llama_90b, bench, tiny; or empty to read the
-architecture from `checkpoint`), `dtype`, `batch_size` (questions searched together), `num_candidates` and the
-budgets, `scan_layers`, `quantize`, and the mesh keys.
+Config keys (configs/infer.py): the `model` group (`model.preset` for an architecture without weights: 11b,
+90b, bench, tiny; else the architecture of `model.weights`; dtype, scan_layers, quantize), `batch_size`
+(questions searched together), the `search` group (N and the budgets) and the `mesh` group.
 """
 
 from __future__ import annotations
-
-import math
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llava_cot_jax import aot
+from llava_cot_jax import aot, loading
 from llava_cot_jax import sharding as sharding_lib
+from llava_cot_jax.aot import gib_per_device
+from llava_cot_jax.generate import config as generate_config
 from llava_cot_jax.generate import judge as judge_lib
 from llava_cot_jax.generate import sampler as sampler_lib
 from llava_cot_jax.generate import stage_search
 from llava_cot_jax.generate import stop as stop_lib
 from llava_cot_jax.models.mllama import quant
-from llava_cot_jax.models.mllama.config import MllamaConfig
-from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 
 QUESTION_TOKENS = 64  # the question length the judge shapes are computed for (one judge bucket step)
-
-
-def model_config(config) -> MllamaConfig:
-    """The architecture: a preset named by `config.model`, else the checkpoint's; dtype and layout from the config."""
-    name = config.get("model", "")
-    if name:
-        presets = {
-            "llama_11b": MllamaConfig.llama_11b,
-            "llama_90b": MllamaConfig.llama_90b,
-            "bench": MllamaConfig.bench,
-            "tiny": MllamaConfig.tiny,
-        }
-        if name not in presets:
-            raise ValueError(f"config.model={name!r} is not one of {sorted(presets)}")
-        model = presets[name]()
-    elif config.get("checkpoint"):
-        from llava_cot_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
-        path = config.checkpoint
-        has_ours = os.path.exists(os.path.join(path, checkpoint.CONFIG_FILE))
-        model = checkpoint.load_config(path) if has_ours else MllamaConfig.from_hf_config(path)
-    else:
-        raise ValueError("set config.model (a preset: llama_11b, llama_90b, ...) or config.checkpoint")
-    dtype = config.get("dtype", "bfloat16")
-    return model.replace(param_dtype=dtype, dtype=dtype, scan_layers=bool(config.get("scan_layers", False)))
 
 
 def _tokenizer(config):
     """The checkpoint's tokenizer for the judge template lengths, else the tiny byte-level one: it spends more
     tokens on the same text than Llama 3's, so the shapes it gives are upper bounds."""
-    checkpoint = config.get("checkpoint", "")
-    if checkpoint and os.path.exists(os.path.join(checkpoint, "tokenizer.json")):
-        from llava_cot_jax.data.processor import MllamaProcessor  # pylint: disable=g-import-not-at-top
-
-        return MllamaProcessor.from_pretrained(checkpoint).tokenizer, "checkpoint tokenizer"
+    if config.model.weights or config.model.processor:
+        return loading.load_processor(config.model).tokenizer, "checkpoint tokenizer"
     from llava_cot_jax.data.tokenizer import build_tiny_tokenizer  # pylint: disable=g-import-not-at-top
 
     return build_tiny_tokenizer(), "tiny tokenizer (an upper bound on Llama-3 lengths)"
 
 
-def _gib_per_device(tree) -> float:
-    """GiB one device holds of abstract arrays with shardings (each leaf's shard size)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        total += math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-    return total / aot.GIB
-
-
 def programs(config, mesh) -> list[aot.Program]:
-    model_cfg = model_config(config)
-    search = stage_search.SearchConfig.from_config({k: (v if v != "" else None) for k, v in config.items()})
+    model_cfg = loading.arch_config(config.model).replace(scan_layers=config.model.scan_layers)
+    search = generate_config.search_config(config.search, config.seed)
     n, questions = search.num_candidates, int(config.get("batch_size", 1))
     tokenizer, tokenizer_note = _tokenizer(config)
     prompts = judge_lib.JudgePrompts.load(search.prompts_file)
@@ -90,20 +51,19 @@ def programs(config, mesh) -> list[aot.Program]:
         search, prompts, tokenizer, stage_search.MIN_PROMPT_BUCKET, QUESTION_TOKENS, n, max_images=1
     )
     print(
-        f"model {config.get('model') or config.checkpoint} {model_cfg.param_dtype} {config.get('quantize', '')}, scan_layers="
+        f"model {config.model.weights or config.model.preset} {model_cfg.param_dtype} {config.model.quantize}, scan_layers="
         f"{model_cfg.scan_layers}; {questions} question(s) x {n} candidates; {shapes}; judge lengths from the "
         f"{tokenizer_note}"
     )
 
     rules = sharding_lib.inference_rules(model_cfg.text.num_key_value_heads, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    if config.get("quantize"):
+    graphdef, state = nnx.split(loading.abstract_model(model_cfg))
+    if config.model.quantize:
         state = jax.eval_shape(quant.quantize_state, state)
     shardings = quant.param_shardings(state, mesh, rules)
     params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
-    weights = _gib_per_device(params)
+    weights = gib_per_device(params)
 
     def placed(tree, axes_map):
         """Abstract arrays of `tree` (from jax.eval_shape) with the shardings the programs pin them to."""
@@ -131,7 +91,7 @@ def programs(config, mesh) -> list[aot.Program]:
         cross_kv = placed(
             jax.eval_shape(lambda p, *x: sampler_lib.encode(graphdef, p, *x), params, *pixels), sampler_lib.map_kv_axes
         )
-        image_kv = _gib_per_device(cross_kv)
+        image_kv = gib_per_device(cross_kv)
         result.append(
             aot.Program(
                 f"encode image x{questions}",
@@ -150,7 +110,7 @@ def programs(config, mesh) -> list[aot.Program]:
             args = (params, ids, mask, kv, xmask, rows)
             out = jax.eval_shape(lambda *a: sampler_lib.prefill(graphdef, *a, cache_len=cache_len, rules=rules), *args)
             decode_state = placed(out, sampler_lib.map_state_axes)
-            notes = {"weights": weights, "kv_cache": _gib_per_device(decode_state.cache), "image_kv": image_kv}
+            notes = {"weights": weights, "kv_cache": gib_per_device(decode_state.cache), "image_kv": image_kv}
             program = aot.Program(
                 name, sampler_lib.prefill, (graphdef, *args), {"cache_len": cache_len, "rules": rules}, notes
             )
@@ -175,7 +135,7 @@ def programs(config, mesh) -> list[aot.Program]:
                 do_sample=True, temperature=search.temperature, top_p=search.top_p, top_k=search.top_k
             )
             kwargs = {"max_new": max_new, "flags": sampling.static(), "pad_id": 0, "rules": rules}
-            notes = {"weights": weights, "kv_cache": _gib_per_device(decode_state.cache), "image_kv": image_kv}
+            notes = {"weights": weights, "kv_cache": gib_per_device(decode_state.cache), "image_kv": image_kv}
             return aot.Program(name, sampler_lib.decode, (graphdef, *args), kwargs, notes)
 
         rows = questions * n
@@ -201,7 +161,7 @@ def programs(config, mesh) -> list[aot.Program]:
             args = (params, prefix, ids, mask, cross_kv, xmask, array((judge_rows,), jnp.int32))
             out = jax.eval_shape(lambda *a: sampler_lib.extend(graphdef, *a, rules=rules), *args)
             judges = placed(out, sampler_lib.map_state_axes)
-            notes = {"weights": weights, "kv_cache": _gib_per_device(prefix.cache) + _gib_per_device(judges.cache)}
+            notes = {"weights": weights, "kv_cache": gib_per_device(prefix.cache) + gib_per_device(judges.cache)}
             result.append(
                 aot.Program(
                     f"extend judges {judge_rows}x{rest}", sampler_lib.extend, (graphdef, *args), {"rules": rules}, notes

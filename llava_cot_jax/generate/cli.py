@@ -1,4 +1,5 @@
-"""`mode = "infer"`: answer one question about an image (or none) with a search method; see configs/infer.py."""
+"""`mode = "infer"`: answer one question about an image (or none) with a search method; see configs/infer.py and
+generate/config.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 
 from llava_cot_jax.data import chat
+from llava_cot_jax.generate import config as generate_config
 from llava_cot_jax.generate import stage_search
 from llava_cot_jax.generate import stop as stop_lib
 
@@ -29,68 +31,26 @@ class TokenPrinter:
             self.out.flush()
 
 
-def checkpoint_format(checkpoint: str) -> str:
-    """ "converted" (converted weights, or a training checkpoint DIR/checkpoints/STEP) or "hf" (an HF directory);
-    FileNotFoundError for anything else."""
-    from llava_cot_jax import checkpoint as ckpt_lib
-
-    if not checkpoint or not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"--config.checkpoint must be a checkpoint directory, got {checkpoint!r}")
-    if ckpt_lib.is_checkpoint(checkpoint):
-        return "converted"
-    if os.path.exists(os.path.join(checkpoint, "config.json")):
-        return "hf"
-    raise FileNotFoundError(
-        f"{checkpoint} is not a checkpoint: it has neither {ckpt_lib.CONFIG_FILE} (converted) nor config.json (HF)"
-    )
-
-
-def load(checkpoint: str, dtype: str, mesh=None, quantize: str | None = None):
-    """A converted llava_cot_jax checkpoint or an HF checkpoint directory -> (model, processor). On a `mesh` a
-    converted checkpoint is read straight into each device's shards; an HF directory is read on the host first.
-    `quantize="int8"`: the text decoder's matrices are stored as int8 as they are loaded."""
-    from llava_cot_jax import checkpoint as ckpt_lib
-    from llava_cot_jax import sharding
-    from llava_cot_jax.data.processor import MllamaProcessor
-    from llava_cot_jax.models.mllama.params import from_hf
-
-    if checkpoint_format(checkpoint) == "converted":
-        rules = None
-        if mesh is not None:
-            rules = sharding.inference_rules(ckpt_lib.load_config(checkpoint).text.num_key_value_heads, mesh)
-        model = ckpt_lib.load_model(
-            checkpoint, dtype=dtype, scan_layers=False, mesh=mesh, rules=rules, quantize=quantize
-        )
-    else:
-        model = from_hf(checkpoint, dtype=dtype, quantize=quantize, scan_layers=False)
-    return model, MllamaProcessor.from_pretrained(ckpt_lib.side_files_dir(checkpoint))
-
-
-def search_config(config) -> stage_search.SearchConfig:
-    """The search settings of an infer config (configs/infer.py); empty strings mean the default."""
-    return stage_search.SearchConfig.from_config({k: (v if v != "" else None) for k, v in config.items()})
-
-
 def build_searcher(config, on_stage=None, streaming: bool = False) -> stage_search.Searcher:
-    """The model, processor and search settings an infer config (configs/infer.py) names, as a `Searcher`, on the
-    device mesh its `mesh_*` keys ask for. Every mode that generates (infer, demo, eval) builds its searcher here,
-    so a setting added to the infer config reaches all of them. `streaming` prints row 0's tokens as they come
-    (greedy/sample)."""
-    from llava_cot_jax import sharding
+    """The model, processor and search settings a config's `model`, `mesh` and `search` groups name, as a
+    `Searcher` on that mesh. Every mode that generates (infer, demo, eval) builds its searcher here, so a setting
+    added to those groups reaches all of them. `streaming` prints row 0's tokens as they come (greedy/sample)."""
+    from llava_cot_jax import loading, sharding
 
-    mesh = sharding.config_mesh(config)
-    model, processor = load(config.checkpoint, config.dtype, mesh, config.get("quantize") or None)
+    mesh = None if sharding.is_single_device(config.mesh) else sharding.mesh_from_config(config.mesh)
+    model = loading.load_model(config.model, mesh)
+    processor = loading.load_processor(config.model)
     on_token = TokenPrinter(processor.tokenizer) if streaming else None
     searcher = stage_search.Searcher(
         model,
         processor,
-        search_config(config),
+        generate_config.search_config(config.search, config.seed),
         on_stage=on_stage,
         on_token=on_token,
         mesh=mesh,
-        scan_layers=config.get("scan_layers", False),
+        scan_layers=config.model.scan_layers,
     )
-    if not config.get("stop_at_eos", True):
+    if not config.search.stop_at_eos:
         searcher.sampler.eos_token_ids = ()  # random-weight demos: an early EOS would end the answer after any stage
     return searcher
 

@@ -8,23 +8,14 @@ trainer would give them, so the compiled program's memory analysis is the step's
 
 from __future__ import annotations
 
-import math
-
 import jax
 import numpy as np
 
-from llava_cot_jax.aot import Program
+from llava_cot_jax import loading
+from llava_cot_jax.aot import Program, gib_per_device
 from llava_cot_jax.data import pipeline
 from llava_cot_jax.train import flops, optim
 from llava_cot_jax.train import step as step_lib
-from llava_cot_jax.train import trainer as trainer_lib
-
-GIB = 2**30
-
-
-def gib_per_device(tree) -> float:
-    """GiB one device holds of a tree of sharded ShapeDtypeStructs."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)) / GIB
 
 
 def abstract_batch(config, model_config, mesh) -> dict:
@@ -48,11 +39,9 @@ def abstract_batch(config, model_config, mesh) -> dict:
 
 
 def programs(config, mesh) -> list[Program]:
-    """[the train step] for `config` on the devices of `mesh` (the trainer's own mesh rules pick the layout)."""
+    """[the train step] for `config` on `mesh` (built from the config's `mesh` group as the trainer builds it)."""
     c = config
-    devices = list(mesh.devices.flat)
-    mesh = step_lib.training_mesh(c.mesh, c.train.global_batch, c.train.micro_batches, devices=devices)
-    model_config = trainer_lib.model_config_from(c.model)
+    model_config = loading.arch_config(c.model, training=True)
     step_lib.check_heads(model_config, mesh)
     step_lib.check_batch(c.train.global_batch, c.train.micro_batches, mesh)
     frozen = optim.parse_groups(c.train.freeze)

@@ -1,5 +1,6 @@
 """Every setting of a training run, with its default: configs/sft_*.py start from `default_config()` and change
-what differs, so a key means the same thing in every config and an unknown key is an error on the command line.
+what differs. The `model` and `mesh` groups and the top-level keys are config_schema's (the same in every mode);
+an unknown key is an error on the command line.
 
 The defaults are LLaVA-CoT's published recipe (PKU-YuanGroup/LLaVA-CoT `train/` on llama-recipes v0.0.4.post1):
 all parameters trained, AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0, no warmup, no clipping, lr x 0.85
@@ -11,21 +12,16 @@ from __future__ import annotations
 
 import ml_collections
 
+from llava_cot_jax import config_schema
+
 
 def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.mode = "train"
-    c.seed = 0
-    c.compilation_cache = "~/.cache/llava_cot_jax/xla"  # compiled programs kept across runs; "" = off
-
-    c.model = ml_collections.ConfigDict()
-    c.model.init_from = ""  # converted checkpoint or HF directory; empty: random init of model.preset
-    c.model.preset = "11b"  # tiny | bench | 11b | 90b (architecture for random init and AOT compilation)
-    c.model.processor = ""  # tokenizer/processor directory; default: init_from's files
-    c.model.param_dtype = "float32"  # storage (master) dtype of the parameters
-    c.model.compute_dtype = "bfloat16"  # dtype of activations and matmuls
-    c.model.remat = "full"  # activation checkpointing per layer: none | full | dots
-    c.model.loss_chunk = 512  # tokens per chunk of the cross-entropy (logits are never whole in memory)
+    c = config_schema.base("train")
+    c.model.preset = "11b"  # the architecture of a random init (and of an AOT compile) when model.weights is empty
+    c.model.param_dtype = "float32"  # master weights (theirs: bf16)
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.mesh.fsdp = -1  # -1: every device not used by the other axes
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # tools/prepare_data.py output dir, a JSONL file (+ image_root), or a dir with train.jsonl
@@ -66,15 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
     c.optimizer.moment_dtype = "float32"  # float32 | bfloat16 | param (each parameter's own dtype)
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1
-    c.mesh.fsdp = -1  # -1: every device not used by the other axes
-    c.mesh.tensor = 1  # 0: FSDP over as many devices as the batch allows, tensor parallelism over the rest
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500
-    c.checkpoint.keep = 3
-    c.checkpoint.async_save = True
+    c.checkpointing = ml_collections.ConfigDict()  # train-state checkpoints in DIR/checkpoints
+    c.checkpointing.every_steps = 500
+    c.checkpointing.keep = 3
+    c.checkpointing.async_save = True
 
     c.log_every = 10
     c.eval_every = 0  # > 0 (with data.eval): held-out loss every this many steps
@@ -92,9 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a config to a few CPU steps on synthetic data with the tiny architecture (smoke runs)."""
-    c.model.init_from = ""
+    c.model.weights = ""
     c.model.preset = "tiny"
-    c.model.compute_dtype = "float32"
+    c.model.dtype = "float32"
     c.model.remat = "none"
     c.data.train = ""
     c.data.synthetic_samples = 64
@@ -105,7 +96,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.num_steps = 6
     c.train.micro_batches = 1
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    c.checkpoint.every_steps = 3
+    c.checkpointing.every_steps = 3
     c.log_every = 1
     return c
 

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llava_cot_jax import loading
 from llava_cot_jax import sharding as sharding_lib
 from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
@@ -52,8 +53,7 @@ class StepSpec:
 
 def abstract_model(config: MllamaConfig):
     """(graphdef, abstract nnx.State) of the model, built without allocating or computing any weights."""
-    model = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
+    return nnx.split(loading.abstract_model(config))
 
 
 def build_step_spec(
@@ -111,24 +111,6 @@ def state_shardings(spec: StepSpec) -> dict:
 def batch_sharding(mesh) -> NamedSharding:
     """Every batch field: [micro_batches, batch, ...] with the batch axis over (data, fsdp)."""
     return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
-
-
-def training_mesh(mesh_cfg, global_batch: int, micro_batches: int, devices=None) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh of a config. `tensor = 0` chooses the split: FSDP over as many devices as the
-    micro-batch allows (the largest count dividing both), tensor parallelism over the rest; otherwise the sizes are
-    taken as given (one of them may be -1: the remaining devices)."""
-    import math
-
-    devices = jax.devices() if devices is None else devices
-    data, fsdp, tensor = mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor
-    if tensor == 0:
-        if data < 1 or len(devices) % data:
-            raise ValueError(f"mesh data={data} does not divide the {len(devices)} devices")
-        per_replica = len(devices) // data
-        micro = max(global_batch // max(micro_batches, 1) // data, 1)
-        fsdp = math.gcd(per_replica, micro) if fsdp == -1 else fsdp
-        tensor = -1
-    return sharding_lib.make_mesh(data, fsdp, tensor, devices=devices)
 
 
 def check_batch(global_batch: int, micro_batches: int, mesh) -> None:

@@ -29,19 +29,13 @@ import jax
 import numpy as np
 
 from llava_cot_jax import checkpoint as weights
+from llava_cot_jax import loading, sharding
 from llava_cot_jax.data import pipeline
-from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.train import checkpointing, flops, optim
 from llava_cot_jax.train import step as step_lib
 
 logger = logging.getLogger(__name__)
 
-PRESETS = {
-    "tiny": MllamaConfig.tiny,
-    "bench": MllamaConfig.bench,
-    "11b": MllamaConfig.llama_11b,
-    "90b": MllamaConfig.llama_90b,
-}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -80,89 +74,6 @@ def _cluster_launch() -> bool:
     on_tpu_vm = bool(glob.glob("/dev/accel*")) or os.path.isdir("/dev/vfio")
     tasks = max(int(os.environ.get(name, "1")) for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
     return on_tpu_vm or tasks > 1
-
-
-def model_config_from(cfg) -> MllamaConfig:
-    """The architecture: from the checkpoint to start from, or a preset for random init; dtypes and remat from
-    the config."""
-    init_from = cfg.init_from
-    if init_from:
-        if not os.path.isdir(init_from):
-            raise FileNotFoundError(f"model.init_from: checkpoint directory not found: {init_from}")
-        if weights.is_checkpoint(init_from):
-            base = weights.load_config(init_from)
-        elif os.path.exists(os.path.join(init_from, "config.json")):
-            base = MllamaConfig.from_hf_config(init_from)
-        else:
-            raise FileNotFoundError(
-                f"model.init_from={init_from} holds neither a llava_cot_jax checkpoint ({weights.CONFIG_FILE}) nor an "
-                "HF checkpoint (config.json)"
-            )
-    elif cfg.preset in PRESETS:
-        base = PRESETS[cfg.preset]()
-    else:
-        raise ValueError(f"model.preset={cfg.preset!r}; choose one of {sorted(PRESETS)} or set model.init_from")
-    return base.replace(param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=True)
-
-
-def initial_params(cfg, model_config: MllamaConfig, seed: int, mesh=None) -> dict:
-    """The parameters a fresh run starts from, nested by module path. From a converted checkpoint with a `mesh`,
-    every device's shard is read from disk by itself, already placed as the rules table places it
-    (`checkpoint.load_model`), so no host holds the whole model (90B in float32 is 360 GB); otherwise host arrays."""
-    if cfg.init_from and weights.is_checkpoint(cfg.init_from):
-        if mesh is not None:
-            from flax import nnx
-
-            model = weights.load_model(
-                cfg.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, scan_layers=True, mesh=mesh
-            )
-            return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        _, params = weights.load_params(cfg.init_from)
-        return weights.nested(params)
-    if cfg.init_from:
-        from llava_cot_jax.models.mllama import params as hf_params
-
-        return weights.nested(hf_params.load_hf_params(cfg.init_from, model_config))
-    from flax import nnx
-
-    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
-
-    model = MllamaForConditionalGeneration(model_config, rngs=nnx.Rngs(seed))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def load_processor(cfg, model_config: MllamaConfig):
-    """The tokenizer + image processor: model.processor, else the init checkpoint's files, else (the tiny preset
-    only) the built-in tiny tokenizer."""
-    from llava_cot_jax.data.image import MllamaImageProcessor
-    from llava_cot_jax.data.processor import MllamaProcessor
-
-    source = cfg.processor or (weights.side_files_dir(cfg.init_from) if cfg.init_from else "")
-    if source:
-        return MllamaProcessor.from_pretrained(source)
-    if cfg.preset != "tiny":
-        raise ValueError("model.processor (a directory with tokenizer files) is required without model.init_from")
-    from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
-
-    image = MllamaImageProcessor(size=model_config.vision.image_size, max_image_tiles=model_config.vision.max_num_tiles)
-    return MllamaProcessor(image, build_tiny_tokenizer())
-
-
-def check_processor(processor, model_config: MllamaConfig) -> None:
-    """A tokenizer that does not belong to the model fails here rather than training on wrong ids."""
-    problems = []
-    if processor.image_token_id != model_config.image_token_id:
-        problems.append(
-            f"<|image|> is id {processor.image_token_id}, the model's image token is {model_config.image_token_id}"
-        )
-    if len(processor.tokenizer) > model_config.text.embedding_rows:
-        problems.append(f"{len(processor.tokenizer)} tokens, the model embeds {model_config.text.embedding_rows}")
-    if processor.image_processor.tile_size != model_config.vision.image_size:
-        problems.append(
-            f"tiles of {processor.image_processor.tile_size} px, the model's are {model_config.vision.image_size}"
-        )
-    if problems:
-        raise ValueError("the tokenizer/image processor does not match the model: " + "; ".join(problems))
 
 
 def open_data(path: str, image_root: str, what: str, record_filter: str = "llava_cot"):
@@ -288,8 +199,10 @@ class Trainer:
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, os.path.abspath(workdir)
         c = config
-        self.mesh = step_lib.training_mesh(c.mesh, c.train.global_batch, c.train.micro_batches)
-        self.model_config = model_config_from(c.model)
+        self.mesh = sharding.mesh_from_config(c.mesh, global_batch=c.train.global_batch, micro_batches=c.train.micro_batches)
+        if c.model.weights and not os.path.isdir(c.model.weights):
+            raise FileNotFoundError(f"model.weights: checkpoint directory not found: {c.model.weights}")
+        self.model_config = loading.arch_config(c.model, training=True)
         step_lib.check_heads(self.model_config, self.mesh)
         step_lib.check_batch(c.train.global_batch, c.train.micro_batches, self.mesh)
         if c.train.global_batch % jax.process_count():
@@ -303,8 +216,8 @@ class Trainer:
         self.eval_source = None
         if c.data.eval:
             self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval", c.data.record_filter)
-        self.processor = load_processor(c.model, self.model_config)
-        check_processor(self.processor, self.model_config)
+        self.processor = loading.load_processor(c.model, self.model_config)
+        loading.check_processor(self.processor, self.model_config)
 
         per_process = c.train.global_batch // jax.process_count()
         self.steps_per_epoch = len(self.source) // c.train.global_batch
@@ -332,10 +245,10 @@ class Trainer:
             loss_chunk=c.model.loss_chunk,
         )
         step_lib.param_shardings(self.spec)  # a parameter dimension the mesh does not divide fails here, by name
-        if c.checkpoint.every_steps < 1:
-            raise ValueError("checkpoint.every_steps must be >= 1")
+        if c.checkpointing.every_steps < 1:
+            raise ValueError("checkpointing.every_steps must be >= 1")
         self.manager = checkpointing.make_manager(
-            self.workdir, c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save
+            self.workdir, c.checkpointing.every_steps, c.checkpointing.keep, c.checkpointing.async_save
         )
         device_kind = jax.devices()[0].device_kind
         self.peak_flops = c.peak_tflops_per_device * 1e12 if c.peak_tflops_per_device else flops.peak_flops(device_kind)
@@ -393,7 +306,7 @@ class Trainer:
             state = checkpointing.restore(self.manager, resume_step, abstract, iterator)
             print(f"resumed from {self.manager.directory}/{resume_step}")
         else:
-            params = initial_params(c.model, self.model_config, c.seed, self.spec.mesh)
+            params = loading.initial_params(c.model, self.model_config, c.seed, self.spec.mesh)
             state = step_lib.init_state(self.spec, params, c.seed)
             del params
         start = int(jax.device_get(state["step"]))

@@ -1,0 +1,142 @@
+"""The one place a config's `model` group becomes a model: format detection, architecture, dtypes, scan layout,
+mesh placement, int8, and the processor beside the weights. Training, inference, evaluation, the demo and the AOT
+tools all resolve their model here, through the family registry (families.py), so a setting means the same thing
+in every mode and a new family needs no caller changed.
+
+`model.weights` may be
+  - a converted checkpoint (tools/convert_hf_to_orbax.py; `llava_cot_config.json` + `params/`),
+  - a training checkpoint `DIR/checkpoints/STEP` (the trainer's; its processor files are in `DIR/processor`),
+  - an HF directory (`config.json` + safetensors), read on the host,
+  - empty: a random init of `model.preset` (training, AOT).
+"""
+
+from __future__ import annotations
+
+import os
+
+from llava_cot_jax import checkpoint, config_schema, families, sharding
+
+CONVERTED, HF = "converted", "hf"
+
+
+def family(model_cfg) -> families.Family:
+    return families.get(model_cfg.get("family", "mllama"))
+
+
+def weights_format(path: str) -> str:
+    """`CONVERTED` (a converted or training checkpoint) or `HF`; FileNotFoundError naming `model.weights` else."""
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"model.weights must be a checkpoint directory, got {path!r}")
+    if checkpoint.is_checkpoint(path):
+        return CONVERTED
+    if os.path.exists(os.path.join(path, "config.json")):
+        return HF
+    raise FileNotFoundError(
+        f"model.weights={path} is not a checkpoint: it has neither {checkpoint.CONFIG_FILE} (converted) nor "
+        "config.json (HF)"
+    )
+
+
+def stored_config(model_cfg):
+    """The architecture as stored with `model.weights`, else `model.preset`'s; dtypes and layout untouched."""
+    fam = family(model_cfg)
+    if model_cfg.weights:
+        if weights_format(model_cfg.weights) == CONVERTED:
+            return checkpoint.load_config(model_cfg.weights)
+        return fam.config_class.from_hf_config(model_cfg.weights)
+    if not model_cfg.preset:
+        raise ValueError("set model.weights (a checkpoint directory) or model.preset (an architecture)")
+    return fam.preset(model_cfg.preset)
+
+
+def arch_config(model_cfg, *, training: bool = False):
+    """The architecture with the config's dtypes applied; training scans the layers and applies `remat`,
+    inference loads them unscanned (the decoder converts when `model.scan_layers` asks; see generate/)."""
+    config = stored_config(model_cfg).replace(
+        param_dtype=config_schema.param_dtype(model_cfg), dtype=model_cfg.dtype, scan_layers=training
+    )
+    return config.replace(remat=model_cfg.remat) if training else config
+
+
+def load_model(model_cfg, mesh=None):
+    """The inference model `model.weights` holds, unscanned, in the config's dtype (int8 text decoder with
+    `model.quantize`). On a `mesh`, a converted checkpoint is read straight into each device's shards as the
+    decoding rules place them; an HF directory is read on the host first."""
+    fam = family(model_cfg)
+    if not model_cfg.weights:
+        raise ValueError("model.weights is required: a converted checkpoint, a training checkpoint or an HF directory")
+    dtype, quantize = config_schema.param_dtype(model_cfg), model_cfg.quantize or None
+    if weights_format(model_cfg.weights) == CONVERTED:
+        rules = None
+        if mesh is not None:
+            num_kv_heads = checkpoint.load_config(model_cfg.weights).text.num_key_value_heads
+            rules = sharding.inference_rules(num_kv_heads, mesh)
+        return checkpoint.load_model(
+            model_cfg.weights,
+            dtype=dtype,
+            compute_dtype=model_cfg.dtype,
+            scan_layers=False,
+            mesh=mesh,
+            rules=rules,
+            quantize=quantize,
+        )
+    return fam.from_hf(
+        model_cfg.weights, dtype=dtype, compute_dtype=model_cfg.dtype, quantize=quantize, scan_layers=False
+    )
+
+
+def abstract_model(arch):
+    """The model of `arch` with no memory behind it (`nnx.eval_shape`): 90B is as quick to build as the tiny one."""
+    from flax import nnx
+
+    model_class = families.of(arch).model_class
+    return nnx.eval_shape(lambda: model_class(arch, rngs=nnx.Rngs(0)))
+
+
+def initial_params(model_cfg, arch, seed: int, mesh=None) -> dict:
+    """The parameters a training run starts from, nested by module path. From a converted checkpoint with a
+    `mesh`, every device's shard is read from disk by itself, already placed by the rules table
+    (`checkpoint.load_model`), so no host holds the whole model (90B in float32 is 360 GB); otherwise host
+    arrays (an HF directory is read on the host); without weights, a random init of `arch`."""
+    from flax import nnx
+
+    fam = family(model_cfg)
+    weights = model_cfg.weights
+    if weights and weights_format(weights) == CONVERTED:
+        if mesh is not None:
+            model = checkpoint.load_model(
+                weights, dtype=arch.param_dtype, compute_dtype=arch.dtype, scan_layers=True, mesh=mesh
+            )
+            return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        _, params = checkpoint.load_params(weights)
+        return checkpoint.nested(params)
+    if weights:
+        return checkpoint.nested(fam.load_hf_params(weights, arch))
+    model = fam.model_class(arch, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load_processor(model_cfg, arch=None):
+    """The tokenizer + image processor: `model.processor`, else the files beside `model.weights`, else (small
+    presets only) the family's built-in one for `arch`."""
+    fam = family(model_cfg)
+    source = model_cfg.processor or (checkpoint.side_files_dir(model_cfg.weights) if model_cfg.weights else "")
+    if source:
+        return fam.processor_class.from_pretrained(source)
+    if fam.built_in_processor is None or model_cfg.preset not in fam.built_in_processor_presets:
+        raise ValueError("model.processor (a directory with tokenizer files) is required without model.weights")
+    return fam.built_in_processor(arch if arch is not None else arch_config(model_cfg))
+
+
+def check_processor(processor, arch) -> None:
+    """A tokenizer that does not belong to the model fails here rather than training or decoding wrong ids."""
+    problems = []
+    if processor.image_token_id != arch.image_token_id:
+        problems.append(f"<|image|> is id {processor.image_token_id}, the model's image token is {arch.image_token_id}")
+    if len(processor.tokenizer) > arch.text.embedding_rows:
+        problems.append(f"{len(processor.tokenizer)} tokens, the model embeds {arch.text.embedding_rows}")
+    if processor.image_processor.tile_size != arch.vision.image_size:
+        problems.append(f"tiles of {processor.image_processor.tile_size} px, the model's are {arch.vision.image_size}")
+    if problems:
+        raise ValueError("the tokenizer/image processor does not match the model: " + "; ".join(problems))
+
