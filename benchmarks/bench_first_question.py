@@ -2,7 +2,7 @@
 
     python benchmarks/bench_first_question.py --scenario cold|warmup|cache [--cache_dir DIR]
 
-The bench model of DESIGN.md (random weights, the same setup as bench_generate.py), stage search N=4, 32 tokens
+The bench model of docs/design.md (random weights, the same setup as bench_generate.py), stage search N=4, 32 tokens
 per stage candidate, 16 per judge reply, one 448x448 image (4 tiles), EOS off. One scenario per process (a
 fresh process is a cold start):
 

@@ -2,7 +2,7 @@
 
     /work/venv/bin/python benchmarks/bench_generate.py [--quick]
 
-Model: the shared ~163M-parameter "bench" config of DESIGN.md with random weights, saved once as an HF
+Model: the shared ~163M-parameter "bench" config of docs/design.md with random weights, saved once as an HF
 checkpoint and loaded by both sides (same weights). One 448x448 image → 4 tiles of 224; prompt 64 tokens;
 torch with 2 threads. Measures:
 

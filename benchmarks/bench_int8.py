@@ -2,7 +2,7 @@
 
     python benchmarks/bench_int8.py [--repeats 5] [--new 64]
 
-The bench model of DESIGN.md (random weights; bench_generate.py's setup), one 448x448 image, a 64-token prompt,
+The bench model of docs/design.md (random weights; bench_generate.py's setup), one 448x448 image, a 64-token prompt,
 greedy, batch 1 and 4, EOS off. Each weight format gets its own Sampler over the same weights; decode tokens/s is
 (new - 1) tokens over the time of a (new)-token call minus a 1-token call (the prefill), best of --repeats, the
 formats interleaved within each repeat so that load on a shared machine hits them alike. Also reports the bytes

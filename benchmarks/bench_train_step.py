@@ -2,7 +2,7 @@
 
     /work/venv/bin/python benchmarks/bench_train_step.py [--steps 5] [--remat none]
 
-Model: the shared ~163M-parameter "bench" config of DESIGN.md (random weights, gates and norms perturbed), saved
+Model: the shared ~163M-parameter "bench" config of docs/design.md (random weights, gates and norms perturbed), saved
 once as an HF checkpoint and loaded by both sides. Batch: 4 samples, one 448x448 image each (4 tiles of 224),
 512 tokens, the second half of each sample supervised. Both sides in float32 on CPU (torch with as many threads
 as cores), AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay; no activation checkpointing on either.

@@ -1,4 +1,4 @@
-"""Prints the README's parity table: max |Δlogits| against transformers on tiny random models.
+"""Prints the parity table of docs/results/parity.md: max |Δlogits| against transformers on tiny random models.
 
   python benchmarks/parity_table.py
 

@@ -86,7 +86,7 @@ SCRIPT = textwrap.dedent("""
     int8 = lambda mesh: S.generate(model, **inputs, max_new_tokens=16, eos_token_id=None,
                                    sampler=S.Sampler(model, mesh=mesh, quantize="int8"))
     np.testing.assert_array_equal(int8(mesh), int8(None))
-    # So do the text layers scanned (what the README suggests on TPUs, where the layer slice fuses into the matmul).
+    # So do the text layers scanned (what docs/meshes.md suggests on TPUs, where the layer slice fuses into the matmul).
     scanned = lambda mesh: S.generate(model, **inputs, max_new_tokens=16, eos_token_id=None,
                                       sampler=S.Sampler(model, mesh=mesh, scan_layers=True))
     np.testing.assert_array_equal(scanned(mesh), scanned(None))

@@ -442,7 +442,7 @@ class Sampler:
     Python loop over per-layer weights (`scan_layers=False`): a scanned layer's weight slice is copied before
     every matmul, which triples the bytes a batch-1 decode step reads on CPU. A scanned model is converted
     (a copy of its weights); load with `scan_layers=False` to avoid the copy. `scan_layers=True` keeps (or
-    makes) the layers scanned: compile time then does not grow with depth (see BENCHMARKS.md for the TPU case).
+    makes) the layers scanned: compile time then does not grow with depth (see docs/results/meshes.md for the TPU case).
 
     With a `mesh` (`sharding.make_mesh(data=..., tensor=...)`) the weights are placed by the logical-axis rules
     (`sharding.inference_rules`: tensor parallelism over heads, kv heads, MLP and vocabulary; FSDP over the

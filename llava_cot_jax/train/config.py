@@ -5,7 +5,7 @@ an unknown key is an error on the command line.
 The defaults are LLaVA-CoT's published recipe (PKU-YuanGroup/LLaVA-CoT `train/` on llama-recipes v0.0.4.post1):
 all parameters trained, AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0, no warmup, no clipping, lr x 0.85
 after each epoch (StepLR), 3 epochs, global batch 32, bf16 compute, activation checkpointing — except that the
-parameters and AdamW moments are float32 (master weights) where their run kept both in bf16; see the README.
+parameters and AdamW moments are float32 (master weights) where their run kept both in bf16; see docs/training.md.
 """
 
 from __future__ import annotations

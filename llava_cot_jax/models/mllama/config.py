@@ -159,7 +159,7 @@ class MllamaConfig:
 
     @classmethod
     def bench(cls, **kwargs) -> MllamaConfig:
-        """The shared ~163M-parameter CPU benchmark configuration of DESIGN.md."""
+        """The shared ~163M-parameter CPU benchmark configuration (docs/design.md#the-bench-model)."""
         vision = VisionConfig(
             hidden_size=512,
             num_hidden_layers=8,
