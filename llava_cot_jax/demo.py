@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from llava_cot_jax import files
+
 SETTINGS_FILE = "demo_settings.json"
 RESULTS_FILE = "demo_results.json"
 LOSS_CURVE = "loss_curve.png"
@@ -126,7 +128,7 @@ def write_data(config, data_dir: str) -> dict[str, str]:
         "judge_prompts": os.path.join(data_dir, "judge_prompts.json"),
     }
     if not os.path.exists(paths["judge_prompts"]):
-        mcq.write_json(paths["judge_prompts"], JUDGE_PROMPTS)
+        files.write_json_atomic(paths["judge_prompts"], JUDGE_PROMPTS, indent=1)
     prompts = JudgePrompts.load(paths["judge_prompts"])
 
     if not os.path.isfile(os.path.join(paths["train"], synthetic.JSONL_NAME)):
@@ -384,14 +386,11 @@ def _claim(workdir: str, config) -> None:
             )
         print(f"{workdir}: reusing what an earlier run with these settings made")
         return
-    from llava_cot_jax.eval import mcq
-
-    mcq.write_json(path, settings)
+    files.write_json_atomic(path, settings, indent=1)
 
 
 def run(config, workdir: str = "") -> int:
     from llava_cot_jax.data import synthetic
-    from llava_cot_jax.eval import mcq
 
     if config.search_questions < 1 or config.data.heldout_questions < 1:
         raise ValueError("data.heldout_questions and search_questions must be >= 1")
@@ -422,7 +421,7 @@ def run(config, workdir: str = "") -> int:
         judge_file = os.path.join(workdir, "eval", "judge.json")
         if not os.path.exists(judge_file):
             print(f"\n== judge: {config.judge_questions} held-out pairs, the right stage against a corrupted one")
-            mcq.write_json(judge_file, judge_accuracy(config, checkpoint, paths["judge_prompts"]))
+            files.write_json_atomic(judge_file, judge_accuracy(config, checkpoint, paths["judge_prompts"]), indent=1)
         with open(judge_file) as f:
             judge = json.load(f)
     if not os.path.exists(os.path.join(workdir, "trace.json")):
@@ -466,6 +465,6 @@ def run(config, workdir: str = "") -> int:
         "seconds": times,
         "files": {"loss_curve": os.path.join(workdir, LOSS_CURVE), **paths, "eval": os.path.join(workdir, "eval")},
     }
-    mcq.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    files.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results, indent=1)
     report(workdir, results)
     return 0
