@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
 
 from llava_cot_jax import checkpoint as weights
 from llava_cot_jax.data import synthetic
 from llava_cot_jax.models.mllama import params as hf_params
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, random_inputs, save_hf_checkpoint
 from llava_cot_jax.models.mllama.params import from_hf
 from llava_cot_jax.train import config as train_config
 from llava_cot_jax.train import loss as loss_lib
