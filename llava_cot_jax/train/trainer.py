@@ -373,6 +373,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- loop
 
     def train(self) -> int:
+        """Runs to the last step, to a SIGTERM (after saving) or to an error; returns the exit code. The checkpoint
+        manager is closed however the run ends, so every save it started is complete on disk."""
+        try:
+            return self._train()
+        finally:
+            self.manager.close()
+
+    def _train(self) -> int:
         c = self.config
         self._write_run_files()
         iterator = iter(self._dataset(self.source, train=True))
@@ -456,7 +464,6 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous_handler)
         if exit_code == 0 and self.is_primary:
             print(f"trained to step {self.total_steps}; checkpoints in {self.manager.directory}")
-        self.manager.close()
         return exit_code
 
     def _finish(self, pending: PendingStep, writer: MetricsWriter, bar, last_time: float) -> float:
