@@ -149,7 +149,7 @@ def test_the_entry_point_reports_bad_settings_in_one_line(tmp_path):
     result = _main(tmp_path, tmp_path / "xla", "--config.data.kinds=color,shape")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: data.kinds='color,shape': choose from color, count (--verbosity=1 shows the traceback)"
+        "error: data.kinds='color,shape': choose from color, count (--verbose shows the traceback)"
     ]
 
 
