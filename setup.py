@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "absl-py",
         "tensorboardX",
+        "matplotlib",  # the demo's loss curve
     ],
     extras_require={
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build (see DESIGN.md).
