@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "absl-py",
         "tensorboardX",
+        "matplotlib",  # the demo's loss curve
     ],
     extras_require={
         # torch is pinned: unpinned it pulls a multi-GB CUDA build (docs/design.md#pinned-torch-in-the-test-extra).

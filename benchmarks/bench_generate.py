@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-# The transformers <-> our-config mapping (incl. the 4.45 vs 5.x vision-tap shift) lives with the parity tests.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from hf_mllama import hf_config, save_hf_checkpoint  # noqa: E402
+# The transformers <-> our-config mapping (incl. the 4.45 vs 5.x vision-tap shift), shared with the parity tests.
+from llava_cot_jax.models.mllama.hf_reference import hf_config, save_hf_checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -14,7 +14,6 @@ import time
 import jax
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import make_batch
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, random_inputs, save_hf_checkpoint
 
 BATCH, SEQ, LR = 4, 512, 1e-5
 

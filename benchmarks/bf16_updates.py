@@ -13,13 +13,10 @@ every weight by about lr; bf16 keeps 8 significant bits, so a weight of magnitud
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from hf_mllama import random_inputs
+from llava_cot_jax.models.mllama.hf_reference import random_inputs
 
 
 def main():

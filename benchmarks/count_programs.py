@@ -8,16 +8,11 @@ prints the sampler's compiled programs after the warm-up and after the questions
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import jax
 import numpy as np
 import PIL.Image
-from hf_mllama import build_hf_model, save_hf_checkpoint
 
 from llava_cot_jax.data.image import MllamaImageProcessor
 from llava_cot_jax.data.processor import MllamaProcessor
@@ -25,6 +20,7 @@ from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
 from llava_cot_jax.generate import sampler as S
 from llava_cot_jax.generate import stage_search as SS
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, save_hf_checkpoint
 from llava_cot_jax.models.mllama.params import from_hf
 
 SETTINGS = (("stage", "ours"), ("stage", "llava_cot"), ("sentence", "llava_cot"), ("best_of_n", "ours"))

@@ -2,42 +2,40 @@
 
   python benchmarks/parity_table.py
 
-Uses the same model builders and input cases as tests/test_model_parity.py (which asserts the bounds).
+Uses the model builders and input cases of llava_cot_jax.models.mllama.hf_reference, as tests/test_model_parity.py
+(which asserts the bounds) does.
 """
 
-import dataclasses
-import os
-import sys
 import tempfile
 
 import numpy as np
+from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from llava_cot_jax.models.mllama.hf_reference import (
+    PARITY_CASES,
+    build_hf_model,
+    hf_logits,
+    parity_config,
+    random_inputs,
+    save_hf_checkpoint,
+)
+from llava_cot_jax.models.mllama.params import from_hf
 
-from hf_mllama import build_hf_model, hf_logits, random_inputs, save_hf_checkpoint  # noqa: E402
-from llava_cot_jax.models.mllama.config import MllamaConfig  # noqa: E402
-from llava_cot_jax.models.mllama.params import from_hf  # noqa: E402
-from test_model_parity import CASES, _logits  # noqa: E402
 
-
-def config(kv_heads=2, cross_layers=(3,), layers=5):
-    cfg = MllamaConfig.tiny()
-    return cfg.replace(
-        text=dataclasses.replace(
-            cfg.text, num_key_value_heads=kv_heads, cross_attention_layers=cross_layers, num_hidden_layers=layers
-        )
-    )
+@nnx.jit
+def _logits(model, inputs):
+    return model(**inputs).logits
 
 
 def main():
     rows = []
     setups = [
-        ("GQA 2 (4 heads, 2 kv)", config(), list(CASES)),
-        ("GQA 1", config(kv_heads=4), ["multi_tile_aspect_ratios"]),
-        ("GQA 4", config(kv_heads=1), ["multi_tile_aspect_ratios"]),
+        ("GQA 2 (4 heads, 2 kv)", parity_config(), list(PARITY_CASES)),
+        ("GQA 1", parity_config(kv_heads=4), ["multi_tile_aspect_ratios"]),
+        ("GQA 4", parity_config(kv_heads=1), ["multi_tile_aspect_ratios"]),
         (
             "irregular cross layers (0, 2, 3) of 6",
-            config(cross_layers=(0, 2, 3), layers=6),
+            parity_config(cross_layers=(0, 2, 3), layers=6),
             ["two_images_in_one_sample"],
         ),
     ]
@@ -51,7 +49,7 @@ def main():
                     inputs = random_inputs(cfg, np.random.default_rng(3), 2, 9, [0, 0], [[], []])
                     inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
                 else:
-                    batch, seq, images, tiles, pad = CASES[case]
+                    batch, seq, images, tiles, pad = PARITY_CASES[case]
                     inputs = random_inputs(cfg, np.random.default_rng(7), batch, seq, images, tiles, pad_right=pad)
                 valid = inputs["attention_mask"].astype(bool)
                 ref = hf_logits(hf, inputs)

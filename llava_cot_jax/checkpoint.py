@@ -16,15 +16,13 @@ interrupted or failed run never leaves a half-written output directory behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 
 import numpy as np
 
+from llava_cot_jax.files import atomic_directory
 from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.models.mllama import params as hf_params
 from llava_cot_jax.models.mllama import quant
@@ -51,25 +49,6 @@ TRAIN_PROCESSOR_DIR = "processor"
 Params = dict[tuple[str, ...], np.ndarray]
 # Arrays are written in chunks of at most this size, so the writer's buffers stay small next to the model.
 _CHUNK_BYTES = 8 * 2**20
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory next to `out_dir` that becomes `out_dir` only if the block succeeds."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def nested(params: Params) -> dict:

@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from llava_cot_jax import files
+
 SETTINGS_FILE = "demo_settings.json"
 RESULTS_FILE = "demo_results.json"
 LOSS_CURVE = "loss_curve.png"
@@ -126,7 +128,7 @@ def write_data(config, data_dir: str) -> dict[str, str]:
         "judge_prompts": os.path.join(data_dir, "judge_prompts.json"),
     }
     if not os.path.exists(paths["judge_prompts"]):
-        mcq.write_json(paths["judge_prompts"], JUDGE_PROMPTS)
+        files.write_json_atomic(paths["judge_prompts"], JUDGE_PROMPTS, indent=1)
     prompts = JudgePrompts.load(paths["judge_prompts"])
 
     if not os.path.isfile(os.path.join(paths["train"], synthetic.JSONL_NAME)):
@@ -312,35 +314,43 @@ def _rows_accuracy(eval_dir: str, limit: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def plot_curve(path: str, points: list[tuple[float, float]], title: str, width: int = 640, height: int = 400) -> None:
-    """A line chart of (x, y) points as a PNG, drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
+def plot_curves(
+    path: str,
+    curves: dict[str, list[tuple[float, float]]],
+    title: str,
+    ylabel: str,
+    width: int = 640,
+    height: int = 400,
+) -> None:
+    """Line charts of (step, value) points, one per named curve, as a `width` x `height` PNG (matplotlib, Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 60, width - 20, 40, height - 50
-    draw.text((left, 12), title, fill="black")
-    if points:
-        xs, ys = zip(*points)
-        x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-        y1 = max(max(ys) * 1.05, 1e-6)
-        px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
-        py = lambda y: bottom - y / y1 * (bottom - top)
-        for value in np.linspace(0, y1, 5):
-            draw.line([left, py(value), right, py(value)], fill=(225, 225, 225))
-            draw.text((8, py(value) - 6), f"{value:.2f}", fill="black")
-        for value in sorted({round(v) for v in np.linspace(x0, x1, 6)}):
-            draw.text((px(value) - 10, bottom + 8), str(value), fill="black")
-        draw.line([(px(x), py(y)) for x, y in points], fill=(31, 119, 180), width=2)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text(((left + right) // 2 - 15, height - 24), "step", fill="black")
-    image.save(path)
+    dpi = 100
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(figure)  # the Agg renderer, without pyplot's global state or a display
+    axes = figure.add_subplot()
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, marker="o" if len(points) < 20 else None, markersize=3, label=name)
+    axes.set(title=title, xlabel="step", ylabel=ylabel)
+    axes.grid(True, alpha=0.3)
+    if axes.lines:
+        axes.legend()
+    figure.tight_layout()
+    with files.atomic_write(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=dpi)
 
 
-def _loss_points(run_dir: str) -> list[tuple[float, float]]:
+def _loss_curves(run_dir: str) -> dict[str, list[tuple[float, float]]]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+    curves = {"training": [(r["step"], r["loss"]) for r in records if "loss" in r]}
+    held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if held_out:
+        curves["held-out"] = held_out
+    return curves
 
 
 def _percent(value) -> str:
@@ -396,14 +406,11 @@ def _claim(workdir: str, config) -> None:
             )
         print(f"{workdir}: reusing what an earlier run with these settings made")
         return
-    from llava_cot_jax.eval import mcq
-
-    mcq.write_json(path, settings)
+    files.write_json_atomic(path, settings, indent=1)
 
 
 def run(config, workdir: str = "") -> int:
     from llava_cot_jax.data import synthetic
-    from llava_cot_jax.eval import mcq
 
     if config.search_questions < 1 or config.data.heldout_questions < 1:
         raise ValueError("data.heldout_questions and search_questions must be >= 1")
@@ -435,7 +442,7 @@ def run(config, workdir: str = "") -> int:
         judge_file = os.path.join(workdir, "eval", "judge.json")
         if not os.path.exists(judge_file):
             print(f"\n== judge: {config.judge_questions} held-out pairs, the right stage against a corrupted one")
-            mcq.write_json(judge_file, judge_accuracy(config, checkpoint, paths["judge_prompts"]))
+            files.write_json_atomic(judge_file, judge_accuracy(config, checkpoint, paths["judge_prompts"]), indent=1)
         with open(judge_file) as f:
             judge = json.load(f)
     if not os.path.exists(os.path.join(workdir, "trace.json")):
@@ -443,8 +450,14 @@ def run(config, workdir: str = "") -> int:
     times["eval_s"] = time.perf_counter() - start
 
     chance = 1 / len(synthetic.OPTION_LETTERS)
-    losses = _loss_points(os.path.join(workdir, "train"))
-    plot_curve(os.path.join(workdir, LOSS_CURVE), losses, "training loss (mean per supervised token)")
+    curves = _loss_curves(os.path.join(workdir, "train"))
+    losses = curves["training"]
+    plot_curves(
+        os.path.join(workdir, LOSS_CURVE),
+        curves,
+        "loss during training",
+        "loss (mean per supervised token)",
+    )
     accuracy = {
         "chance": chance,
         "image_blind": blind["accuracy"],
@@ -479,6 +492,6 @@ def run(config, workdir: str = "") -> int:
         "seconds": times,
         "files": {"loss_curve": os.path.join(workdir, LOSS_CURVE), **paths, "eval": os.path.join(workdir, "eval")},
     }
-    mcq.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    files.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results, indent=1)
     report(workdir, results)
     return 0

@@ -4,14 +4,17 @@ Dispatches on `config.mode`. Each mode is a function `run(config, workdir) -> in
 "module:function" path, imported only when chosen, so inference never imports training code.
 
 Mistakes a user makes (an unknown config key, a missing checkpoint or data directory, a mesh that does not fit)
-end the program with one line on stderr, `error: ...`; `--verbosity=1` shows the traceback as well.
+end the program with one line on stderr, `error: ...`. Third-party libraries (absl, Orbax, Grain, JAX) log only
+their errors. `--verbose` (or absl's `--verbosity=N`) shows their warnings and logs, and a mistake's traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging as python_logging
 import os
 import sys
+import warnings
 
 import jax
 from absl import app, flags, logging
@@ -31,6 +34,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.p
 _WORKDIR = flags.DEFINE_string(
     "workdir", "", "Directory for this run's outputs (checkpoints, metrics, results); a rerun resumes from it."
 )
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show third-party warnings and logs (absl, Orbax, Grain, JAX) and the traceback of an error."
+)
+
+# Libraries whose warnings and logs (e.g. Orbax's "Skipping merge of OCDBT checkpoints" on every save) are noise
+# to a user unless --verbose; their errors always print. Orbax logs through absl, so "absl" covers it too.
+THIRD_PARTY_LOGGERS = ("absl", "orbax", "grain", "jax")
 
 # Exceptions that report a user's mistake: printed as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
@@ -46,6 +56,15 @@ def enable_compilation_cache(path: str) -> None:
     if path:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def quiet_third_party_logs() -> None:
+    """Raises the third-party loggers to ERROR and ignores Python warnings issued from those packages; the package's
+    own warnings still print."""
+    logging.set_verbosity(logging.WARNING)  # under absl.app this sets the root logger, which ours inherit
+    for name in THIRD_PARTY_LOGGERS:
+        python_logging.getLogger(name).setLevel(python_logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"({})(\.|$)".format("|".join(THIRD_PARTY_LOGGERS)))
 
 
 def dispatch(config, workdir: str = "") -> int:
@@ -120,16 +139,16 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/NAME.py is required")
-    verbose = flags.FLAGS["verbosity"].present
+    verbose = _VERBOSE.value or flags.FLAGS["verbosity"].present
     if not verbose:
-        logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
+        quiet_third_party_logs()
     try:
         code = dispatch(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as err:
         if verbose:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message} (--verbosity=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {message} (--verbose shows the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)
 

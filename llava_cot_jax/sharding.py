@@ -130,28 +130,6 @@ def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=LOGICAL_AXI
     return shardings
 
 
-def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.Module:
-    """Places a model's parameters on the mesh according to the rules table (in place)."""
-    state = nnx.state(model, nnx.Param)
-    shardings = param_shardings(state, mesh, rules)
-    nnx.update(model, jax.device_put(state, shardings))
-    return model
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
-    """Batch-major arrays split their leading axis over data x fsdp."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
-
-
-def check_batch_divisible(batch_size: int, mesh: jax.sharding.Mesh) -> None:
-    size = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % size:
-        raise ValueError(
-            f"global batch {batch_size} is not divisible by data x fsdp = {mesh.shape['data']} x "
-            f"{mesh.shape['fsdp']} = {size}"
-        )
-
-
 def dividing_spec(shape, names, mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
     """The spec of logical axes `names` for an array of `shape`, with every mesh axis that does not divide its
     dimension dropped (that dimension is replicated rather than padded)."""

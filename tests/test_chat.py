@@ -11,7 +11,7 @@ from transformers.models.mllama.processing_mllama import (
 )
 
 from llava_cot_jax.data import chat
-from llava_cot_jax.data.tokenizer import build_llama3_tokenizer, build_tiny_tokenizer
+from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
 
 ANSWER = (
     "<SUMMARY>Count the cubes.</SUMMARY><CAPTION>Three cubes and a sphere.</CAPTION>"
@@ -110,18 +110,6 @@ def test_render_prompt_rejects_system_with_image_and_bad_input():
 
 
 # --- training encoding -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama3():
-    pytest.importorskip("quicktok")
-    pytest.importorskip("tiktoken")
-    return build_llama3_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_tokenizer()
-
-
 def _labelled_text(tokenizer, encoded):
     """Decode the labelled tokens run by run (the unlabelled gaps split the runs)."""
     labels = encoded["labels"]
@@ -142,11 +130,11 @@ def _labelled_text(tokenizer, encoded):
 LLAVA_SAMPLE = [{"from": "human", "value": "<image>\nHow many cubes?"}, {"from": "gpt", "value": ANSWER}]
 
 
-def test_single_turn_real_llama3_ids_and_labels(llama3):
+def test_single_turn_real_llama3_ids_and_labels(llama3_tokenizer):
     """The default encoding is LLaVA-CoT's: two BOS, labels from the "\\n\\n" after the assistant header through
     the answer's <|eot_id|>, question and answer stripped."""
     padded = [{"from": "human", "value": "<image>\n How many cubes?  "}, {"from": "gpt", "value": "\n" + ANSWER + " "}]
-    encoded = chat.encode_training_example(llama3, padded, has_image=True, num_tiles=[4])
+    encoded = chat.encode_training_example(llama3_tokenizer, padded, has_image=True, num_tiles=[4])
     ids = encoded["input_ids"].tolist()
     prompt = [128000, 128000, 128006, 882, 128007, 271, 128256, 4438, 1690, 55204, 30, 128009, 128006, 78191, 128007]
     assert ids[: len(prompt)] == prompt and ids[len(prompt)] == 271
@@ -155,7 +143,7 @@ def test_single_turn_real_llama3_ids_and_labels(llama3):
     assert (labels[: len(prompt)] == chat.IGNORE_INDEX).all()
     assert (labels[len(prompt) :] == encoded["input_ids"][len(prompt) :]).all()
     assert labels[len(prompt)] == 271 and labels[-1] == 128009
-    assert _labelled_text(llama3, encoded) == ["\n\n" + ANSWER + chat.EOT]
+    assert _labelled_text(llama3_tokenizer, encoded) == ["\n\n" + ANSWER + chat.EOT]
     assert labels.tolist() == llava_cot_labels(ids)
     mask = encoded["cross_attention_mask"]
     assert mask.shape == (len(ids), 1, 4)
@@ -180,23 +168,23 @@ def llava_cot_labels(ids):
     return [chat.IGNORE_INDEX if token in (128004, 128256) else label for token, label in zip(ids, labels)]
 
 
-def test_llava_and_chat_formats_encode_alike(tiny):
+def test_llava_and_chat_formats_encode_alike(tiny_tokenizer):
     messages = IMAGE_TURN + [{"role": "assistant", "content": [{"type": "text", "text": ANSWER}]}]
-    from_llava = chat.encode_training_example(tiny, LLAVA_SAMPLE, has_image=True, num_tiles=[2])
-    from_chat = chat.encode_training_example(tiny, messages, has_image=True, num_tiles=[2])
+    from_llava = chat.encode_training_example(tiny_tokenizer, LLAVA_SAMPLE, has_image=True, num_tiles=[2])
+    from_chat = chat.encode_training_example(tiny_tokenizer, messages, has_image=True, num_tiles=[2])
     for key in from_llava:
         np.testing.assert_array_equal(from_llava[key], from_chat[key])
     rendered = chat.render_prompt(messages, add_generation_prompt=False)
-    assert from_chat["input_ids"].tolist() == tiny(rendered)["input_ids"]  # the tokenizer adds the second BOS
+    assert from_chat["input_ids"].tolist() == tiny_tokenizer(rendered)["input_ids"]  # the tokenizer adds the second BOS
 
 
-def test_multi_turn_labels_only_assistant_turns(llama3):
+def test_multi_turn_labels_only_assistant_turns(llama3_tokenizer):
     conversation = LLAVA_SAMPLE + [
         {"from": "human", "value": "Are you sure?"},
         {"from": "gpt", "value": "\nYes, three. "},  # stripped, as LLaVA-CoT's loader does
     ]
-    encoded = chat.encode_training_example(llama3, conversation, has_image=True, num_tiles=[1], max_images=2)
-    runs = _labelled_text(llama3, encoded)
+    encoded = chat.encode_training_example(llama3_tokenizer, conversation, has_image=True, num_tiles=[1], max_images=2)
+    runs = _labelled_text(llama3_tokenizer, encoded)
     assert runs == ["\n\n" + ANSWER + chat.EOT, "\n\nYes, three." + chat.EOT]
     assert encoded["labels"].tolist() == llava_cot_labels(encoded["input_ids"].tolist())
     assert encoded["cross_attention_mask"].shape[1:] == (2, 4)
@@ -205,26 +193,26 @@ def test_multi_turn_labels_only_assistant_turns(llama3):
     assert (encoded["cross_attention_mask"][:, 0, 1:] == 0).all()
 
 
-def test_text_only_sample_masks_the_system_block(llama3):
+def test_text_only_sample_masks_the_system_block(llama3_tokenizer):
     conversation = [
         {"from": "system", "value": "Answer in stages."},
         {"from": "human", "value": "What is 2+2?"},
         {"from": "gpt", "value": "<CONCLUSION>4</CONCLUSION>"},
     ]
-    encoded = chat.encode_training_example(llama3, conversation, has_image=False)
-    assert _labelled_text(llama3, encoded) == ["\n\n<CONCLUSION>4</CONCLUSION>" + chat.EOT]
+    encoded = chat.encode_training_example(llama3_tokenizer, conversation, has_image=False)
+    assert _labelled_text(llama3_tokenizer, encoded) == ["\n\n<CONCLUSION>4</CONCLUSION>" + chat.EOT]
     assert encoded["labels"].tolist() == llava_cot_labels(encoded["input_ids"].tolist())
     assert 9125 in encoded["input_ids"].tolist()  # "system" header is present but ignored
     assert encoded["cross_attention_mask"].shape == (len(encoded["input_ids"]), 1, 4)
     assert not encoded["cross_attention_mask"].any()
 
 
-def test_image_and_pad_tokens_never_labelled(tiny):
+def test_image_and_pad_tokens_never_labelled(tiny_tokenizer):
     answer = f"odd {chat.IMAGE} and {chat.PAD} inside"
     conversation = [{"from": "human", "value": "q"}, {"from": "gpt", "value": answer}]
-    encoded = chat.encode_training_example(tiny, conversation, has_image=True, num_tiles=[1, 1])
+    encoded = chat.encode_training_example(tiny_tokenizer, conversation, has_image=True, num_tiles=[1, 1])
     ids, labels = encoded["input_ids"], encoded["labels"]
-    for token in (tiny.convert_tokens_to_ids(chat.IMAGE), tiny.pad_token_id):
+    for token in (tiny_tokenizer.convert_tokens_to_ids(chat.IMAGE), tiny_tokenizer.pad_token_id):
         assert token in ids.tolist()
         assert (labels[ids == token] == chat.IGNORE_INDEX).all()
 
@@ -234,7 +222,7 @@ def _hf_processor(tokenizer, tile_size=28):
     return HFMllamaProcessor(image_processor, tokenizer)
 
 
-@pytest.mark.parametrize("tokenizer_name", ["llama3", "tiny"])
+@pytest.mark.parametrize("tokenizer_name", ["llama3_tokenizer", "tiny_tokenizer"])
 def test_bos_modes(tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
     bos_id = tokenizer.bos_token_id
@@ -267,15 +255,15 @@ def test_bos_transformers_without_tokenizer_bos():
     assert encoded["input_ids"].tolist().count(tokenizer.bos_token_id) == 1
 
 
-def test_encode_errors(tiny):
+def test_encode_errors(tiny_tokenizer):
     with pytest.raises(ValueError, match="num_tiles is required"):
-        chat.encode_training_example(tiny, LLAVA_SAMPLE, has_image=True)
+        chat.encode_training_example(tiny_tokenizer, LLAVA_SAMPLE, has_image=True)
     with pytest.raises(ValueError, match="no message has an image part"):
-        chat.encode_training_example(tiny, [{"role": "user", "content": "q"}], has_image=True, num_tiles=[1])
+        chat.encode_training_example(tiny_tokenizer, [{"role": "user", "content": "q"}], has_image=True, num_tiles=[1])
     with pytest.raises(ValueError, match="turn 1: unknown speaker"):
-        chat.encode_training_example(tiny, [LLAVA_SAMPLE[0], {"from": "bot", "value": "x"}], has_image=False)
+        chat.encode_training_example(tiny_tokenizer, [LLAVA_SAMPLE[0], {"from": "bot", "value": "x"}], has_image=False)
     with pytest.raises(ValueError, match="exceed max_images"):
-        chat.encode_training_example(tiny, LLAVA_SAMPLE, has_image=True, num_tiles=[1], max_images=0)
+        chat.encode_training_example(tiny_tokenizer, LLAVA_SAMPLE, has_image=True, num_tiles=[1], max_images=0)
 
 
 # --- cross-attention mask vs transformers ------------------------------------------------------------------

@@ -11,10 +11,10 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
 from llava_cot_jax import checkpoint
 from llava_cot_jax.data.tokenizer import save_tiny_tokenizer
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, random_inputs, save_hf_checkpoint
 from llava_cot_jax.models.mllama.params import CheckpointError, from_hf, hub_name, safetensors_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

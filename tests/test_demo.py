@@ -149,8 +149,22 @@ def test_the_entry_point_reports_bad_settings_in_one_line(tmp_path):
     result = _main(tmp_path, tmp_path / "xla", "--config.data.kinds=color,shape")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: data.kinds='color,shape': choose from color, count (--verbosity=1 shows the traceback)"
+        "error: data.kinds='color,shape': choose from color, count (--verbose shows the traceback)"
     ]
+
+
+def test_loss_curve_is_a_png_of_the_logged_losses(tmp_path):
+    records = [{"step": s, "loss": 3.0 / s} for s in range(1, 9)] + [{"step": 4, "eval_loss": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = demo._loss_curves(str(tmp_path))
+    assert curves == {"training": [(s, 3.0 / s) for s in range(1, 9)], "held-out": [(4, 1.5)]}
+    path = tmp_path / demo.LOSS_CURVE
+    demo.plot_curves(str(path), curves, "loss during training", "loss")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (640, 400)
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert (pixels == (31, 119, 180)).all(axis=1).sum() > 100  # the first curve, in matplotlib's first colour
+    assert sorted(os.listdir(tmp_path)) == sorted(["metrics.jsonl", demo.LOSS_CURVE])  # no temporary left behind
 
 
 def test_judge_examples_pit_the_right_stage_against_a_wrong_one():

@@ -295,13 +295,6 @@ def test_scores_and_report_on_known_outputs(tmp_path):
 # ------------------------------------------------------------------------------------ the eval mode, end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from hf_mllama import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("eval") / "hf"))
-
-
 def _config(checkpoint, tsv, **overrides):
     config = config_file.load(EVAL_CONFIG, "runlocal")
     config.model.weights, config.tsv, config.batch_size, config.compilation_cache = checkpoint, tsv, 2, ""

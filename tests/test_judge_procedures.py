@@ -12,7 +12,6 @@ from scripted_model import ScriptedModel
 from llava_cot_jax.data import chat
 from llava_cot_jax.data.image import MllamaImageProcessor
 from llava_cot_jax.data.processor import MllamaProcessor
-from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
 from llava_cot_jax.generate import judge as J
 from llava_cot_jax.generate import stage_search as SS
 
@@ -36,15 +35,10 @@ AFTER_VERDICT = " </CONCLUSION> And some more words that a reply stopped at its 
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def scripted(tokenizer):
+def scripted(tiny_tokenizer):
     """A scripted model answering questions with ANSWER; replies to judge and screen prompts are set per test."""
-    model = ScriptedModel(tokenizer, lambda prompt: ANSWER)
-    processor = MllamaProcessor(MllamaImageProcessor(size=28, max_image_tiles=4), tokenizer)
+    model = ScriptedModel(tiny_tokenizer, lambda prompt: ANSWER)
+    processor = MllamaProcessor(MllamaImageProcessor(size=28, max_image_tiles=4), tiny_tokenizer)
     return model, processor
 
 
@@ -61,10 +55,10 @@ def _script(compare_reply, screen_reply="correct", screen_marker="Reasoning: "):
     return reply_for
 
 
-def test_judge_reply_is_read_after_a_long_preamble_and_stops_at_the_verdict(scripted, tokenizer):
+def test_judge_reply_is_read_after_a_long_preamble_and_stops_at_the_verdict(scripted, tiny_tokenizer):
     model, processor = scripted
     model.set_script(_script(PREAMBLE + "Better response: 2" + AFTER_VERDICT))
-    assert len(tokenizer(PREAMBLE)["input_ids"]) > 128  # more than the judge budget before this change
+    assert len(tiny_tokenizer(PREAMBLE)["input_ids"]) > 128  # more than the judge budget before this change
 
     searcher = SS.Searcher(model, processor, SS.SearchConfig(num_candidates=2, seed=3))
     result = searcher.ask(["How many cubes are there?"])[0]

@@ -10,12 +10,12 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from hf_mllama import build_hf_model, save_hf_checkpoint
 from llava_cot_jax import main as main_lib
 from llava_cot_jax.data.image import MllamaImageProcessor
 from llava_cot_jax.data.processor import MllamaProcessor
 from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, save_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,6 @@ Runs in a subprocess: the device count is fixed when XLA starts. A tiny model wi
 on tensor=2 the kv heads are split, on tensor=4 they are replicated (4 query heads, 2 kv heads).
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,12 +11,10 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import sys
     import jax, jax.numpy as jnp, numpy as np, PIL.Image
     from flax import nnx
     from jax.sharding import PartitionSpec as P
-    sys.path.insert(0, {tests!r})
-    from hf_mllama import random_inputs
+    from llava_cot_jax.models.mllama.hf_reference import random_inputs
     from llava_cot_jax import sharding
     from llava_cot_jax.data.image import MllamaImageProcessor
     from llava_cot_jax.data.processor import MllamaProcessor
@@ -119,8 +116,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_generation_and_search_on_meshes_equal_one_device():
-    tests = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(tests=tests)], capture_output=True, text=True, timeout=1200, check=False
+        [sys.executable, "-c", SCRIPT.format()], capture_output=True, text=True, timeout=1200, check=False
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-5000:]

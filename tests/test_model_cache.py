@@ -8,8 +8,8 @@ import torch
 import transformers
 from flax import nnx
 
-from hf_mllama import hf_config, random_inputs
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import hf_config, random_inputs
 from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration, count_params, take_rows
 
 

@@ -1,27 +1,24 @@
 """Logits parity with transformers' MllamaForConditionalGeneration on tiny random models (fp32 and bf16)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from hf_mllama import build_hf_model, hf_logits, random_inputs, save_hf_checkpoint
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import (
+    PARITY_CASES,
+    build_hf_model,
+    hf_logits,
+    parity_config,
+    random_inputs,
+    save_hf_checkpoint,
+)
 from llava_cot_jax.models.mllama.params import from_hf
 from llava_cot_jax.models.mllama.text import layer_schedule
 
 FP32_TOL = 1e-4
-
-
-def _config(kv_heads=2, cross_layers=(3,), layers=5):
-    cfg = MllamaConfig.tiny()
-    text = dataclasses.replace(
-        cfg.text, num_key_value_heads=kv_heads, cross_attention_layers=cross_layers, num_hidden_layers=layers
-    )
-    return cfg.replace(text=text)
 
 
 @nnx.jit
@@ -48,22 +45,12 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    return Pair(_config(), tmp_path_factory.mktemp("pair"))
+    return Pair(parity_config(), tmp_path_factory.mktemp("pair"))
 
 
-CASES = {
-    # name: (batch, seq, images per row, tiles per image, right padding per row)
-    "one_image_one_tile": (1, 10, [1], [[1]], None),
-    "multi_tile_aspect_ratios": (2, 12, [1, 1], [[4], [3]], None),
-    "two_images_in_one_sample": (1, 14, [2], [[2, 4]], None),
-    "padded_tiles_and_image_slot": (2, 14, [2, 1], [[1, 2], [2]], None),  # row 1's second image slot is padding
-    "right_padded_text": (2, 12, [1, 1], [[2], [1]], [0, 4]),
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_fp32_parity(pair, case):
-    batch, seq, images, tiles, pad = CASES[case]
+    batch, seq, images, tiles, pad = PARITY_CASES[case]
     inputs = random_inputs(pair.config, np.random.default_rng(7), batch, seq, images, tiles, pad_right=pad)
     diff, scale = pair.max_diff(inputs, valid=inputs["attention_mask"].astype(bool))
     assert scale > 0.1  # logits are not trivially small
@@ -87,14 +74,14 @@ def test_images_change_the_logits(pair):
 
 @pytest.mark.parametrize("kv_heads", [4, 1])  # GQA ratios 1 and 4 (the shared fixture covers 2)
 def test_gqa_ratios(kv_heads, tmp_path):
-    p = Pair(_config(kv_heads=kv_heads), tmp_path)
+    p = Pair(parity_config(kv_heads=kv_heads), tmp_path)
     inputs = random_inputs(p.config, np.random.default_rng(11), 2, 10, [1, 1], [[2], [4]], pad_right=[0, 2])
     diff, _ = p.max_diff(inputs, valid=inputs["attention_mask"].astype(bool))
     assert diff <= FP32_TOL
 
 
 def test_irregular_cross_layer_pattern(tmp_path):
-    config = _config(cross_layers=(0, 2, 3), layers=6)
+    config = parity_config(cross_layers=(0, 2, 3), layers=6)
     assert layer_schedule(config.text)[0] == "irregular"
     p = Pair(config, tmp_path)
     inputs = random_inputs(p.config, np.random.default_rng(2), 1, 10, [1], [[3]])

@@ -6,7 +6,6 @@ import os
 import re
 
 import nbformat
-from hf_mllama import save_tiny_checkpoint
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,13 +16,12 @@ def _text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
 
 
-def test_colab_notebook_runs_on_cpu(tmp_path):
+def test_colab_notebook_runs_on_cpu(tmp_path, tiny_checkpoint):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     [params] = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
-    hf_dir = save_tiny_checkpoint(str(tmp_path / "hf"))
     overrides = dict(
         SMALL=False,
-        HF_DIR=hf_dir,
+        HF_DIR=tiny_checkpoint,
         WORKDIR=str(tmp_path / "work"),
         DTYPE="float32",
         QUANTIZE="int8",  # the one-16-GB-chip path (Colab's v5e-1), on the tiny model

@@ -11,14 +11,8 @@ from PIL import Image
 
 from llava_cot_jax.data import chat, pipeline, sources, synthetic, tfds_builder
 from llava_cot_jax.data.image import MllamaImageProcessor, normalize_on_device
-from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
 
 BUCKETS = (64, 128, 256, 512)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +40,15 @@ def numbered(tmp_path_factory):
     return sources.JsonlSource(root / "train.jsonl", root / "images", record_filter="strict")  # strict keeps text-only
 
 
-def _record_numbers(batch, tokenizer):
-    texts = tokenizer.batch_decode(np.where(batch["attention_mask"] == 1, batch["input_ids"], tokenizer.pad_token_id))
+def _record_numbers(batch, tiny_tokenizer):
+    texts = tiny_tokenizer.batch_decode(
+        np.where(batch["attention_mask"] == 1, batch["input_ids"], tiny_tokenizer.pad_token_id)
+    )
     return [int(re.search(r"Record (\d+) here", text)[1]) for text in texts]
 
 
-def _single_process(source, tokenizer, processor, config):
-    return pipeline.build_dataset(source, tokenizer, processor, config, process_index=0, process_count=1)
+def _single_process(source, tiny_tokenizer, processor, config):
+    return pipeline.build_dataset(source, tiny_tokenizer, processor, config, process_index=0, process_count=1)
 
 
 def _take(iterator, n):
@@ -64,10 +60,10 @@ def _close(iterator):
         iterator.close()  # stops grain worker processes now rather than at garbage collection
 
 
-def test_batch_contents_match_direct_encoding(scenes, tokenizer, processor):
+def test_batch_contents_match_direct_encoding(scenes, tiny_tokenizer, processor):
     data, source = scenes
     config = pipeline.PipelineConfig(batch_size=4, seq_buckets=BUCKETS, shuffle=False, num_epochs=1)
-    batches = list(pipeline.build_dataset(source, tokenizer, processor, config, process_index=0, process_count=1))
+    batches = list(pipeline.build_dataset(source, tiny_tokenizer, processor, config, process_index=0, process_count=1))
     assert len(batches) == 2  # 10 records, batch 4, remainder dropped
     batch = batches[0]
     assert set(batch) == set(pipeline.BATCH_KEYS)
@@ -79,27 +75,27 @@ def test_batch_contents_match_direct_encoding(scenes, tokenizer, processor):
     record = source[0]
     conversations = json.loads(record["conversations"])
     image = processor([Image.open(data.image_root / "synthetic/scene_000000.jpg")])
-    direct = chat.encode_training_example(tokenizer, conversations, True, num_tiles=image["num_tiles"][0])
+    direct = chat.encode_training_example(tiny_tokenizer, conversations, True, num_tiles=image["num_tiles"][0])
     n = len(direct["input_ids"])
     np.testing.assert_array_equal(batch["input_ids"][0, :n], direct["input_ids"])
     np.testing.assert_array_equal(batch["labels"][0, :n], direct["labels"])
     np.testing.assert_array_equal(batch["cross_attention_mask"][0, :n], direct["cross_attention_mask"])
-    assert (batch["input_ids"][0, n:] == tokenizer.pad_token_id).all() and (batch["labels"][0, n:] == -100).all()
+    assert (batch["input_ids"][0, n:] == tiny_tokenizer.pad_token_id).all() and (batch["labels"][0, n:] == -100).all()
     assert batch["attention_mask"][0].sum() == n and (batch["cross_attention_mask"][0, n:] == 0).all()
     np.testing.assert_array_equal(batch["pixel_values"][0], image["pixel_values"][0])
     np.testing.assert_array_equal(batch["aspect_ratio_ids"][0], image["aspect_ratio_ids"][0])
     np.testing.assert_array_equal(batch["aspect_ratio_mask"][0], image["aspect_ratio_mask"][0])
     # Only the assistant turn is trained on (from the header's "\n\n", as LLaVA-CoT): the four stages come back.
-    answer = tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+    answer = tiny_tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
     assert answer.startswith("\n\n<SUMMARY>") and answer.endswith(f"</CONCLUSION>{chat.EOT}")
 
 
-def test_uint8_tiles_normalise_to_the_float_batch(scenes, tokenizer, processor):
+def test_uint8_tiles_normalise_to_the_float_batch(scenes, tiny_tokenizer, processor):
     _, source = scenes
     config = pipeline.PipelineConfig(batch_size=2, seq_buckets=BUCKETS, shuffle=False, num_epochs=1)
-    as_float = next(iter(_single_process(source, tokenizer, processor, config)))
+    as_float = next(iter(_single_process(source, tiny_tokenizer, processor, config)))
     config = pipeline.PipelineConfig(**{**vars(config), "pixel_dtype": "uint8"})
-    as_uint8 = next(iter(_single_process(source, tokenizer, processor, config)))
+    as_uint8 = next(iter(_single_process(source, tiny_tokenizer, processor, config)))
     assert as_uint8["pixel_values"].dtype == np.uint8
     normalised = normalize_on_device(
         as_uint8["pixel_values"],
@@ -109,12 +105,12 @@ def test_uint8_tiles_normalise_to_the_float_batch(scenes, tokenizer, processor):
     np.testing.assert_allclose(np.asarray(normalised), as_float["pixel_values"], atol=1e-5)
 
 
-def test_text_only_samples_and_overlong_policy(numbered, tokenizer, processor):
+def test_text_only_samples_and_overlong_policy(numbered, tiny_tokenizer, processor):
     config = pipeline.PipelineConfig(batch_size=3, seq_buckets=(16, 32), shuffle=False, num_epochs=1)
     with pytest.raises(ValueError, match=r"sample '0': \d+ tokens exceed the largest sequence bucket \(32\)"):
         config_error = pipeline.PipelineConfig(**{**vars(config), "overlong": "error"})
-        next(iter(_single_process(numbered, tokenizer, processor, config_error)))
-    batch = next(iter(_single_process(numbered, tokenizer, processor, config)))
+        next(iter(_single_process(numbered, tiny_tokenizer, processor, config_error)))
+    batch = next(iter(_single_process(numbered, tiny_tokenizer, processor, config)))
     assert batch["input_ids"].shape == (3, 32) and batch["attention_mask"].all()  # truncated to the last bucket
     assert (batch["cross_attention_mask"] == 0).all() and (batch["aspect_ratio_ids"] == 0).all()
     assert (batch["pixel_values"] == 0).all()
@@ -159,24 +155,26 @@ def test_processes_share_one_global_order():
     ]
 
 
-def test_two_processes_end_to_end(numbered, tokenizer, processor):
+def test_two_processes_end_to_end(numbered, tiny_tokenizer, processor):
     """Through tokenisation and batching: the two processes' batches hold every record exactly once."""
     config = pipeline.PipelineConfig(batch_size=2, seq_buckets=(64,), num_epochs=1, drop_remainder=False)
     seen = []
     for process in (0, 1):
-        dataset = pipeline.build_dataset(numbered, tokenizer, processor, config, process_index=process, process_count=2)
+        dataset = pipeline.build_dataset(
+            numbered, tiny_tokenizer, processor, config, process_index=process, process_count=2
+        )
         for batch in dataset:
-            seen += _record_numbers(batch, tokenizer)
+            seen += _record_numbers(batch, tiny_tokenizer)
     assert sorted(seen) == list(range(11))
 
 
 @pytest.mark.parametrize("worker_count", [0, 1])
-def test_resume_sees_exactly_the_uninterrupted_batches(numbered, tokenizer, processor, worker_count):
+def test_resume_sees_exactly_the_uninterrupted_batches(numbered, tiny_tokenizer, processor, worker_count):
     # 11 records, batch 3: the batches straddle epoch boundaries, where the shuffle changes.
     config = pipeline.PipelineConfig(batch_size=3, seq_buckets=(64,), seed=9, worker_count=worker_count)
 
     def fresh_iterator():
-        return iter(_single_process(numbered, tokenizer, processor, config))
+        return iter(_single_process(numbered, tiny_tokenizer, processor, config))
 
     uninterrupted = fresh_iterator()
     expected = _take(uninterrupted, 8)
@@ -192,18 +190,18 @@ def test_resume_sees_exactly_the_uninterrupted_batches(numbered, tokenizer, proc
     got = _take(resumed, 3)
     _close(resumed)
     for want, have in zip(expected[5:], got):
-        assert _record_numbers(want, tokenizer) == _record_numbers(have, tokenizer)
+        assert _record_numbers(want, tiny_tokenizer) == _record_numbers(have, tiny_tokenizer)
         for key in pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(want[key], have[key])
     # Two epochs in, the order differs from the first epoch (reshuffled per epoch), yet each epoch is complete.
-    order = sum((_record_numbers(b, tokenizer) for b in expected), [])
+    order = sum((_record_numbers(b, tiny_tokenizer) for b in expected), [])
     assert sorted(order[:11]) == sorted(order[11:22]) == list(range(11)) and order[:11] != order[11:22]
 
 
-def test_iterator_state_through_orbax(numbered, tokenizer, processor, tmp_path):
+def test_iterator_state_through_orbax(numbered, tiny_tokenizer, processor, tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     config = pipeline.PipelineConfig(batch_size=2, seq_buckets=(64,), seed=1)
-    dataset = pipeline.build_dataset(numbered, tokenizer, processor, config, process_index=0, process_count=1)
+    dataset = pipeline.build_dataset(numbered, tiny_tokenizer, processor, config, process_index=0, process_count=1)
     iterator = iter(dataset)
     _take(iterator, 3)
     with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
@@ -217,7 +215,7 @@ def test_iterator_state_through_orbax(numbered, tokenizer, processor, tmp_path):
     np.testing.assert_array_equal(next(restored)["input_ids"], expected["input_ids"])
 
 
-def test_tfds_round_trip(scenes, tokenizer, processor, tmp_path):
+def test_tfds_round_trip(scenes, tiny_tokenizer, processor, tmp_path):
     """JSONL → prepare_tfds → tfds data source → Grain gives the same samples as reading the JSONL directly."""
     data, jsonl_source = scenes
     prepared = tfds_builder.prepare_tfds(data.jsonl_path, data.image_root, tmp_path, num_shards=2, progress=False)
@@ -228,7 +226,9 @@ def test_tfds_round_trip(scenes, tokenizer, processor, tmp_path):
     def rows(source):
         """(tokens, pixels) per sample, keyed by the token bytes since TFDS stores records in its own order."""
         out = {}
-        for batch in pipeline.build_dataset(source, tokenizer, processor, config, process_index=0, process_count=1):
+        for batch in pipeline.build_dataset(
+            source, tiny_tokenizer, processor, config, process_index=0, process_count=1
+        ):
             for row in range(len(batch["input_ids"])):
                 n = batch["attention_mask"][row].sum()
                 out[batch["input_ids"][row, :n].tobytes()] = batch["pixel_values"][row]
@@ -240,12 +240,12 @@ def test_tfds_round_trip(scenes, tokenizer, processor, tmp_path):
         np.testing.assert_array_equal(from_tfds[key], from_jsonl[key])
 
 
-def test_make_global_batch_single_process(numbered, tokenizer, processor):
+def test_make_global_batch_single_process(numbered, tiny_tokenizer, processor):
     devices = np.array(jax.devices())
     mesh = jax.sharding.Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     config = pipeline.PipelineConfig(batch_size=2 * len(devices), seq_buckets=(64,), shuffle=False)
-    local = next(iter(_single_process(numbered, tokenizer, processor, config)))
+    local = next(iter(_single_process(numbered, tiny_tokenizer, processor, config)))
     global_batch = pipeline.make_global_batch(local, sharding)
     assert set(global_batch) == set(local)
     for key, value in global_batch.items():

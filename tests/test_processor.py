@@ -22,17 +22,12 @@ def _image(height, width, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def processors(tokenizer):
-    ours = MllamaProcessor(MllamaImageProcessor(size=TILE), tokenizer)
+def processors(tiny_tokenizer):
+    ours = MllamaProcessor(MllamaImageProcessor(size=TILE), tiny_tokenizer)
     reference_images = MllamaImageProcessorPil(
         size={"height": TILE, "width": TILE}, max_image_tiles=4, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
     )
-    return ours, HFMllamaProcessor(reference_images, tokenizer)
+    return ours, HFMllamaProcessor(reference_images, tiny_tokenizer)
 
 
 def _assert_same(ours, reference, keys=KEYS):
@@ -68,7 +63,7 @@ def test_batch_matches_transformers(processors, kwargs):
     assert out["cross_attention_mask"].shape[2:] == (3, 4)
 
 
-def test_left_padding_matches_transformers(tokenizer):
+def test_left_padding_matches_transformers(tiny_tokenizer):
     left = build_tiny_tokenizer()
     left.padding_side = "left"
     ours = MllamaProcessor(MllamaImageProcessor(size=TILE), left)
@@ -83,7 +78,7 @@ def test_left_padding_matches_transformers(tokenizer):
     assert out["input_ids"][0, 0] == left.pad_token_id
 
 
-def test_single_prompt_and_chat_template(processors, tokenizer):
+def test_single_prompt_and_chat_template(processors, tiny_tokenizer):
     ours, reference = processors
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many cubes?"}]}]
     prompt = ours.apply_chat_template(messages, add_generation_prompt=True)
@@ -92,7 +87,7 @@ def test_single_prompt_and_chat_template(processors, tokenizer):
     out = ours(images=image, text=prompt)
     _assert_same(out, reference(images=image, text=prompt, return_tensors="np"))
     # transformers' default (ours too) gives a templated prompt two BOS, as LLaVA-CoT trained and ran; "once" one.
-    bos = tokenizer.bos_token_id
+    bos = tiny_tokenizer.bos_token_id
     assert out["input_ids"][0, :2].tolist() == [bos, bos]
     once = ours(images=image, text=prompt, bos="once")
     assert once["input_ids"][0].tolist() == [bos] + out["input_ids"][0, 2:].tolist()
@@ -106,7 +101,9 @@ def test_single_prompt_and_chat_template(processors, tokenizer):
     assert none.tolist() == out["input_ids"][0, 2:].tolist()
     assert (
         ours.apply_chat_template(messages, tokenize=True)
-        == tokenizer(chat.render_prompt(messages, add_generation_prompt=False), add_special_tokens=False)["input_ids"]
+        == tiny_tokenizer(chat.render_prompt(messages, add_generation_prompt=False), add_special_tokens=False)[
+            "input_ids"
+        ]
     )
 
 
@@ -167,8 +164,8 @@ def test_from_pretrained_round_trip(processors, tmp_path):
         MllamaProcessor.from_pretrained(tmp_path / "nowhere")
 
 
-def test_decode(processors, tokenizer):
+def test_decode(processors, tiny_tokenizer):
     ours, _ = processors
     ids = ours(text=["<|image|>How many cubes?", "<|image|>Two spheres."], padding=True)["input_ids"]
     assert ours.batch_decode(ids, skip_special_tokens=True) == ["How many cubes?", "Two spheres."]
-    assert ours.decode(ids[0]) == tokenizer.decode(ids[0].tolist())
+    assert ours.decode(ids[0]) == tiny_tokenizer.decode(ids[0].tolist())

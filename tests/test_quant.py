@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 from flax import nnx
-from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
 
 from llava_cot_jax import checkpoint
 from llava_cot_jax.generate import sampler as S
 from llava_cot_jax.models.mllama import quant
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, random_inputs, save_hf_checkpoint
 from llava_cot_jax.models.mllama.params import from_hf
 
 

@@ -1,18 +1,17 @@
 """Sampler: greedy parity with transformers' generate, sampling distribution, stop strings, EOS."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 
-import jax
-import jax.numpy as jnp
-
-from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
 from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
 from llava_cot_jax.generate import sampler as S
 from llava_cot_jax.generate import stop as stop_lib
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, random_inputs, save_hf_checkpoint
 from llava_cot_jax.models.mllama.params import from_hf
 
 

@@ -1,6 +1,5 @@
 """Sharding the model from the logical-axis rules table on 8 simulated CPU devices."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -27,11 +26,10 @@ def test_mesh_errors_say_what_does_not_fit():
 SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import sys, dataclasses
+    import dataclasses
     import jax, numpy as np
     from flax import nnx
-    sys.path.insert(0, {tests!r})
-    from hf_mllama import random_inputs
+    from llava_cot_jax.models.mllama.hf_reference import random_inputs
     from llava_cot_jax import sharding
     from llava_cot_jax.models.mllama.config import MllamaConfig
     from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
@@ -43,19 +41,15 @@ SCRIPT = textwrap.dedent("""
     expected = np.asarray(forward(model, inputs))
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    sharding.shard_model(model, mesh)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.device_put(state, sharding.param_shardings(state, mesh)))
     q = model.language_model.self_layers.q_proj[...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None), q.sharding.spec
-    batch = {{k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in inputs.items()}}
+    spec = lambda ndim: sharding.logical_to_spec(("batch",) + (None,) * (ndim - 1))
+    batch = {{k: jax.device_put(v, jax.sharding.NamedSharding(mesh, spec(v.ndim))) for k, v in inputs.items()}}
     got = np.asarray(forward(model, batch))
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
-    bad = sharding.make_mesh(data=1, fsdp=8, tensor=1)
-    try:
-      sharding.check_batch_divisible(6, bad)
-      raise SystemExit("no error")
-    except ValueError as e:
-      assert "global batch 6 is not divisible by data x fsdp = 1 x 8 = 8" in str(e), e
     wide = sharding.make_mesh(data=1, fsdp=1, tensor=8)
     try:
       sharding.param_shardings(nnx.state(model, nnx.Param), wide)
@@ -67,8 +61,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_forward_matches_single_device():
-    tests = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(tests=tests)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SCRIPT.format()], capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

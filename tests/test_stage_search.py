@@ -16,8 +16,8 @@ from llava_cot_jax.generate import judge as J
 from llava_cot_jax.generate import sampler as S
 from llava_cot_jax.generate import stage_search as SS
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, save_hf_checkpoint
 from llava_cot_jax.models.mllama.params import from_hf
-from hf_mllama import build_hf_model, save_hf_checkpoint
 
 # --- judge prompts and parsing ------------------------------------------------------------------------------
 

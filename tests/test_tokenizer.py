@@ -6,7 +6,6 @@ from transformers import AutoTokenizer
 
 from llava_cot_jax.data import chat
 from llava_cot_jax.data.tokenizer import (
-    build_llama3_tokenizer,
     build_tiny_tokenizer,
     llama3_special_tokens,
     save_tiny_tokenizer,
@@ -84,28 +83,25 @@ def test_tiny_tokenizer_rejects_impossible_sizes():
         build_tiny_tokenizer(50000)
 
 
-@pytest.fixture(scope="module")
-def llama3():
-    pytest.importorskip("quicktok")
-    pytest.importorskip("tiktoken")
-    return build_llama3_tokenizer()
-
-
-def test_llama3_tokenizer_matches_real_ids(llama3):
-    ids = llama3(PROMPT, add_special_tokens=False)["input_ids"]
+def test_llama3_tokenizer_matches_real_ids(llama3_tokenizer):
+    ids = llama3_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     assert ids == [128000, 128006, 882, 128007, 271, 128256, 4438, 1690, 55204, 30, 128009]
     # The real tokenizer adds BOS itself on add_special_tokens=True, so a templated prompt gets two.
-    assert llama3(PROMPT)["input_ids"][:2] == [128000, 128000]
+    assert llama3_tokenizer(PROMPT)["input_ids"][:2] == [128000, 128000]
     known = {"user": 882, "assistant": 78191, "system": 9125, "\n\n": 271, " the": 279}
     for text, token_id in known.items():
-        assert llama3(text, add_special_tokens=False)["input_ids"] == [token_id]
-    assert len(llama3) == 128257
-    assert (llama3.bos_token_id, llama3.pad_token_id, llama3.eos_token_id) == (128000, 128004, 128009)
-    assert llama3.convert_tokens_to_ids(["<|eom_id|>", "<|end_of_text|>"]) == [128008, 128001]
+        assert llama3_tokenizer(text, add_special_tokens=False)["input_ids"] == [token_id]
+    assert len(llama3_tokenizer) == 128257
+    assert (llama3_tokenizer.bos_token_id, llama3_tokenizer.pad_token_id, llama3_tokenizer.eos_token_id) == (
+        128000,
+        128004,
+        128009,
+    )
+    assert llama3_tokenizer.convert_tokens_to_ids(["<|eom_id|>", "<|end_of_text|>"]) == [128008, 128001]
 
 
-def test_llama3_tokenizer_decodes_multibyte_text(llama3):
+def test_llama3_tokenizer_decodes_multibyte_text(llama3_tokenizer):
     text = "Größe: 3 × 4 = 12 — 猫 🐱"
-    ids = np.asarray(llama3(text, add_special_tokens=False)["input_ids"])
+    ids = np.asarray(llama3_tokenizer(text, add_special_tokens=False)["input_ids"])
     assert (ids < 128000).all()
-    assert llama3.decode(ids.tolist()) == text
+    assert llama3_tokenizer.decode(ids.tolist()) == text

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_mllama import build_hf_model, random_inputs, save_hf_checkpoint
 
 from llava_cot_jax import checkpoint as weights
 from llava_cot_jax import loading
 from llava_cot_jax.data import synthetic
 from llava_cot_jax.models.mllama import params as hf_params
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import build_hf_model, random_inputs, save_hf_checkpoint
 from llava_cot_jax.models.mllama.params import from_hf
 from llava_cot_jax.train import config as train_config
 from llava_cot_jax.train import loss as loss_lib
@@ -323,6 +323,43 @@ def test_resume_after_sigkill_and_sigterm_equals_an_uninterrupted_run(scenes, tm
     assert not any("tmp" in name for name in os.listdir(checkpoints))
     # training makes progress; compared over halves, since single steps are noisy (lr warms up to 3e-3 by step 8)
     assert np.mean([m["loss"] for m in reference[4:]]) < np.mean([m["loss"] for m in reference[:4]])
+
+
+def test_sigterm_closes_the_checkpoint_manager_and_leaves_a_readable_checkpoint(
+    scenes, tmp_path, xla_cache, monkeypatch
+):
+    """In-process SIGTERM after step 2 is logged: the run saves (asynchronously), closes its Orbax manager on the way
+    out, and the checkpoint it leaves loads and resumes."""
+    num_steps = 5
+    config = tiny_run_config(
+        scenes.jsonl_path.parent,
+        **{"train.num_steps": num_steps, "checkpointing.every_steps": 100, "checkpointing.async_save": True, "log_every": 1},
+    )
+    write = trainer_lib.MetricsWriter.write
+
+    def write_then_terminate(self, step, values):
+        write(self, step, values)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_lib.MetricsWriter, "write", write_then_terminate)
+    workdir = tmp_path / "run"
+    trainer = trainer_lib.Trainer(config, str(workdir))
+    closes = []
+    close = trainer.manager.close
+    monkeypatch.setattr(trainer.manager, "close", lambda: (closes.append(True), close()))
+    assert trainer.train() == 0
+    assert closes == [True]
+
+    checkpoints = workdir / "checkpoints"
+    [saved] = os.listdir(checkpoints)  # only the preemption save (every_steps is past the end), complete
+    assert 2 <= int(saved) < num_steps
+    _, params = weights.load_params(str(checkpoints / saved))
+    assert params and all(np.isfinite(v).all() for v in params.values())
+
+    monkeypatch.setattr(trainer_lib.MetricsWriter, "write", write)
+    assert trainer_lib.run(config, str(workdir)) == 0  # the same run resumes from it and finishes
+    assert [m["step"] for m in read_metrics(workdir)] == list(range(1, num_steps + 1))
 
 
 def test_two_processes_equal_one(scenes, tmp_path, xla_cache):

@@ -14,11 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_mllama import random_inputs
-
 from llava_cot_jax import sharding
 from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama.hf_reference import random_inputs
 from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 from llava_cot_jax.train import config as train_config
 from llava_cot_jax.train import step as step_lib

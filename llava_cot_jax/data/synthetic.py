@@ -20,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from llava_cot_jax import files
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (173, 35, 35),
@@ -495,13 +495,13 @@ def write_scenes(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     suffix = "jpg" if image_format == "jpeg" else "png"
     save_kwargs = {"quality": 90} if image_format == "jpeg" else {}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     num_records = 0
-    try:
+    # an empty directory may be replaced without overwrite=True
+    with files.atomic_directory(out_dir, overwrite=True) as tmp:
+        tmp = Path(tmp)
         (tmp / IMAGE_ROOT_NAME / "synthetic").mkdir(parents=True)
         with open(tmp / JSONL_NAME, "w", encoding="utf-8") as jsonl:
             for index in tqdm(range(num_scenes), desc="scenes", unit="scene", disable=not progress):
@@ -521,10 +521,4 @@ def write_scenes(
                     }
                     jsonl.write(json.dumps(record) + "\n")
                     num_records += 1
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return SyntheticDataset(out_dir / JSONL_NAME, out_dir / IMAGE_ROOT_NAME, num_records)

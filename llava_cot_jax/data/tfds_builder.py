@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from llava_cot_jax import files
 from llava_cot_jax.data import sources
 
 DATASET_NAME = "llava_cot"
@@ -124,7 +125,8 @@ def prepare_tfds(
         )
         built_dir = Path(builder.data_dir)
         (built_dir / REPORT_FILE).write_text(report.summary() + "\n", encoding="utf-8")
-        _move_into_place(built_dir, final_dir)
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        files.replace_directory(built_dir, final_dir)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return PreparedDataset(final_dir, len(samples), report)
@@ -147,19 +149,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _move_into_place(built_dir: Path, final_dir: Path) -> None:
-    """Renames the complete dataset to `final_dir` (same filesystem, so the rename is atomic). An existing dataset
-    is first renamed aside and deleted only after the new one is in place."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-        os.replace(final_dir, old)
-    os.replace(built_dir, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_tfds_source(builder_dir: str | os.PathLike, split: str = "train"):

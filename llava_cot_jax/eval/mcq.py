@@ -27,12 +27,13 @@ import base64
 import binascii
 import csv
 import dataclasses
-import json
 import os
 import re
 import string
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+
+from llava_cot_jax import files
 
 STYLES = ("auto", "mcq", "ai2d", "yorn")
 # Columns that predictions.tsv adds to the input's (VLMEvalKit's evaluators read `prediction`).
@@ -385,35 +386,16 @@ def _circular(rows: Sequence[dict]) -> dict | None:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def write_atomic(path: str, write) -> None:
-    """Calls `write(file)` on a temporary file next to `path`, then renames it into place: a reader (or an
-    interrupted run) never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_tsv(path: str, header: Sequence[str], rows: Iterable[Mapping]) -> None:
     """A TSV with every cell quoted, as VLMEvalKit's own TSVs are (keys of a row not in `header` are left out),
     written atomically."""
 
-    def write(f):
+    with files.atomic_write(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, header, delimiter="\t", quoting=csv.QUOTE_ALL, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-
-    write_atomic(path, write)
 
 
 def write_predictions(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
     """predictions.tsv: the input's columns (less `image`) and OUTPUT_COLUMNS."""
     write_tsv(path, [c for c in columns if c != "image" and c not in OUTPUT_COLUMNS] + list(OUTPUT_COLUMNS), rows)
-
-
-def write_json(path: str, data) -> None:
-    write_atomic(path, lambda f: json.dump(data, f, indent=1))

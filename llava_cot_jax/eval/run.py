@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from llava_cot_jax import files
 from llava_cot_jax.eval import mcq
 
 PROGRESS = "progress.jsonl"
@@ -73,7 +74,7 @@ def _claim_workdir(workdir: str, identity: dict) -> None:
                 f"use another --workdir, or delete {os.path.join(workdir, PROGRESS)} and {path} to start over"
             )
         return
-    mcq.write_json(path, identity)
+    files.write_json_atomic(path, identity, indent=1)
 
 
 def _decoded(items: list, images_by_index: dict, bad: list, bar):
@@ -177,7 +178,7 @@ def run(config, workdir: str = "") -> int:
         **result,
     }
     mcq.write_predictions(os.path.join(workdir, "predictions.tsv"), table.columns, rows)
-    mcq.write_json(os.path.join(workdir, "accuracy.json"), result)
+    files.write_json_atomic(os.path.join(workdir, "accuracy.json"), result, indent=1)
     _print_summary(result, workdir)
     return 0
 

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from llava_cot_jax.data.chat import IGNORE_INDEX
 from llava_cot_jax.sharding import constrain
 
-IGNORE_INDEX = -100
 MODEL_INPUTS = (
     "input_ids",
     "attention_mask",

@@ -20,16 +20,14 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import time
 import zlib
-from typing import Any
 
 import jax
 import numpy as np
 
 from llava_cot_jax import checkpoint as weights
-from llava_cot_jax import loading, sharding
+from llava_cot_jax import files, loading, sharding
 from llava_cot_jax.data import pipeline
 from llava_cot_jax.train import checkpointing, flops, optim
 from llava_cot_jax.train import step as step_lib
@@ -132,13 +130,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------ metrics
 
 
@@ -155,10 +146,8 @@ class MetricsWriter:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
+            with files.atomic_write(self.path) as f:
                 f.writelines(kept)
-            os.replace(tmp, self.path)
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
@@ -258,12 +247,11 @@ class Trainer:
     def _write_run_files(self) -> None:
         if not self.is_primary:
             return
-        write_json_atomic(os.path.join(self.workdir, "config.json"), self.config.to_dict())
+        files.write_json_atomic(os.path.join(self.workdir, "config.json"), self.config.to_dict(), default=str)
         processor_dir = os.path.join(self.workdir, weights.TRAIN_PROCESSOR_DIR)
         if not os.path.isdir(processor_dir):
-            tmp = tempfile.mkdtemp(dir=self.workdir, prefix=".processor-")
-            self.processor.save_pretrained(tmp)
-            os.replace(tmp, processor_dir)
+            with files.atomic_directory(processor_dir) as tmp:
+                self.processor.save_pretrained(tmp)
 
     def _dataset(self, source, train: bool):
         config = self.pipeline_config
@@ -297,6 +285,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- loop
 
     def train(self) -> int:
+        """Runs to the last step, to a SIGTERM (after saving) or to an error; returns the exit code. The checkpoint
+        manager is closed however the run ends, so every save it started is complete on disk."""
+        try:
+            return self._train()
+        finally:
+            self.manager.close()
+
+    def _train(self) -> int:
         c = self.config
         self._write_run_files()
         iterator = iter(self._dataset(self.source, train=True))
@@ -380,7 +376,6 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous_handler)
         if exit_code == 0 and self.is_primary:
             print(f"trained to step {self.total_steps}; checkpoints in {self.manager.directory}")
-        self.manager.close()
         return exit_code
 
     def _finish(self, pending: PendingStep, writer: MetricsWriter, bar, last_time: float) -> float:

@@ -1,4 +1,6 @@
-"""Tiny random transformers Mllama models for parity tests (built in-process; nothing is downloaded).
+"""Tiny random transformers Mllama models: the torch-side reference that the parity tests and the benchmarks
+compare against (built in-process; nothing is downloaded). torch and transformers are imported only when a function
+here is called, so the package stays importable without them.
 
 transformers 5.x taps the vision encoder's intermediate states *after* each local layer, 4.45 (Meta's
 reference, which LLaVA-CoT trained with) *before* it. Our configs follow 4.45, so the 5.x reference model
@@ -6,17 +8,44 @@ is built with every intermediate index shifted by -1: the same weights then comp
 The checkpoint written to disk carries the 4.45 indices, as real Hub checkpoints do.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import json
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import transformers
 
 from llava_cot_jax.models.mllama.config import MllamaConfig
 
+if TYPE_CHECKING:
+    import torch
+    import transformers
+
+# Input layouts of the logits-parity checks (tests/test_model_parity.py, benchmarks/parity_table.py):
+# name: (batch, seq, images per row, tiles per image, right padding per row)
+PARITY_CASES = {
+    "one_image_one_tile": (1, 10, [1], [[1]], None),
+    "multi_tile_aspect_ratios": (2, 12, [1, 1], [[4], [3]], None),
+    "two_images_in_one_sample": (1, 14, [2], [[2, 4]], None),
+    "padded_tiles_and_image_slot": (2, 14, [2, 1], [[1, 2], [2]], None),  # row 1's second image slot is padding
+    "right_padded_text": (2, 12, [1, 1], [[2], [1]], [0, 4]),
+}
+
+
+def parity_config(kv_heads: int = 2, cross_layers: tuple[int, ...] = (3,), layers: int = 5) -> MllamaConfig:
+    """MllamaConfig.tiny() with the text decoder's GQA ratio and cross-attention layers chosen."""
+    cfg = MllamaConfig.tiny()
+    text = dataclasses.replace(
+        cfg.text, num_key_value_heads=kv_heads, cross_attention_layers=cross_layers, num_hidden_layers=layers
+    )
+    return cfg.replace(text=text)
+
 
 def hf_config(config: MllamaConfig) -> transformers.MllamaConfig:
+    import transformers
+
     d = config.to_hf_dict()
     vision, text = dict(d["vision_config"]), dict(d["text_config"])
     vision["intermediate_layers_indices"] = [i - 1 for i in vision["intermediate_layers_indices"]]  # 5.x taps after
@@ -29,6 +58,8 @@ def hf_config(config: MllamaConfig) -> transformers.MllamaConfig:
 
 def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> None:
     """Random non-trivial gates, norms and biases: zero-initialised gates would hide bugs in gated branches."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -45,6 +76,9 @@ def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> None:
 
 
 def build_hf_model(config: MllamaConfig, seed: int = 0, scale: float = 1.0):
+    import torch
+    import transformers
+
     torch.manual_seed(seed)
     model = transformers.MllamaForConditionalGeneration(hf_config(config)).eval()
     perturb_(model, seed, scale)
@@ -110,20 +144,8 @@ def random_inputs(
 
 
 def hf_logits(model, inputs) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         torch_inputs = {k: torch.as_tensor(v) for k, v in inputs.items() if v is not None}
         return model(**torch_inputs).logits.float().numpy()
-
-
-def save_tiny_checkpoint(path: str, config: MllamaConfig | None = None, seed: int = 0) -> str:
-    """A tiny random HF checkpoint with the tiny tokenizer and image processor files: what a mode or a notebook
-    loads as a checkpoint directory (torch builds it in seconds; a jax random init compiles for much longer)."""
-    from llava_cot_jax.data.image import MllamaImageProcessor
-    from llava_cot_jax.data.processor import MllamaProcessor
-    from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
-
-    config = config or MllamaConfig.tiny()
-    save_hf_checkpoint(build_hf_model(config, seed), config, path)
-    image_processor = MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=config.vision.max_num_tiles)
-    MllamaProcessor(image_processor, build_tiny_tokenizer()).save_pretrained(path)
-    return path
