@@ -28,7 +28,16 @@ setup(
     extras_require={
         # torch is pinned: unpinned it pulls a multi-GB CUDA build (docs/design.md#pinned-torch-in-the-test-extra).
         # nbclient, nbformat, ipykernel: tests/test_notebook.py executes the Colab notebook.
-        "test": ["pytest", "torch==2.13.0", "tokenizers", "quicktok-v1", "tiktoken", "nbclient", "nbformat", "ipykernel"],
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "tokenizers",
+            "quicktok-v1",
+            "tiktoken",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

@@ -73,13 +73,15 @@ def write_synthetic_hf(cfg: MllamaConfig, path: str, shard_bytes: int) -> int:
 def peak_rss_of(argv) -> tuple[float, float]:
     """(peak RSS in bytes, seconds) of a child process."""
     code = (
-        "import runpy, sys; sys.argv = {argv!r}; "
-        "exec(\"try:\\n  runpy.run_path(sys.argv[0], run_name='__main__')\\nexcept SystemExit as e:\\n  assert not e.code, e.code\") if sys.argv[0].endswith('.py') else exec(sys.argv[0]); "
+        f"import runpy, sys; sys.argv = {argv!r}; "
+        "exec(\"try:\\n  runpy.run_path(sys.argv[0], run_name='__main__')\\n"
+        "except SystemExit as e:\\n  assert not e.code, e.code\") "
+        "if sys.argv[0].endswith('.py') else exec(sys.argv[0]); "
         "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    ).format(argv=argv)
+    )
     start = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    line = [l for l in out.stdout.splitlines() if l.startswith("MAXRSS")][0]
+    line = [row for row in out.stdout.splitlines() if row.startswith("MAXRSS")][0]
     return int(line.split()[1]) * 1024, time.time() - start
 
 

@@ -305,7 +305,7 @@ def bench_search_ours(model, processor, question_sets):
     image = bench_image()
     times, compiles = [], []
     for questions in question_sets:
-        t = _timed(lambda: searcher.ask(questions, [[image]] * len(questions)))
+        t = _timed(lambda questions=questions: searcher.ask(questions, [[image]] * len(questions)))
         times.append(t)
         compiles.append(sampler.compile_count())
     return {

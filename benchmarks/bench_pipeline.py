@@ -161,7 +161,7 @@ def main():
         for name, ms in profile_stages(source, tokenizer, processor, config, args.repeats).items():
             print(f"{name:52s} {ms:8.1f}")
 
-        print("\n## end-to-end samples/s (batch %d, after a warm-up batch)" % args.batch_size)
+        print(f"\n## end-to-end samples/s (batch {args.batch_size}, after a warm-up batch)")
         print(f"{'pixel dtype':12s} {'workers':>8s} {'threads':>8s} {'samples/s':>10s} {'CPU ms/sample':>14s}")
         for pixel_dtype in args.pixel_dtype.split(","):
             for workers in (int(w) for w in args.workers.split(",")):

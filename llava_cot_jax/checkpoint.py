@@ -23,9 +23,9 @@ import shutil
 import numpy as np
 
 from llava_cot_jax.files import atomic_directory
-from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.models.mllama import params as hf_params
 from llava_cot_jax.models.mllama import quant
+from llava_cot_jax.models.mllama.config import MllamaConfig
 
 CONFIG_FILE = "llava_cot_config.json"
 PARAMS_DIR = "params"

@@ -139,4 +139,3 @@ def check_processor(processor, arch) -> None:
         problems.append(f"tiles of {processor.image_processor.tile_size} px, the model's are {arch.vision.image_size}")
     if problems:
         raise ValueError("the tokenizer/image processor does not match the model: " + "; ".join(problems))
-

@@ -1,4 +1,6 @@
-"""The one entry point: `python -m llava_cot_jax.main --config configs/NAME.py[:arg] --workdir DIR [--config.key=value]`.
+"""The one entry point:
+
+    python -m llava_cot_jax.main --config configs/NAME.py[:arg] --workdir DIR [--config.key=value]
 
 Dispatches on `config.mode`. Each mode is a function `run(config, workdir) -> int` registered in `MODES` as a
 "module:function" path, imported only when chosen, so inference never imports training code.

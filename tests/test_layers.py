@@ -96,8 +96,7 @@ def test_imports_go_down_the_layers():
         f"{a} -> {b}"
         for a, targets in graph.items()
         for b in targets
-        if a != PACKAGE
-        and (LEVEL[part(b)] > LEVEL[part(a)] or (part(a), part(b)) in NEVER)
+        if a != PACKAGE and (LEVEL[part(b)] > LEVEL[part(a)] or (part(a), part(b)) in NEVER)
     ]
     assert not upward, upward
 

@@ -333,7 +333,12 @@ def test_sigterm_closes_the_checkpoint_manager_and_leaves_a_readable_checkpoint(
     num_steps = 5
     config = tiny_run_config(
         scenes.jsonl_path.parent,
-        **{"train.num_steps": num_steps, "checkpointing.every_steps": 100, "checkpointing.async_save": True, "log_every": 1},
+        **{
+            "train.num_steps": num_steps,
+            "checkpointing.every_steps": 100,
+            "checkpointing.async_save": True,
+            "log_every": 1,
+        },
     )
     write = trainer_lib.MetricsWriter.write
 
@@ -442,7 +447,9 @@ def test_training_checkpoint_exports_to_hf_and_loads_for_inference(scenes, tmp_p
     exported = from_hf(out)
     ids = np.array([[5, 6, 7, 8]], np.int32)
     np.testing.assert_array_equal(np.asarray(exported(input_ids=ids).logits), np.asarray(model(input_ids=ids).logits))
-    processor = loading.load_processor(ml_collections.ConfigDict({"family": "mllama", "weights": step_dir, "processor": ""}))
+    processor = loading.load_processor(
+        ml_collections.ConfigDict({"family": "mllama", "weights": step_dir, "processor": ""})
+    )
     assert processor.tokenizer.pad_token_id is not None
 
     # A run that starts from it reads each parameter straight onto the mesh, placed as the train state wants it.

@@ -120,8 +120,6 @@ except ValueError as err:
     errors["devices"] = str(err)
 mesh_cfg = train_config.default_config().mesh
 mesh_cfg.tensor = 0  # auto: FSDP as wide as the batch allows (4), tensor parallelism over the rest (2)
-results["auto_mesh"] = dict(
-    sharding.mesh_from_config(mesh_cfg, devices, global_batch=4, micro_batches=1).shape
-)
+results["auto_mesh"] = dict(sharding.mesh_from_config(mesh_cfg, devices, global_batch=4, micro_batches=1).shape)
 results["errors"] = errors
 print("RESULTS " + json.dumps(results))

@@ -1,6 +1,7 @@
 """Compiles a config's programs for a TPU slice on this host (no TPU needed) and prints per-device memory.
 
-  python tools/aot_compile.py --config configs/infer.py --topology v5e-8 [--config.model.preset=11b] [--config.key=value]
+  python tools/aot_compile.py --config configs/infer.py --topology v5e-8 [--config.model.preset=11b] \
+      [--config.key=value]
   python tools/aot_compile.py --config configs/sft_llava_cot_11b.py --topology v5p-64
   python tools/aot_compile.py --list_topologies
 

@@ -28,8 +28,9 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 from PIL import Image
 from tqdm import tqdm

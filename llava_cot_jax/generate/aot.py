@@ -51,8 +51,8 @@ def programs(config, mesh) -> list[aot.Program]:
         search, prompts, tokenizer, stage_search.MIN_PROMPT_BUCKET, QUESTION_TOKENS, n, max_images=1
     )
     print(
-        f"model {config.model.weights or config.model.preset} {model_cfg.param_dtype} {config.model.quantize}, scan_layers="
-        f"{model_cfg.scan_layers}; {questions} question(s) x {n} candidates; {shapes}; judge lengths from the "
+        f"model {config.model.weights or config.model.preset} {model_cfg.param_dtype} {config.model.quantize}, "
+        f"scan_layers={model_cfg.scan_layers}; {questions} question(s) x {n} candidates; {shapes}; judge lengths from the "
         f"{tokenizer_note}"
     )
 

@@ -115,7 +115,7 @@ class JudgePrompts:
     compare_with_image: bool = True
 
     @classmethod
-    def load(cls, path: str | None) -> "JudgePrompts":
+    def load(cls, path: str | None) -> JudgePrompts:
         """Defaults, overridden by the keys of a JSON file (`compare` may override single kinds; keys starting with
         "_" are comments). A file that sets its own `verdict_phrases` and no `choice_patterns` gets no patterns:
         the default ones read the default phrase's wording."""

@@ -123,7 +123,7 @@ class SearchConfig:
                 raise ValueError(f"{name} must be >= 1")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "SearchConfig":
+    def from_config(cls, cfg: Any) -> SearchConfig:
         """From an ml_collections config (or dict): these field names, with `search` naming the method."""
         cfg = dict(cfg)
         kwargs = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if cfg.get(f.name) is not None}

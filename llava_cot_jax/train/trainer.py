@@ -188,7 +188,9 @@ class Trainer:
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, os.path.abspath(workdir)
         c = config
-        self.mesh = sharding.mesh_from_config(c.mesh, global_batch=c.train.global_batch, micro_batches=c.train.micro_batches)
+        self.mesh = sharding.mesh_from_config(
+            c.mesh, global_batch=c.train.global_batch, micro_batches=c.train.micro_batches
+        )
         if c.model.weights and not os.path.isdir(c.model.weights):
             raise FileNotFoundError(f"model.weights: checkpoint directory not found: {c.model.weights}")
         self.model_config = loading.arch_config(c.model, training=True)

@@ -323,6 +323,7 @@ def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.nda
     random init; an unscanned config (`scan_layers=False`) takes each layer's slice. `quantize="int8"` stores the
     text decoder's matrices as int8 as they are placed (see quant.py): the device never holds them unquantized."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
 
     abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))

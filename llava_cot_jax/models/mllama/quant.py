@@ -3,9 +3,9 @@
 Every matrix of the text decoder (embedding, q/k/v/o projections, MLP, LM head) is stored as int8 with one
 scale per output channel (symmetric, absmax / 127 over the axes the matrix is contracted on; per row for the
 embedding table). `Int8Weight` stands in for the array inside the same `nnx.Param`, so the model runs unchanged:
-`param[...].astype(dtype)` dequantizes (the embedding lookup takes rows first). The vision tower, norms and gates stay in their
-dtype (a small part of the bytes; the vision tower runs once per image). Matmuls go through `layers.project`,
-which scales the product rather than the weight, so XLA reads the int8 matrix inside the matmul.
+`param[...].astype(dtype)` dequantizes (the embedding lookup takes rows first). The vision tower, norms and gates
+stay in their dtype (a small part of the bytes; the vision tower runs once per image). Matmuls go through
+`layers.project`, which scales the product rather than the weight, so XLA reads the int8 matrix inside the matmul.
 """
 
 from __future__ import annotations
