@@ -28,8 +28,10 @@ setup(
     extras_require={
         # torch is pinned: unpinned it pulls a multi-GB CUDA build (docs/design.md#pinned-torch-in-the-test-extra).
         # nbclient, nbformat, ipykernel: tests/test_notebook.py executes the Colab notebook.
+        # ruff is pinned so that CI's lint step (.ci/run) judges with the rule set the tree was checked against.
         "test": [
             "pytest",
+            "ruff==0.17.6",
             "torch==2.13.0",
             "tokenizers",
             "quicktok-v1",
