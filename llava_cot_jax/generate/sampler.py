@@ -29,7 +29,7 @@ from llava_cot_jax import sharding as sharding_lib
 from llava_cot_jax.generate import stop as stop_lib
 from llava_cot_jax.models.mllama import model as model_lib
 from llava_cot_jax.models.mllama import quant
-from llava_cot_jax.models.mllama.params import with_scan_layers
+from llava_cot_jax.models.mllama.layout import with_scan_layers
 
 # finish reasons per row
 RUNNING, FINISH_EOS, FINISH_STOP, FINISH_BUDGET = 0, 1, 2, 3
