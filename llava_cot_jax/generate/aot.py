@@ -158,25 +158,27 @@ def programs(config, mesh) -> list[aot.Program]:
 
         def decode_program(name, decode_state, rows, max_new):
             key = jax.eval_shape(lambda: jax.random.key(0))
-            args = (
-                params,
-                decode_state,
-                array(key.shape, key.dtype),
-                array((2,), jnp.float32),
-                table,
-                array((4,), jnp.int32),
-                cross_kv,
-                array((), jnp.int32),
-                array((rows,), jnp.bool_),
-                array((), jnp.bool_),
-                array((rows,), jnp.int32),
-            )
             sampling = sampler_lib.Sampling(
                 do_sample=True, temperature=search.temperature, top_p=search.top_p, top_k=search.top_k
             )
-            kwargs = {"max_new": max_new, "flags": sampling.static(), "pad_id": 0, "rules": rules}
+            args = sampler_lib.DecodeArgs(
+                key=array(key.shape, key.dtype),
+                sampling_values=array((2,), jnp.float32),
+                stop_table=table,
+                eos_ids=array((4,), jnp.int32),
+                cross_kv=cross_kv,
+                budget=array((), jnp.int32),
+                active=array((rows,), jnp.bool_),
+                keep_last=array((), jnp.bool_),
+                rows=array((rows,), jnp.int32),
+                max_new=max_new,
+                flags=sampling.static(),
+                pad_id=0,
+            )
             notes = {"weights": weights, "kv_cache": _gib_per_device(decode_state.cache), "image_kv": image_kv}
-            return aot.Program(name, sampler_lib.decode, (graphdef, *args), kwargs, notes)
+            return aot.Program(
+                name, sampler_lib.decode, (graphdef, params, decode_state, args), {"rules": rules}, notes
+            )
 
         rows = questions * n
         program, candidates = prefill_program(
