@@ -190,14 +190,14 @@ def programs(config, mesh) -> list[aot.Program]:
                 f"decode candidates {rows}x{shapes.cache_len}", candidates, rows, search.stage_max_new_tokens
             )
         )
-        if n > 1 and "compare" in shapes.judge_prefix:
-            judge_rows = questions * shapes.judge_rows["compare"]
-            length, cache_len = shapes.judge_prefix["compare"], shapes.judge_cache_len
+        if n > 1 and "compare" in shapes.judge.prefix:
+            judge_rows = questions * shapes.judge.rows["compare"]
+            length, cache_len = shapes.judge.prefix["compare"], shapes.judge.cache_len
             program, prefix = prefill_program(
                 f"prefill judge prefix {questions}x{cache_len}", questions, length, cache_len, questions
             )
             result.append(program)
-            rest = shapes.judge_rest["compare"]
+            rest = shapes.judge.rest["compare"]
             ids, mask = array((judge_rows, rest), jnp.int32), array((judge_rows, rest), jnp.int32)
             xmask = array((judge_rows, rest, 1, v.max_num_tiles), jnp.int32)
             args = (params, prefix, ids, mask, cross_kv, xmask, array((judge_rows,), jnp.int32))
