@@ -75,7 +75,7 @@ def peak_rss_of(argv) -> tuple[float, float]:
     code = (
         f"import runpy, sys; sys.argv = {argv!r}; "
         "exec(\"try:\\n  runpy.run_path(sys.argv[0], run_name='__main__')\\n"
-        "except SystemExit as e:\\n  assert not e.code, e.code\") "
+        'except SystemExit as e:\\n  assert not e.code, e.code") '
         "if sys.argv[0].endswith('.py') else exec(sys.argv[0]); "
         "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )

@@ -23,8 +23,8 @@ import shutil
 import numpy as np
 
 from llava_cot_jax.files import atomic_directory
+from llava_cot_jax.models.mllama import layout, quant
 from llava_cot_jax.models.mllama import params as hf_params
-from llava_cot_jax.models.mllama import quant
 from llava_cot_jax.models.mllama.config import MllamaConfig
 
 CONFIG_FILE = "llava_cot_config.json"
@@ -156,7 +156,7 @@ def _param_reader(ckpt_dir: str):
         if p in stored and stored[p] != expected[p][0]
     ]
     if missing or unexpected or wrong:
-        raise hf_params.CheckpointError(
+        raise layout.CheckpointError(
             f"checkpoint {ckpt_dir} does not match its config: missing {missing}, "
             f"unexpected {unexpected}, shape mismatches {wrong}"
         )
@@ -212,7 +212,7 @@ def load_model(
     if mesh is not None:
         return _load_onto_mesh(ckpt_dir, config, mesh, rules, quantize)
     _, params = load_params(ckpt_dir)
-    return hf_params.model_from_params(config, params, quantize)
+    return layout.model_from_params(config, params, quantize)
 
 
 def _load_onto_mesh(ckpt_dir: str, config: MllamaConfig, mesh, rules, quantize: str | None):
@@ -234,7 +234,7 @@ def _load_onto_mesh(ckpt_dir: str, config: MllamaConfig, mesh, rules, quantize: 
     variables = dict(nnx.to_flat_state(state))
     by_key: dict = {}  # stored parameter -> [(our path, layer index or None)]
     for path in variables:
-        key, index = hf_params.stacked_location(path)
+        key, index = layout.stacked_location(path)
         by_key.setdefault(key, []).append((path, index))
     slicers = {}  # one jitted slice per target sharding (and shape): layer i is an argument, not a new program
 
@@ -265,7 +265,7 @@ def _load_onto_mesh(ckpt_dir: str, config: MllamaConfig, mesh, rules, quantize: 
 
 def save_model(out_dir: str, model, side_files_from: str | None = None, overwrite: bool = False) -> str:
     """Writes a model's parameters and config (e.g. after fine-tuning) as a checkpoint directory."""
-    params = {path: np.asarray(value) for path, value in hf_params.model_params(model).items()}
+    params = {path: np.asarray(value) for path, value in layout.model_params(model).items()}
     return save_checkpoint(out_dir, model.config.replace(scan_layers=True), params, side_files_from, overwrite)
 
 

@@ -15,7 +15,8 @@ from llava_cot_jax import checkpoint
 from llava_cot_jax.data.tokenizer import save_tiny_tokenizer
 from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.models.mllama.hf_reference import build_hf_model, random_inputs, save_hf_checkpoint
-from llava_cot_jax.models.mllama.params import CheckpointError, from_hf, hub_name, safetensors_files
+from llava_cot_jax.models.mllama.layout import CheckpointError
+from llava_cot_jax.models.mllama.params import from_hf, hub_name, safetensors_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = MllamaConfig.tiny()

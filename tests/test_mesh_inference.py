@@ -32,9 +32,12 @@ SCRIPT = textwrap.dedent("""
         layer.cross_attn_mlp_gate[...] = jnp.full((1,), -0.6)
     rng = np.random.default_rng(0)
     inputs = random_inputs(cfg, rng, 2, 12, [1, 1], [[3], [2]])
-    processor = MllamaProcessor(MllamaImageProcessor(size=cfg.vision.image_size, max_image_tiles=4), build_tiny_tokenizer())
+    image_processor = MllamaImageProcessor(size=cfg.vision.image_size, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor, build_tiny_tokenizer())
     image = PIL.Image.fromarray((rng.random((30, 56, 3)) * 255).astype(np.uint8))
-    search = SS.SearchConfig(num_candidates=4, stage_max_new_tokens=6, judge_max_new_tokens=4, judge_bucket_step=128, seed=3)
+    search = SS.SearchConfig(
+        num_candidates=4, stage_max_new_tokens=6, judge_max_new_tokens=4, judge_bucket_step=128, seed=3
+    )
     questions = ["How many cubes are there?", "What color is the car?"]
 
     def rounded(tree):  # tensor-parallel sums round differently: log-probabilities agree to ~1e-6, not bit for bit
@@ -70,7 +73,8 @@ SCRIPT = textwrap.dedent("""
         layer = params.self_layers[0]
         assert placed(layer.q_proj[...], "fsdp", "tensor", None) and placed(layer.k_proj[...], "fsdp", kv, None)
         assert placed(layer.mlp.down_proj[...], "tensor", "fsdp") and placed(params.lm_head[...], "fsdp", "tensor")
-        cross_kv = sampler.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+        pixels = (inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+        cross_kv = sampler.encode_images(*pixels)
         assert placed(cross_kv["k"][0], rows, kv, None, None)  # one per cross-attention layer
         state = sampler.prefill(inputs["input_ids"], inputs["attention_mask"], cross_kv, inputs["cross_attention_mask"],
                                 cache_len=64, rows=[0, 0, 1, 1])

@@ -130,7 +130,7 @@ def test_unscanned_layers_compute_the_same(cross_layers, layers):
     """scan_layers=False (a Python loop over per-layer weights, for decoding) is the same function."""
     import dataclasses
 
-    from llava_cot_jax.models.mllama.params import model_params, with_scan_layers
+    from llava_cot_jax.models.mllama.layout import model_params, with_scan_layers
 
     cfg = MllamaConfig.tiny()
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, cross_attention_layers=cross_layers, num_hidden_layers=layers))

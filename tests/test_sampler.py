@@ -8,6 +8,7 @@ import scipy.stats
 import torch
 
 from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
+from llava_cot_jax.generate import generate
 from llava_cot_jax.generate import sampler as S
 from llava_cot_jax.generate import stop as stop_lib
 from llava_cot_jax.models.mllama.config import MllamaConfig
@@ -62,7 +63,7 @@ def test_greedy_matches_transformers_text_only_and_eos(models):
     inputs = dict(input_ids=ids, attention_mask=mask)
     hf.generation_config.eos_token_id = None
     ref = _hf_generate(hf, inputs, max_new_tokens=64, do_sample=False)
-    ours = model.generate(**inputs, max_new_tokens=64, eos_token_id=None)  # the HF-shaped method on the model
+    ours = generate(model, **inputs, max_new_tokens=64, eos_token_id=None)  # the package's HF-shaped entry point
     np.testing.assert_array_equal(ours, ref)
 
     # EOS: declare a token row 0 produces (first at step i >= 5) the EOS id. Row 0 stops there and is padded;

@@ -13,6 +13,7 @@ from llava_cot_jax.data.image import MllamaImageProcessor
 from llava_cot_jax.data.processor import MllamaProcessor
 from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
 from llava_cot_jax.generate import judge as J
+from llava_cot_jax.generate import judge_runner as JR
 from llava_cot_jax.generate import sampler as S
 from llava_cot_jax.generate import stage_search as SS
 from llava_cot_jax.models.mllama.config import MllamaConfig
@@ -79,9 +80,9 @@ def test_prompts_tokenise_as_llava_cot_did_on_the_real_vocabulary():
     once = SS.question_inputs(processor, ["How many cubes?"], [[image]], bos="once")
     assert once["input_ids"][0].tolist() == ours[1:]
 
-    compare = SS.judge_prompt_ids(llama3, "Which is better?", num_images=1)
+    compare = JR.judge_prompt_ids(llama3, "Which is better?", num_images=1)
     assert compare[:7] == [128000, 128000, *header, 128256] and compare[-5:] == [128009, 128006, 78191, 128007, 271]
-    screen = SS.judge_prompt_ids(llama3, "Is it correct?", num_images=0)  # text only: the template's system block
+    screen = JR.judge_prompt_ids(llama3, "Is it correct?", num_images=0)  # text only: the template's system block
     assert screen[:5] == [128000, 128000, 128006, 9125, 128007]
 
 
@@ -276,7 +277,15 @@ def test_search_config_errors():
         SS.SearchConfig(method="beam")
     with pytest.raises(ValueError, match="num_candidates"):
         SS.SearchConfig(num_candidates=0)
-    assert SS.SearchConfig.from_config({"search": "best_of_n", "num_candidates": 3, "other": 1}).method == "best_of_n"
+    from llava_cot_jax.generate import config as generate_config
+
+    # A config's search group: unset (placeholder) fields resolve from the method, the seed is the config's.
+    group = generate_config.search_group(method="best_of_n", num_candidates=3)
+    assert group.bracket is None and "seed" not in group
+    resolved = generate_config.search_config(group, seed=7)
+    assert (resolved.method, resolved.num_candidates, resolved.bracket, resolved.seed) == ("best_of_n", 3, "rounds", 7)
+    with pytest.raises(KeyError, match="search.nope"):
+        generate_config.search_group(nope=1)
 
 
 def test_judge_calls_continue_a_shared_prefix_exactly(setup):
@@ -311,7 +320,7 @@ def test_judge_calls_continue_a_shared_prefix_exactly(setup):
         prefixes = {q: searcher.prompts.compare_prefix("reasoning", questions[q], hint_now) for q, _, _ in matches}
         got = searcher._run_judges(texts, [q for q, _, _ in matches], prefixes, batch, True, "reasoning")
         assert got == [expected(t, True) for t in texts]
-        entries.append(searcher._prefix_cache["reasoning"])
+        entries.append(batch.judges.prefilled["reasoning"])
     assert entries[1] is entries[0] and entries[2] is entries[1] and entries[3] is not entries[2]
 
     screen = [searcher.prompts.screen_text(questions[1], r, hint) for r in ("It is red.", "It is blue, so red.")]

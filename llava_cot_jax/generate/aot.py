@@ -52,8 +52,8 @@ def programs(config, mesh) -> list[aot.Program]:
     )
     print(
         f"model {config.model.weights or config.model.preset} {model_cfg.param_dtype} {config.model.quantize}, "
-        f"scan_layers={model_cfg.scan_layers}; {questions} question(s) x {n} candidates; {shapes}; judge lengths from the "
-        f"{tokenizer_note}"
+        f"scan_layers={model_cfg.scan_layers}; {questions} question(s) x {n} candidates; {shapes}; judge lengths "
+        f"from the {tokenizer_note}"
     )
 
     rules = sharding_lib.inference_rules(model_cfg.text.num_key_value_heads, mesh)
@@ -118,25 +118,27 @@ def programs(config, mesh) -> list[aot.Program]:
 
         def decode_program(name, decode_state, rows, max_new):
             key = jax.eval_shape(lambda: jax.random.key(0))
-            args = (
-                params,
-                decode_state,
-                array(key.shape, key.dtype),
-                array((2,), jnp.float32),
-                table,
-                array((4,), jnp.int32),
-                cross_kv,
-                array((), jnp.int32),
-                array((rows,), jnp.bool_),
-                array((), jnp.bool_),
-                array((rows,), jnp.int32),
-            )
             sampling = sampler_lib.Sampling(
                 do_sample=True, temperature=search.temperature, top_p=search.top_p, top_k=search.top_k
             )
-            kwargs = {"max_new": max_new, "flags": sampling.static(), "pad_id": 0, "rules": rules}
+            args = sampler_lib.DecodeArgs(
+                key=array(key.shape, key.dtype),
+                sampling_values=array((2,), jnp.float32),
+                stop_table=table,
+                eos_ids=array((4,), jnp.int32),
+                cross_kv=cross_kv,
+                budget=array((), jnp.int32),
+                active=array((rows,), jnp.bool_),
+                keep_last=array((), jnp.bool_),
+                rows=array((rows,), jnp.int32),
+                max_new=max_new,
+                flags=sampling.static(),
+                pad_id=0,
+            )
             notes = {"weights": weights, "kv_cache": gib_per_device(decode_state.cache), "image_kv": image_kv}
-            return aot.Program(name, sampler_lib.decode, (graphdef, *args), kwargs, notes)
+            return aot.Program(
+                name, sampler_lib.decode, (graphdef, params, decode_state, args), {"rules": rules}, notes
+            )
 
         rows = questions * n
         program, candidates = prefill_program(
@@ -148,14 +150,14 @@ def programs(config, mesh) -> list[aot.Program]:
                 f"decode candidates {rows}x{shapes.cache_len}", candidates, rows, search.stage_max_new_tokens
             )
         )
-        if n > 1 and "compare" in shapes.judge_prefix:
-            judge_rows = questions * shapes.judge_rows["compare"]
-            length, cache_len = shapes.judge_prefix["compare"], shapes.judge_cache_len
+        if n > 1 and "compare" in shapes.judge.prefix:
+            judge_rows = questions * shapes.judge.rows["compare"]
+            length, cache_len = shapes.judge.prefix["compare"], shapes.judge.cache_len
             program, prefix = prefill_program(
                 f"prefill judge prefix {questions}x{cache_len}", questions, length, cache_len, questions
             )
             result.append(program)
-            rest = shapes.judge_rest["compare"]
+            rest = shapes.judge.rest["compare"]
             ids, mask = array((judge_rows, rest), jnp.int32), array((judge_rows, rest), jnp.int32)
             xmask = array((judge_rows, rest, 1, v.max_num_tiles), jnp.int32)
             args = (params, prefix, ids, mask, cross_kv, xmask, array((judge_rows,), jnp.int32))

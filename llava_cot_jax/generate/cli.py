@@ -4,12 +4,12 @@ generate/config.py."""
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import sys
 
 import numpy as np
 
+from llava_cot_jax import files
 from llava_cot_jax.data import chat
 from llava_cot_jax.generate import config as generate_config
 from llava_cot_jax.generate import stage_search
@@ -89,11 +89,6 @@ def run(config, workdir: str = "") -> int:
     else:
         print(result.conclusion)
     if config.trace:
-        with open(config.trace, "w") as f:
-            json.dump(
-                {"config": searcher.config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings},
-                f,
-                indent=1,
-                default=str,
-            )
+        trace = {"config": searcher.config.__dict__, "result": result.as_dict(), "timings_s": searcher.timings}
+        files.write_json_atomic(config.trace, trace, indent=1, default=str)
     return 0

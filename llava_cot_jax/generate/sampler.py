@@ -29,7 +29,7 @@ from llava_cot_jax import sharding as sharding_lib
 from llava_cot_jax.generate import stop as stop_lib
 from llava_cot_jax.models.mllama import model as model_lib
 from llava_cot_jax.models.mllama import quant
-from llava_cot_jax.models.mllama.params import with_scan_layers
+from llava_cot_jax.models.mllama.layout import with_scan_layers
 
 # finish reasons per row
 RUNNING, FINISH_EOS, FINISH_STOP, FINISH_BUDGET = 0, 1, 2, 3
@@ -54,7 +54,8 @@ def bucket_length(n: int, minimum: int = 32, step: int | None = None) -> int:
 class DecodeState:
     """Everything needed to continue decoding a batch of rows.
 
-    cache: {'k','v'}: per layer [B, KVH, L, Dh] (model.init_cache); key_valid: [B, L] slots holding real tokens; cursor: int32 slot
+    cache: {'k','v'}: per layer [B, KVH, L, Dh] (model.init_cache); key_valid: [B, L] slots holding real tokens;
+    cursor: int32 slot
     the next token is written to (shared by all rows); positions: [B] RoPE position of each row's next token;
     logits: [B, V] float32 logits for each row's next token; xmask: [B, 1, I, T] the tiles a new token sees
     (the last prompt row, as transformers repeats it) or a [B, 1, 1, 1] dummy without images.
@@ -292,46 +293,46 @@ def extend(
     return _shard_state(state, rules)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new", "flags", "pad_id", "stream", "rules"),
-    donate_argnames=("state",),
-)
-def decode(
-    graphdef,
-    params,
-    state: DecodeState,
-    key: jax.Array,
-    sampling_values: jax.Array,
-    table: stop_lib.StopTable,
-    eos_ids: jax.Array,
-    cross_kv,
-    budget: jax.Array,
-    active: jax.Array,
-    keep_last: jax.Array,
-    rows=None,
-    *,
-    max_new: int,
-    flags: tuple[bool, int, bool],
-    pad_id: int,
-    stream: bool = False,
-    rules=None,
-) -> tuple[DecodeState, DecodeOutput]:
-    """Decodes up to `min(budget, max_new)` tokens per row in one while loop.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeArgs:
+    """What a decode call runs with besides the weights and the state it continues (see `decode`).
 
-    With `rows`, row r first takes the state of row `rows[r]` (every candidate continues its question's
+    Array fields are arguments of the compiled loop; the fields marked static (`max_new`, `flags`, `pad_id`,
+    `stream`) are part of its pytree structure and so select the program, as static arguments of `jax.jit` do."""
+
+    key: jax.Array  # PRNG key; step i samples with fold_in(key, i)
+    sampling_values: jax.Array  # [2] float32: temperature, top_p (Sampling.values)
+    stop_table: stop_lib.StopTable
+    eos_ids: jax.Array  # [E] int32, -1 entries mean no EOS
+    cross_kv: Any  # image K/V of the state's rows, or None without images
+    budget: jax.Array  # int32: at most this many tokens per row (<= max_new)
+    active: jax.Array  # [B] bool: rows that take part
+    keep_last: jax.Array  # bool: run a budget-cut row's last token through the model (a continuation needs it)
+    rows: jax.Array | None = None  # [B] int32: row r first takes the state of row rows[r]
+    max_new: int = dataclasses.field(metadata={"static": True})  # the token buffer's length
+    flags: tuple[bool, int, bool] = dataclasses.field(metadata={"static": True})  # Sampling.static()
+    pad_id: int = dataclasses.field(metadata={"static": True})
+    stream: bool = dataclasses.field(default=False, metadata={"static": True})  # call the `streaming` target
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules"), donate_argnames=("state",))
+def decode(graphdef, params, state: DecodeState, args: DecodeArgs, *, rules=None) -> tuple[DecodeState, DecodeOutput]:
+    """Decodes up to `min(args.budget, args.max_new)` tokens per row in one while loop.
+
+    With `args.rows`, row r first takes the state of row `rows[r]` (every candidate continues its question's
     winner). A row stops at an EOS id (not written to the cache), at a stop string (the token completing it
     is written, so a later call continues right after it), or at the budget. `keep_last` also runs the
     final token of a budget-cut row through the model, which a continuation needs but plain generation
-    does not. `eos_ids` may hold -1 entries (no EOS). Rows with `active` false [B] do nothing. `budget` is
-    an argument, not part of the program: one compiled loop serves every budget up to `max_new`.
+    does not. Rows with `active` false do nothing. The budget is an argument, not part of the program: one
+    compiled loop serves every budget up to `max_new`.
     """
     model = nnx.merge(graphdef, params)
-    state = _shard_state(_take_state_rows(state, rows), rules)
+    state = _shard_state(_take_state_rows(state, args.rows), rules)
     b = state.positions.shape[0]
-    budget = jnp.minimum(budget, jnp.minimum(max_new, state.cache_len - state.cursor))
-    window, filled = stop_lib.init_window(b, table)
-    xmask = state.xmask if cross_kv is not None else None
+    budget = jnp.minimum(args.budget, jnp.minimum(args.max_new, state.cache_len - state.cursor))
+    window, filled = stop_lib.init_window(b, args.stop_table)
+    xmask = state.xmask if args.cross_kv is not None else None
 
     def cond(carry):
         i, _, _, done, *_ = carry
@@ -340,10 +341,10 @@ def decode(
     def body(carry):
         i, st, out, done, window, filled = carry
         logp = jax.nn.log_softmax(st.logits, axis=-1)
-        token = sample_tokens(st.logits, jax.random.fold_in(key, i), flags, sampling_values)
-        token = jnp.where(done, pad_id, token)
-        is_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1) & ~done
-        window, filled, hit = stop_lib.step(table, window, filled, token)
+        token = sample_tokens(st.logits, jax.random.fold_in(args.key, i), args.flags, args.sampling_values)
+        token = jnp.where(done, args.pad_id, token)
+        is_eos = jnp.any(token[:, None] == args.eos_ids[None, :], axis=-1) & ~done
+        window, filled, hit = stop_lib.step(args.stop_table, window, filled, token)
         hit_any = jnp.any(hit, axis=-1) & ~done & ~is_eos
         last = (i + 1 >= budget) & ~done & ~is_eos & ~hit_any
         finish = jnp.where(
@@ -360,13 +361,13 @@ def decode(
             + jnp.where(write, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0),
             steps=i + 1,
         )
-        if stream:
+        if args.stream:
             jax.debug.callback(_stream_dispatch, token, ~done, ordered=True)
 
         def run_model(st):
             key_valid = st.key_valid.at[:, st.cursor].set(write)
             logits, cache = model.forward_cached(
-                token[:, None], st.positions[:, None], st.cache, st.cursor, key_valid, cross_kv, xmask
+                token[:, None], st.positions[:, None], st.cache, st.cursor, key_valid, args.cross_kv, xmask
             )
             return DecodeState(
                 cache=_shard_kv(cache, rules),
@@ -378,33 +379,27 @@ def decode(
             )
 
         # The model step is needed while any row goes on, or to absorb stop tokens / cut rows for a continuation.
-        needed = jnp.any(~new_done) | jnp.any(hit_any) | (keep_last & jnp.any(last))
+        needed = jnp.any(~new_done) | jnp.any(hit_any) | (args.keep_last & jnp.any(last))
         st = jax.lax.cond(needed, run_model, lambda st: st, st)
         return i + 1, st, out, new_done, window, filled
 
     out = DecodeOutput(
-        tokens=jnp.full((b, max_new), pad_id, jnp.int32),
+        tokens=jnp.full((b, args.max_new), args.pad_id, jnp.int32),
         num_tokens=jnp.zeros((b,), jnp.int32),
         finish=jnp.zeros((b,), jnp.int32),
         stop_index=jnp.full((b,), -1, jnp.int32),
         logprob_sum=jnp.zeros((b,), jnp.float32),
         steps=jnp.int32(0),
     )
-    done = (budget <= 0) | ~active  # inactive rows (e.g. finished questions) take no part
+    done = (budget <= 0) | ~args.active  # inactive rows (e.g. finished questions) take no part
     carry = (jnp.int32(0), state, out, done, window, filled)
     _, state, out, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return state, out
 
 
-@functools.partial(jax.jit, static_argnames=("rules",))
-def take_rows(tree, rows: jax.Array, *, rules=None):
-    """Rows of a cross-attention K/V tree, e.g. one copy of an image's K/V per candidate."""
-    return _shard_kv(model_lib.take_rows(tree, rows), rules)
-
-
 def compile_count() -> int:
     """How many programs the jitted entry points above hold (for tests that count compilations)."""
-    return sum(f._cache_size() for f in (encode, prefill, extend, decode, take_rows))
+    return sum(f._cache_size() for f in (encode, prefill, extend, decode))
 
 
 # --- host-side helpers ---------------------------------------------------------------------------------------
@@ -580,31 +575,23 @@ class Sampler:
         `rows`, row r first takes the state of row `rows[r]`."""
         key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
         active = np.ones(state.positions.shape, bool) if active is None else np.asarray(active, bool)
+        args = DecodeArgs(
+            key=key,
+            sampling_values=sampling.values(),
+            stop_table=self.stop_table(stop_strings),
+            eos_ids=self.eos_array(eos_ids),
+            cross_kv=cross_kv,
+            budget=np.int32(max_new if budget is None else budget),
+            active=active,
+            keep_last=np.bool_(keep_last),
+            rows=_rows(rows),
+            max_new=max_new,
+            flags=sampling.static(),
+            pad_id=int(self.pad_token_id),
+            stream=stream,
+        )
         with self.on_mesh():
-            return decode(
-                self.graphdef,
-                self.params,
-                state,
-                key,
-                sampling.values(),
-                self.stop_table(stop_strings),
-                self.eos_array(eos_ids),
-                cross_kv,
-                np.int32(max_new if budget is None else budget),
-                active,
-                np.bool_(keep_last),
-                _rows(rows),
-                max_new=max_new,
-                flags=sampling.static(),
-                pad_id=int(self.pad_token_id),
-                stream=stream,
-                rules=self.rules,
-            )
-
-    def take_rows(self, cross_kv, rows):
-        """Rows `rows` of an image K/V tree (e.g. the questions a judge call is about)."""
-        with self.on_mesh():
-            return take_rows(cross_kv, _rows(rows), rules=self.rules)
+            return decode(self.graphdef, self.params, state, args, rules=self.rules)
 
 
 def _rows(rows):

@@ -4,8 +4,8 @@ For each stage SUMMARY → CAPTION → REASONING → CONCLUSION, a batch of B qu
 as one batch of B·N rows that continue the accepted prefix from the KV cache (no prefix is ever re-run),
 each ending at the stage's closing tag. The model then judges its own candidates in a knock-out
 tournament (`judge.knockout`): every round's comparisons, over all questions, are one batched call
-that continues each question's judge prefix (prefilled once per stage) and reads the image's
-cross-attention K/V computed once per question. For the reasoning stage each candidate is first
+(`judge_runner.JudgeRunner`) that continues each question's judge prefix (prefilled once per stage) and reads
+the image's cross-attention K/V computed once per question. For the reasoning stage each candidate is first
 screened for mistakes (one batched text-only call). The winner's cache row is copied into all N rows
 and the next stage starts from it.
 
@@ -48,6 +48,7 @@ import PIL.Image
 
 from llava_cot_jax.data import chat
 from llava_cot_jax.generate import judge as judge_lib
+from llava_cot_jax.generate import judge_runner as judge_runner_lib
 from llava_cot_jax.generate import sampler as sampler_lib
 from llava_cot_jax.generate import stop as stop_lib
 
@@ -122,15 +123,6 @@ class SearchConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> SearchConfig:
-        """From an ml_collections config (or dict): these field names, with `search` naming the method."""
-        cfg = dict(cfg)
-        kwargs = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if cfg.get(f.name) is not None}
-        if cfg.get("search") is not None:
-            kwargs["method"] = cfg["search"]
-        return cls(**kwargs)
-
 
 @dataclasses.dataclass
 class SearchResult:
@@ -163,21 +155,6 @@ def question_inputs(
     return processor(images=list(images) if has_images else None, text=prompts, padding=True, bos=bos)
 
 
-def judge_prompt_ids(
-    tokenizer, text: str, num_images: int, bos: str = chat.DEFAULT_BOS, upto: str | None = None
-) -> list[int]:
-    """Token ids of a judge prompt: one user turn (`num_images` images, then `text`) and the assistant header,
-    with the BOS tokens of `bos` (two by default, as LLaVA-CoT's judge prompts). With `upto` (a prefix of `text`),
-    the ids of the rendered prompt up to the end of that prefix."""
-    parts = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
-    rendered = chat.render_prompt([{"role": "user", "content": parts}])
-    if upto is not None:
-        if not text.startswith(upto):
-            raise AssertionError("judge prefix is not a prefix of its prompt")
-        rendered = rendered[: rendered.index(text) + len(upto)]
-    return chat.encode_prompt(tokenizer, rendered, bos)
-
-
 def stage_content(text: str, stage: str) -> str:
     """The text inside a stage's tags; without the open tag, everything before the close tag."""
     start = text.find(chat.open_tag(stage))
@@ -191,14 +168,12 @@ class _Batch:
     """Per-call state on the host side."""
 
     questions: list[str]
-    num_tiles: list[list[int]] | None  # per question, per image; None without images
-    max_images: int  # the image axis of pixel_values (judge masks need the same shape)
     cross_kv: Any  # [.., B, ..] or None
     accepted: list[str]
     stages: list[dict]
     traces: list[list]
     ended: np.ndarray  # [B] the question's answer is finished (EOS or conclusion accepted)
-    shapes: SearchShapes | None = None
+    judges: judge_runner_lib.JudgeRunner | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,18 +182,12 @@ class SearchShapes:
     in judge bucket steps (not by what the model writes), so that one question compiles a handful of programs
     and the next one of a similar length none.
 
-    cache_len / judge_cache_len: KV-cache slots of candidate / judge states; judge_prefix / judge_rest: token lengths
-    of a judge prompt's prefilled prefix and of the rest of it, per judge kind group ("compare" with the image,
-    "screen" text only); judge_rows: rows per question of a judge call (a question's matches or screens).
-    A judge prompt longer than its bound (rare: re-tokenised text can outgrow what was generated) gets a
-    larger bucket, and so a new program."""
+    prompt: token length of the question prompts; cache_len: KV-cache slots of candidate states; judge: the
+    judge calls' shapes (`judge_runner.JudgeShapes`)."""
 
     prompt: int
     cache_len: int
-    judge_cache_len: int
-    judge_prefix: dict
-    judge_rest: dict
-    judge_rows: dict
+    judge: judge_runner_lib.JudgeShapes
 
 
 class Searcher:
@@ -247,15 +216,12 @@ class Searcher:
         self.config = config
         self.prompts = prompts or judge_lib.JudgePrompts.load(config.prompts_file)
         self.sampler = sampler_lib.Sampler(model, tokenizer=self.tokenizer, mesh=mesh, scan_layers=scan_layers)
-        self.image_token_id = model.config.image_token_id
-        self.max_tiles = model.config.vision.max_num_tiles
         self._judge_override = judge_fn  # (judge prompt texts, kind) -> replies, instead of the model
         self.on_stage = on_stage  # (question index, stage, accepted text) after each step
         self.on_token = on_token  # (tokens [rows], active [rows]) per decode step, single-candidate methods only
         self.syncs = 0
         self.timings: dict[str, float] = {}
         self._rng = np.random.default_rng(config.seed)  # brackets, fallback coins, judge seeds; reset per call
-        self._prefix_cache: dict = {}  # judge kind -> (with image, prefix ids per question, prefilled state); per call
         self._warming_up = False  # `warmup()`: every step runs with a one-token budget
 
     # -- entry points ----------------------------------------------------------------------------------------
@@ -271,7 +237,6 @@ class Searcher:
             raise ValueError(f"{len(questions)} questions for a batch of {input_ids.shape[0]}")
         self.syncs = 0
         self.timings = {}
-        self._prefix_cache = {}
         method = cfg.method
         n = 1 if method in ("greedy", "sample") else cfg.num_candidates
         batch, state = self._prefill(inputs, list(questions), n)
@@ -354,6 +319,12 @@ class Searcher:
             return sampler_lib.Sampling(do_sample=False)
         return sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
 
+    def _judge_sampling(self) -> sampler_lib.Sampling:
+        cfg = self.config
+        if cfg.judge_do_sample:
+            return sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        return sampler_lib.Sampling()
+
     def _prefill(self, inputs: dict, questions: list[str], n: int):
         ids = np.asarray(inputs["input_ids"])
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)))
@@ -380,16 +351,23 @@ class Searcher:
             cache_len=shapes.cache_len,
             rows=np.repeat(np.arange(b), n),
         )
+        cfg = self.config
+        judges = judge_runner_lib.JudgeRunner(
+            self.sampler,
+            self.tokenizer,
+            shapes.judge,
+            num_questions=b,
+            num_tiles=num_tiles,
+            max_images=max_images,
+            cross_kv=cross_kv,
+            sampling=self._judge_sampling(),
+            max_new_tokens=cfg.judge_max_new_tokens,
+            bucket_step=cfg.judge_bucket_step,
+            cache_step=CACHE_STEP,
+            bos=cfg.bos,
+        )
         batch = _Batch(
-            questions,
-            num_tiles,
-            max_images,
-            cross_kv,
-            [""] * b,
-            [{} for _ in range(b)],
-            [[] for _ in range(b)],
-            np.zeros(b, bool),
-            shapes,
+            questions, cross_kv, [""] * b, [{} for _ in range(b)], [[] for _ in range(b)], np.zeros(b, bool), judges
         )
         return batch, state
 
@@ -420,8 +398,7 @@ class Searcher:
         return time.perf_counter() - start
 
     def _decode_text(self, tokens: np.ndarray) -> str:
-        vocab = len(self.tokenizer)
-        return self.tokenizer.decode([int(t) for t in tokens if 0 <= t < vocab], skip_special_tokens=True)
+        return judge_runner_lib.decode_text(self.tokenizer, tokens)
 
     def _step(
         self,
@@ -600,127 +577,14 @@ class Searcher:
         kind: str,
         stops: Sequence[str] = (),
     ) -> list[str]:
-        """One batched generate over judge prompts, continuing from each question's prefilled judge prefix. A reply
-        ends at EOS, at the budget, or at the first of `stops` it writes (the verdict phrases of a comparison).
-
-        The prefix (chat header, image, instructions, question, hint) is the same for every prompt about one
-        question in a stage, so it is prefilled once per question and stage, kept, and every tournament
-        round only runs the rest of its prompts (the two responses and the chat template's closing tokens).
-        Question q's prompts take rows [q * k, q * k + k) of a call with k rows per question (`SearchShapes`; unused
-        rows do nothing): a question's rows share its image K/V and continue its prefix.
-        """
-        cfg, shapes = self.config, batch.shapes
-        group = "screen" if kind == "screen" else "compare"
-        with_image = with_image and batch.cross_kv is not None
-        count = {q: owners.count(q) for q in owners}
-        per_question = max(shapes.judge_rows[group], *count.values())  # more only when called outside a tournament
-        slot_of, used = [], {}
-        for q in owners:
-            slot_of.append(q * per_question + used.get(q, 0))
-            used[q] = used.get(q, 0) + 1
-
-        prompts, heads = [], {}
-        for text, q in zip(texts, owners):
-            images = len(batch.num_tiles[q]) if with_image else 0
-            ids, head = judge_tokens(self.tokenizer, text, None if q in heads else prefixes[q], images, cfg.bos)
-            prompts.append(ids)
-            heads.setdefault(q, head)  # one head per question: the same for all its prompts
-        shared, state, rest = self._judge_prefix(kind, group, heads, list(zip(owners, prompts)), batch, with_image)
-        rows = len(batch.questions) * per_question
-        chunks = [None] * rows  # what follows each prefix, by row
-        for i, q in enumerate(owners):
-            chunks[slot_of[i]] = (prompts[i], len(shared[q]), q)
-        ids, mask, xmask = self._left_pad(chunks, batch, with_image, rest)
-        cross_kv = batch.cross_kv if with_image else None
-        rows_state = self.sampler.extend(state, ids, mask, cross_kv, xmask, rows=np.arange(rows) // per_question)
-        sampling = (
-            sampler_lib.Sampling(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-            if cfg.judge_do_sample
-            else sampler_lib.Sampling()
-        )
+        """The model's replies to judge prompts, in one batched call (`judge_runner.JudgeRunner.run`)."""
         key = jax.random.key(int(self._rng.integers(2**31)))
-        active = np.zeros(rows, bool)
-        active[slot_of] = True
-        budget = 1 if self._warming_up else cfg.judge_max_new_tokens
-        _, out = self.sampler.decode(
-            rows_state,
-            max_new=cfg.judge_max_new_tokens,
-            budget=budget,
-            sampling=sampling,
-            seed=key,
-            stop_strings=tuple(stops),
-            eos_ids=self.sampler.eos_token_ids,
-            cross_kv=cross_kv,
-            active=active,
+        budget = 1 if self._warming_up else self.config.judge_max_new_tokens
+        replies = batch.judges.run(
+            texts, owners, prefixes, with_image=with_image, kind=kind, key=key, budget=budget, stops=stops
         )
-        tokens = np.asarray(out.tokens)  # host sync: judge replies
-        num = np.asarray(out.num_tokens)
         self.syncs += 1
-        return [self._decode_text(tokens[r, : num[r]]) for r in slot_of]
-
-    def _left_pad(self, chunks, batch: _Batch, with_image: bool, length: int):
-        """Left-pads token chunks `(prompt ids, start, question)` = prompt[start:] into [rows, length] ids and mask
-        (a longer chunk takes the next bucket), with the chunks' rows of their prompt's cross-attention mask
-        when the judge sees the image. A row whose chunk is None stays empty."""
-        step = self.config.judge_bucket_step
-        longest = max([len(c[0]) - c[1] for c in chunks if c is not None], default=0)
-        length = max(length, sampler_lib.bucket_length(longest, minimum=step, step=step))
-        ids = np.full((len(chunks), length), self.sampler.pad_token_id, np.int32)
-        mask = np.zeros((len(chunks), length), np.int32)
-        xmask = None
-        if with_image:
-            xmask = np.zeros((len(chunks), length, batch.max_images, self.max_tiles), np.int32)
-        for r, chunk in enumerate(chunks):
-            if chunk is None:
-                continue
-            prompt, start, q = chunk
-            n = len(prompt) - start
-            ids[r, length - n :] = prompt[start:]
-            mask[r, length - n :] = 1
-            if with_image:
-                seen = chat.cross_attention_mask(
-                    prompt,
-                    self.image_token_id,
-                    batch.num_tiles[q],
-                    max_images=batch.max_images,
-                    max_tiles=self.max_tiles,
-                )
-                xmask[r, length - n :] = seen[start:]
-        return ids, mask, xmask
-
-    def _judge_prefix(self, kind: str, group: str, heads: dict, prompts: list, batch: _Batch, with_image: bool):
-        """Every question's judge prefix, prefilled (one row per question of the batch; questions without a prompt
-        in this call get an empty row) or reused from the previous call of this kind while it still starts every
-        prompt of its question (every round of a stage's tournament). Returns (prefix token ids per question,
-        state, length of the rest of the prompts).
-
-        Reuse is exact: a prompt continues a prefix only where their token ids agree. The rendered head's last
-        token is left out (BPE may merge it with the response that follows), and the common token prefix of the
-        head and the question's prompts is what gets prefilled."""
-        shapes, step = batch.shapes, self.config.judge_bucket_step
-        starts = lambda prefix, ids: len(ids) > len(prefix) and list(ids[: len(prefix)]) == list(prefix)
-        rest_of = lambda shared: max(
-            shapes.judge_rest[group],
-            sampler_lib.bucket_length(max(len(ids) - len(shared[q]) for q, ids in prompts), minimum=step, step=step),
-        )
-        room = lambda state, rest: int(state.cursor) + rest + self.config.judge_max_new_tokens <= state.cache_len
-        cached = self._prefix_cache.get(kind)
-        if cached is not None:
-            key, shared, state = cached
-            reusable = key == with_image and all(q in shared and starts(shared[q], ids) for q, ids in prompts)
-            if reusable and room(state, rest_of(shared)):
-                return shared, state, rest_of(shared)
-        shared = {q: head[:-1] for q, head in heads.items()}
-        for q, ids in prompts:
-            shared[q] = shared[q][: _common_prefix_length(shared[q], ids[:-1])]
-        chunks = [(shared[q], 0, q) if q in shared else None for q in range(len(batch.questions))]
-        ids, mask, xmask = self._left_pad(chunks, batch, with_image, shapes.judge_prefix[group])
-        rest = rest_of(shared)
-        needed = ids.shape[1] + rest + self.config.judge_max_new_tokens  # > cache_len only past the bounds
-        cache_len = max(shapes.judge_cache_len, sampler_lib.bucket_length(needed, step=CACHE_STEP))
-        state = self.sampler.prefill(ids, mask, batch.cross_kv if with_image else None, xmask, cache_len=cache_len)
-        self._prefix_cache[kind] = (with_image, shared, state)
-        return shared, state, rest
+        return replies
 
 
 def total_budget(config: SearchConfig) -> int:
@@ -728,15 +592,6 @@ def total_budget(config: SearchConfig) -> int:
     if config.method == "stage":
         return len(chat.STAGES) * config.stage_max_new_tokens
     return config.max_new_tokens
-
-
-def judge_tokens(tokenizer, text: str, prefix: str | None, num_images: int, bos: str = chat.DEFAULT_BOS):
-    """Token ids of a judge prompt showing `num_images` images, and of its rendered prefix (the chat header,
-    images, `prefix`; None when `prefix` is None), with the BOS tokens of `bos`."""
-    ids = judge_prompt_ids(tokenizer, text, num_images, bos)
-    if prefix is None:
-        return ids, None
-    return ids, judge_prompt_ids(tokenizer, text, num_images, bos, upto=prefix)
 
 
 def search_shapes(
@@ -749,16 +604,11 @@ def search_shapes(
     max_images: int,
 ) -> SearchShapes:
     """Bounds on every length a search can produce (see `SearchShapes`), from the prompt bucket, the longest
-    question's token count rounded up to a judge bucket step, and the generation budgets. The judge's template
-    overhead is measured by tokenising its prompts with empty fields."""
+    question's token count rounded up to a judge bucket step, and the generation budgets."""
     cfg = config
-    step = cfg.judge_bucket_step
-    round_up = lambda x: sampler_lib.bucket_length(x, minimum=step, step=step)
-    tokens = lambda text, images: len(judge_tokens(tokenizer, text, None, images, cfg.bos)[0])
-    question = round_up(question_tokens)
     stage = cfg.stage_max_new_tokens
-    # judged kind -> (longest hint, longest response) in tokens; the screen shows the caption and one reasoning
-    kinds = {
+    # judged kind -> (longest hint, longest response) in tokens
+    compared = {
         "stage": {
             "summary": (0, stage),
             "caption": (0, stage),
@@ -768,26 +618,22 @@ def search_shapes(
         "best_of_n": {"answer": (0, cfg.max_new_tokens)},
         "sentence": {"sentence": (cfg.max_new_tokens, cfg.sentence_max_new_tokens)},
     }.get(cfg.method, {})
-    compare_images = max_images if prompts.compare_with_image else 0
-    prefix, rest = {}, {}
-    for kind, (hint, response) in kinds.items():
-        head = tokens(prompts.compare_prefix(kind, "", ""), compare_images)
-        full = tokens(prompts.compare_text(kind, "", "", "", ""), compare_images)
-        prefix["compare"] = max(prefix.get("compare", 0), round_up(head + question + hint))
-        rest["compare"] = max(rest.get("compare", 0), round_up(full - head + 1 + 2 * response))
-    if cfg.method == "stage":
-        head, full = tokens(prompts.screen_prefix("", ""), 0), tokens(prompts.screen_text("", "", ""), 0)
-        prefix["screen"], rest["screen"] = round_up(head + question + stage), round_up(full - head + 1 + stage)
-    judge = max([prefix[g] + rest[g] + cfg.judge_max_new_tokens for g in prefix], default=0)
-    candidates = sampler_lib.bucket_length(prompt_bucket + total_budget(config), step=CACHE_STEP)
-    return SearchShapes(
-        prompt_bucket,
-        candidates,
-        sampler_lib.bucket_length(judge, step=CACHE_STEP),
-        prefix,
-        rest,
-        {"compare": -(-n // 2), "screen": n},
+    screened = (stage, stage) if cfg.method == "stage" else None  # the screen shows the caption and one reasoning
+    judge = judge_runner_lib.judge_shapes(
+        prompts,
+        tokenizer,
+        compared,
+        screened,
+        question_tokens=question_tokens,
+        num_candidates=n,
+        max_images=max_images,
+        bucket_step=cfg.judge_bucket_step,
+        max_new_tokens=cfg.judge_max_new_tokens,
+        cache_step=CACHE_STEP,
+        bos=cfg.bos,
     )
+    candidates = sampler_lib.bucket_length(prompt_bucket + total_budget(config), step=CACHE_STEP)
+    return SearchShapes(prompt_bucket, candidates, judge)
 
 
 def verdict_counts(matches: Sequence[judge_lib.Match]) -> dict[str, int]:
@@ -797,9 +643,3 @@ def verdict_counts(matches: Sequence[judge_lib.Match]) -> dict[str, int]:
         "read": sum(m.rule == "judge" for m in matches),
         "fallback": sum(m.rule.startswith("fallback") for m in matches),
     }
-
-
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(mismatch[0]) if len(mismatch) else n

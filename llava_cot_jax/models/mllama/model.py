@@ -1,10 +1,9 @@
 """MllamaForConditionalGeneration in Flax NNX: vision tower -> projector -> text decoder with cross-attention.
 
-`model(**inputs)` takes transformers' keyword inputs and returns `.logits`; `model.generate(**inputs, ...)` decodes
-like transformers' generate (implemented in `generate/sampler.py`). Cached decoding is split into
-primitives the sampler composes: `encode_images` (vision tower + projector, once per image),
-`cross_kv` (cross-attention keys/values, once per image, shared by every candidate and judge call),
-`init_cache` and `forward_cached`.
+`model(**inputs)` takes transformers' keyword inputs and returns `.logits`; generation lives above the model
+(`llava_cot_jax.generate.generate(model, **inputs, ...)`). Cached decoding is split into primitives the sampler
+composes: `encode_images` (vision tower + projector, once per image), `cross_kv` (cross-attention keys/values,
+once per image, shared by every candidate and judge call), `init_cache` and `forward_cached`.
 """
 
 from __future__ import annotations
@@ -91,15 +90,6 @@ class MllamaForConditionalGeneration(nnx.Module):
             cross_attention_mask=None if cross_attention_mask is None else jnp.asarray(cross_attention_mask),
             num_vision_tokens_per_tile=self.config.vision.num_patches,
         )
-
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        """transformers-style generation: `model.generate(**inputs, max_new_tokens=..., do_sample=..., temperature=...,
-        top_p=..., eos_token_id=...)` returns token ids [batch, prompt + new]. See `generate.sampler.generate` for
-        every argument. For many calls on a model with scanned layers, build a `generate.sampler.Sampler` once and
-        pass it as `sampler=` (each call otherwise converts the layers to the unscanned decoding layout)."""
-        from llava_cot_jax.generate import sampler  # lazy: the model stays importable without the generation stack
-
-        return sampler.generate(self, input_ids, attention_mask, **kwargs)
 
     # ---------------------------------------------------------------------------------------- full forward
 

@@ -15,16 +15,12 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
-import jax
 import numpy as np
 from flax import nnx
 
-from llava_cot_jax.models.mllama import quant
+from llava_cot_jax.models.mllama import layout
 from llava_cot_jax.models.mllama.config import MllamaConfig
-
-
-class CheckpointError(ValueError):
-    """An HF checkpoint that does not match the architecture its config describes."""
+from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +144,6 @@ def hub_name(name: str) -> str:
 
 def abstract_params(config: MllamaConfig) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every parameter, by path, without allocating anything."""
-    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
-
     stacked = config.replace(scan_layers=True)  # the on-disk layout is always the stacked one
     abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(stacked, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
@@ -168,7 +162,7 @@ def safetensors_files(hf_dir: str) -> list[str]:
     else:
         files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if not files:
-        raise CheckpointError(f"no *.safetensors files in {hf_dir}")
+        raise layout.CheckpointError(f"no *.safetensors files in {hf_dir}")
     return [os.path.join(hf_dir, f) for f in files]
 
 
@@ -192,25 +186,27 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"cannot read {path}: file too short for a safetensors header (truncated?)")
+            raise layout.CheckpointError(f"cannot read {path}: file too short for a safetensors header (truncated?)")
         n = int.from_bytes(head, "little")
         if n > size - 8:
-            raise CheckpointError(f"cannot read {path}: header of {n} bytes exceeds the file (truncated or corrupt?)")
+            raise layout.CheckpointError(
+                f"cannot read {path}: header of {n} bytes exceeds the file (truncated or corrupt?)"
+            )
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
-            raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from e
+            raise layout.CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from e
     header.pop("__metadata__", None)
     data_size = size - 8 - n
     for name, info in header.items():
         end = info["data_offsets"][1]
         if end > data_size:
-            raise CheckpointError(
+            raise layout.CheckpointError(
                 f"cannot read {path}: tensor {name} ends at byte {end} but the data section has "
                 f"{data_size} bytes (truncated or corrupt safetensors file?)"
             )
         if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            raise layout.CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
     return header, 8 + n
 
 
@@ -230,21 +226,21 @@ def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, str, np.ndarray]]:
     del ml_dtypes
     for path in safetensors_files(hf_dir):
         if not os.path.exists(path):
-            raise CheckpointError(f"shard {path} listed in the index is missing")
+            raise layout.CheckpointError(f"shard {path} listed in the index is missing")
         header, data_start = read_safetensors_header(path)
         with open(path, "rb") as f:
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 begin, end = info["data_offsets"]
                 dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
                 if (end - begin) != dtype.itemsize * int(np.prod(info["shape"], dtype=np.int64)):
-                    raise CheckpointError(
+                    raise layout.CheckpointError(
                         f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']} "
                         f"{info['dtype']} (corrupt header?)"
                     )
                 f.seek(data_start + begin)
                 array = np.empty(info["shape"], dtype)
                 if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - begin:
-                    raise CheckpointError(f"cannot read {path}: tensor {name} is cut short (truncated file?)")
+                    raise layout.CheckpointError(f"cannot read {path}: tensor {name} is cut short (truncated file?)")
                 yield path, name, array
 
 
@@ -290,7 +286,7 @@ def load_hf_params(hf_dir: str, config: MllamaConfig, dtype=None, progress=None)
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:20]))
     if problems:
-        raise CheckpointError(f"checkpoint {hf_dir} does not match its config:\n  " + "\n  ".join(problems))
+        raise layout.CheckpointError(f"checkpoint {hf_dir} does not match its config:\n  " + "\n  ".join(problems))
     return out
 
 
@@ -307,64 +303,6 @@ def hf_tensors(
         yield name, np.ascontiguousarray(entry.layout.to_hf(np.asarray(value)))
 
 
-# ------------------------------------------------------------------------------------------ model building
-
-
-def stacked_location(path: tuple) -> tuple[tuple[str, ...], int | None]:
-    """Where a parameter of an unscanned model (`language_model/self_layers/3/q_proj`) lives in the stacked
-    layout (`language_model/self_layers/q_proj`, index 3); stacked paths map to themselves."""
-    if len(path) > 2 and path[1] in ("self_layers", "cross_layers") and isinstance(path[2], int):
-        return tuple(str(k) for k in path[:2] + path[3:]), path[2]
-    return tuple(str(k) for k in path), None
-
-
-def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.ndarray], quantize: str | None = None):
-    """Builds the model around parameters in the stacked layout (cast to config.param_dtype), without
-    random init; an unscanned config (`scan_layers=False`) takes each layer's slice. `quantize="int8"` stores the
-    text decoder's matrices as int8 as they are placed (see quant.py): the device never holds them unquantized."""
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
-
-    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        key, index = stacked_location(path)
-        if key not in params:
-            raise CheckpointError(f"no value for parameter {'/'.join(key)}")
-        value = params[key] if index is None else params[key][index]
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointError(
-                f"parameter {'/'.join(key)}: expected shape {tuple(var.shape)}, found {tuple(value.shape)}"
-            )
-        var.set_value(quant.maybe_quantize(path, var, jnp.asarray(value, dtype=config.jnp_param_dtype), quantize))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def model_params(model) -> dict[tuple[str, ...], jax.Array]:
-    """A model's parameters in the stacked layout, whether or not its layers are scanned."""
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-    stacked, per_layer = {}, {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key, index = stacked_location(path)
-        if index is None:
-            stacked[key] = var[...]
-        else:
-            per_layer.setdefault(key, {})[index] = var[...]
-    for key, layers in per_layer.items():
-        stacked[key] = jnp.stack([layers[i] for i in range(len(layers))])
-    return stacked
-
-
-def with_scan_layers(model, scan_layers: bool):
-    """The same weights with the text layers scanned (training) or looped (small-batch decoding); a copy."""
-    if model.config.scan_layers == scan_layers:
-        return model
-    return model_from_params(model.config.replace(scan_layers=scan_layers), model_params(model))
-
-
 def from_hf(
     path: str, dtype: str = "float32", compute_dtype: str | None = None, quantize: str | None = None, **config_overrides
 ):
@@ -373,4 +311,4 @@ def from_hf(
     `dtype` is the parameter dtype; `compute_dtype` the activation dtype (default: the same); `quantize="int8"`:
     int8 text-decoder weights (quant.py)."""
     config = MllamaConfig.from_hf_config(path, param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
-    return model_from_params(config, load_hf_params(path, config), quantize)
+    return layout.model_from_params(config, load_hf_params(path, config), quantize)
