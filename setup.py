@@ -23,7 +23,7 @@ setup(
         "tqdm",
         "absl-py",
         "tensorboardX",
-        "matplotlib",  # the demo's loss curve
+        "matplotlib",  # the demo's loss curve and the study's figures
     ],
     extras_require={
         # torch is pinned: unpinned it pulls a multi-GB CUDA build (docs/design.md#pinned-torch-in-the-test-extra).

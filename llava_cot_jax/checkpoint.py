@@ -23,6 +23,7 @@ import shutil
 import numpy as np
 
 from llava_cot_jax.files import atomic_directory
+from llava_cot_jax.models import reward
 from llava_cot_jax.models.mllama import layout, quant
 from llava_cot_jax.models.mllama import params as hf_params
 from llava_cot_jax.models.mllama.config import MllamaConfig
@@ -138,6 +139,27 @@ def load_config(ckpt_dir: str) -> MllamaConfig:
         return MllamaConfig.from_json(f.read())
 
 
+def _check_chunks(ckpt_dir: str, params_dir: str) -> None:
+    """Every chunk file of every array (the per-array zarr layout `convert_hf_to_orbax` writes) is present: zarr
+    would read a missing one as zeros, silently."""
+    import json
+    import math
+
+    for name in sorted(os.listdir(params_dir)):
+        zarray = os.path.join(params_dir, name, ".zarray")
+        if not os.path.isfile(zarray):
+            continue  # another layout (OCDBT, a training checkpoint): Orbax checks its own
+        with open(zarray) as f:
+            spec = json.load(f)
+        expected = math.prod(math.ceil(n / c) for n, c in zip(spec["shape"], spec["chunks"])) if spec["shape"] else 1
+        found = [f for f in os.listdir(os.path.dirname(zarray)) if not f.startswith(".")]
+        if len(found) < expected:
+            raise layout.CheckpointError(
+                f"checkpoint {ckpt_dir}: {name} has {len(found)} of its {expected} chunk files (deleted or not "
+                "copied); convert or copy the checkpoint again"
+            )
+
+
 def _param_reader(ckpt_dir: str):
     """(config, read(paths) -> {path: numpy array}) for a checkpoint, after checking its parameter set and
     shapes against the config. Reading a subset restores only those arrays (Orbax partial restore)."""
@@ -146,10 +168,19 @@ def _param_reader(ckpt_dir: str):
     config = load_config(ckpt_dir)
     expected = hf_params.abstract_params(config)
     path = os.path.join(ckpt_dir, PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {PARAMS_DIR}/ directory: it is incomplete")
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        stored = {p: tuple(m.shape) for p, m in _flat(checkpointer.metadata(path).item_metadata.tree).items()}
+        metadata = checkpointer.metadata(path).item_metadata
+    if metadata is None:  # Orbax logs why (an unreadable metadata file) and returns nothing
+        raise layout.CheckpointError(
+            f"checkpoint {ckpt_dir}: the metadata of {PARAMS_DIR}/ is missing or corrupt; convert or copy it again"
+        )
+    stored = {p: tuple(m.shape) for p, m in _flat(metadata.tree).items()}
+    _check_chunks(ckpt_dir, path)
     missing = sorted("/".join(p) for p in set(expected) - set(stored))
-    unexpected = sorted("/".join(p) for p in set(stored) - set(expected))
+    # a reward model's head (models/reward.py) is extra to the base model, which loads without it
+    unexpected = sorted("/".join(p) for p in set(stored) - set(expected) if p[0] != reward.HEAD_KEY)
     wrong = [
         f"{'/'.join(p)}: expected {expected[p][0]}, found {stored[p]}"
         for p in expected
@@ -173,6 +204,27 @@ def _param_reader(ckpt_dir: str):
         return _flat(tree)
 
     return config, read, list(expected)
+
+
+def load_reward_head(ckpt_dir: str) -> dict:
+    """The reward head's parameters (nested, host arrays) of a reward model's checkpoint (train.objective=pairwise);
+    CheckpointError when it has none."""
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    path = os.path.join(ckpt_dir, PARAMS_DIR)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        stored = _flat(checkpointer.metadata(path).item_metadata.tree)
+        paths = [p for p in stored if p[0] == reward.HEAD_KEY]
+        if not paths:
+            raise layout.CheckpointError(f"{ckpt_dir} has no {reward.HEAD_KEY}: not a reward model's checkpoint")
+        restore_args = nested({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+        tree = checkpointer.restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item=nested({p: 0 for p in paths}), restore_args=restore_args, partial_restore=True
+            ),
+        )
+    return tree[reward.HEAD_KEY]
 
 
 def load_params(ckpt_dir: str) -> tuple[MllamaConfig, Params]:

@@ -81,6 +81,7 @@ MOVED_KEYS = {
     "checkpoint.every_steps": "checkpointing.every_steps",
     "checkpoint.keep": "checkpointing.keep",
     "checkpoint.async_save": "checkpointing.async_save",
+    "checkpoint.restore_step": "checkpointing.restore_step",
     "num_candidates": "search.num_candidates",
     "procedure": "search.procedure",
     "bracket": "search.bracket",

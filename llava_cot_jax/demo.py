@@ -87,15 +87,6 @@ def _kinds(data_cfg) -> tuple[str, ...]:
     return tuple(k.strip() for k in data_cfg.kinds.split(",") if k.strip())
 
 
-def _user_text(sample) -> str:
-    """The question as the evaluation harness prompts it (VLMEvalKit's multiple-choice prompt), stripped as the
-    trainer strips questions and as the demo's evaluation asks them (`eval.strip_prompt`), so training, the judge
-    examples and evaluation see the same text."""
-    from llava_cot_jax.eval import mcq
-
-    return mcq.build_prompt(sample.question, sample.option_map(), "", "mcq").strip()
-
-
 def judge_example(rng: np.random.Generator, objects, sample, prompts) -> tuple[str, str, str]:
     """(stage, prompt, reply): the correct stage against a corrupted one, in random order, for a random stage of
     JUDGE_STAGES, asked as the stage search asks (the hint is what the search shows: the caption for reasoning,
@@ -108,14 +99,13 @@ def judge_example(rng: np.random.Generator, objects, sample, prompts) -> tuple[s
     first_right = bool(rng.integers(2))
     hint = {"REASONING": sample.caption, "CONCLUSION": f"{sample.caption}\n{sample.reasoning}"}.get(stage, "")
     responses = (right, wrong) if first_right else (wrong, right)
-    text = prompts.compare_text(stage.lower(), _user_text(sample), *responses, hint)
+    text = prompts.compare_text(stage.lower(), synthetic.mcq_prompt(sample), *responses, hint)
     return stage, text, f"Better response: {1 if first_right else 2}"
 
 
 def write_data(config, data_dir: str) -> dict[str, str]:
     """The training set, the held-out TSVs and the judge prompts (each written only when missing)."""
     from llava_cot_jax.data import synthetic
-    from llava_cot_jax.eval import mcq
     from llava_cot_jax.generate.judge import JudgePrompts
 
     d = config.data
@@ -135,7 +125,7 @@ def write_data(config, data_dir: str) -> dict[str, str]:
 
         def scene(index):
             objects, sample = synthetic.mcq_scene(d.train_seed, index, kinds, d.object_scale)
-            conversations = [(_user_text(sample), sample.answer())]
+            conversations = [(synthetic.mcq_prompt(sample), sample.answer())]
             judge_rng = np.random.default_rng([d.train_seed, index, 1])
             if judge_rng.random() < d.judge_fraction:
                 conversations.append(judge_example(judge_rng, objects, sample, prompts)[1:])
@@ -147,23 +137,36 @@ def write_data(config, data_dir: str) -> dict[str, str]:
         )
 
     if not (os.path.exists(paths["heldout"]) and os.path.exists(paths["blind"])):
-        rows, blind_rows = [], []
-        blank = _png_base64(synthetic.render_scene([], d.image_size))
-        for index in range(d.heldout_questions):
-            objects, sample = synthetic.mcq_scene(d.heldout_seed, index, kinds, d.object_scale)
-            row = {
+        heldout = (d.heldout_seed, d.heldout_questions, kinds, d.object_scale, d.image_size)
+        write_heldout_tsv(paths["blind"], *heldout, blank=True)
+        write_heldout_tsv(paths["heldout"], *heldout)
+    return paths
+
+
+def write_heldout_tsv(
+    path: str, seed: int, num_questions: int, kinds, object_scale: float, image_size: int, blank: bool = False
+) -> None:
+    """`synthetic.mcq_scene(seed, index, kinds, object_scale)` for index < num_questions as a VLMEvalKit TSV
+    (base64 PNG images, the kind as `category`); `blank`: every image a blank floor (the image-blind baseline)."""
+    from llava_cot_jax.data import synthetic
+    from llava_cot_jax.eval import mcq
+
+    rows = []
+    blank_image = _png_base64(synthetic.render_scene([], image_size)) if blank else None
+    for index in range(num_questions):
+        objects, sample = synthetic.mcq_scene(seed, index, kinds, object_scale)
+        image = blank_image or _png_base64(synthetic.render_scene(objects, image_size))
+        rows.append(
+            {
                 "index": index,
                 "question": sample.question,
                 **sample.option_map(),
                 "answer": sample.correct,
                 "category": sample.kind,
+                "image": image,
             }
-            rows.append(dict(row, image=_png_base64(synthetic.render_scene(objects, d.image_size))))
-            blind_rows.append(dict(row, image=blank))
-        header = ["index", "question", *synthetic.OPTION_LETTERS, "answer", "category", "image"]
-        mcq.write_tsv(paths["blind"], header, blind_rows)
-        mcq.write_tsv(paths["heldout"], header, rows)
-    return paths
+        )
+    mcq.write_tsv(path, ["index", "question", *synthetic.OPTION_LETTERS, "answer", "category", "image"], rows)
 
 
 def _png_base64(image) -> str:
@@ -242,37 +245,51 @@ def evaluate(config, workdir: str, name: str, tsv: str, checkpoint: str, search:
         return json.load(f)
 
 
-def judge_accuracy(config, checkpoint: str, prompts_file: str) -> dict:
-    """How often the trained model, asked greedily in the search's judge prompt, prefers the right stage to a
-    corrupted one on held-out scenes (chance: 50%), overall and per stage."""
+def judge_pairs(config, num_scenes: int) -> list:
+    """Held-out judge cases: for each of the first `num_scenes` held-out scenes, the right caption, reasoning and
+    conclusion against a corrupted one (`pairs.stage_pairs`, positions balanced exactly)."""
+    from llava_cot_jax.data import pairs
+
+    d = config.data
+    return pairs.stage_pairs(d.heldout_seed, num_scenes, _kinds(d), d.object_scale, JUDGE_STAGES)
+
+
+def judge_accuracy(config, checkpoint: str, prompts_file: str, cases: list) -> dict:
+    """How often the trained model, asked greedily in the search's judge prompt (the hint the search shows: the
+    caption for reasoning, caption + reasoning for the conclusion), picks the right side of each held-out pair
+    (chance: 50%), overall and per stage; and its position bias: how often it answers "1" (the right side is
+    response 1 in exactly half the pairs) and how often its reply has no verdict (counted wrong)."""
     from tqdm import tqdm
 
-    from llava_cot_jax.data import synthetic
+    from llava_cot_jax.data import pairs, synthetic
     from llava_cot_jax.generate import cli
     from llava_cot_jax.generate.judge import JudgePrompts
 
     d, e = config.data, config.eval
     prompts = JudgePrompts.load(prompts_file)
-    cases = []  # (stage, prompt text, image, right choice)
-    for index in range(config.judge_questions):
-        objects, sample = synthetic.mcq_scene(d.heldout_seed, index, _kinds(d), d.object_scale)
-        stage, text, reply = judge_example(np.random.default_rng([d.heldout_seed, index]), objects, sample, prompts)
-        cases.append((stage, text, synthetic.render_scene(objects, d.image_size), prompts.parse_choice(reply)))
+    asks = []
+    for pair in cases:
+        sample = pair.sample
+        hint = {"REASONING": sample.caption, "CONCLUSION": f"{sample.caption}\n{sample.reasoning}"}.get(pair.stage, "")
+        text = prompts.compare_text(pair.stage.lower(), synthetic.mcq_prompt(sample), *pair.responses, hint)
+        objects, _ = synthetic.mcq_scene(d.heldout_seed, pair.index, _kinds(d), d.object_scale)
+        asks.append((text, synthetic.render_scene(objects, d.image_size)))
     infer = mode_config(config, {}, "infer", weights=checkpoint)
     infer.search.method, infer.search.max_new_tokens = "greedy", infer.search.judge_max_new_tokens
     searcher = cli.build_searcher(infer)
-    hits: dict[str, list[bool]] = {}
-    for start in tqdm(range(0, len(cases), e.batch_size), desc="judge", unit="batch"):
-        batch = cases[start : start + e.batch_size]
+    picks = []
+    for start in tqdm(range(0, len(asks), e.batch_size), desc="judge", unit="batch"):
+        batch = asks[start : start + e.batch_size]
         batch += [batch[-1]] * (e.batch_size - len(batch))  # one compiled program for every batch
-        results = searcher.ask([text for _, text, _, _ in batch], [[image] for _, _, image, _ in batch])
-        for (stage, _, _, right), result in list(zip(batch, results))[: len(cases) - start]:
-            hits.setdefault(stage, []).append(prompts.parse_choice(result.text) == right)
-    every = [h for stage_hits in hits.values() for h in stage_hits]
+        results = searcher.ask([text for text, _ in batch], [[image] for _, image in batch])
+        picks += [prompts.parse_choice(r.text) for r in results[: len(asks) - start]]
+    accuracy = pairs.judge_accuracy(cases, picks)
     return {
-        "accuracy": sum(every) / len(every),
-        "num_pairs": len(every),
-        "per_stage": {stage: sum(h) / len(h) for stage, h in sorted(hits.items())},
+        "accuracy": accuracy.pop("all"),
+        "num_pairs": len(cases),
+        "per_stage": accuracy,
+        "picks_response_1": sum(p == 1 for p in picks) / len(picks),
+        "no_verdict": sum(p is None for p in picks) / len(picks),
     }
 
 
@@ -287,7 +304,7 @@ def show_example(config, workdir: str, checkpoint: str) -> None:
     from llava_cot_jax.generate.config import default_config
 
     infer = mode_config(config, default_config(), "infer", weights=checkpoint)
-    infer.question, infer.image = _user_text(sample), os.path.join(workdir, "example.png")
+    infer.question, infer.image = synthetic.mcq_prompt(sample), os.path.join(workdir, "example.png")
     infer.show_stages, infer.trace = True, os.path.join(workdir, "trace.json")
     synthetic.render_scene(objects, d.image_size).save(infer.image)
     method = config.search.method
@@ -389,24 +406,31 @@ def report(workdir: str, results: dict) -> None:
 # ------------------------------------------------------------------------------------------------------- run
 
 
-def _claim(workdir: str, config) -> None:
-    """Records the settings of the run in DIR, or refuses a DIR that holds a run with other settings (its data and
-    weights would not match them)."""
+def _claim(workdir: str, config, write: bool = True, settings_file: str = SETTINGS_FILE) -> None:
+    """Refuses a DIR that holds a run with other settings (its data and weights would not match them); with
+    `write`, records this run's settings there (`settings_file`). The run checks before it starts and records once
+    its first result (the data) is written, so a run that fails before that leaves no claim."""
     settings = config.to_dict()
     settings.pop("compilation_cache", None)
     settings = json.loads(json.dumps(settings, default=str))
-    path = os.path.join(workdir, SETTINGS_FILE)
+    path = os.path.join(workdir, settings_file)
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
         if before != settings:
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            held = [
+                p for p in (path, *(os.path.join(workdir, d) for d in ("data", "train", "eval"))) if os.path.exists(p)
+            ]
             raise ValueError(
-                f"{workdir} holds a demo run with other settings (changed: {', '.join(changed)}); use another --workdir"
+                f"{workdir} holds a run with other settings (changed: {', '.join(changed)}); use another "
+                f"--workdir, or delete {' and '.join(held)} to start over"
             )
-        print(f"{workdir}: reusing what an earlier run with these settings made")
+        if not write:
+            print(f"{workdir}: reusing what an earlier run with these settings made")
         return
-    files.write_json_atomic(path, settings, indent=1)
+    if write:
+        files.write_json_atomic(path, settings, indent=1)
 
 
 def run(config, workdir: str = "") -> int:
@@ -419,11 +443,12 @@ def run(config, workdir: str = "") -> int:
         raise ValueError(f"data.kinds={config.data.kinds!r}: choose from {', '.join(synthetic.MCQ_KINDS)}")
     workdir = os.path.abspath(workdir or os.path.join(tempfile.gettempdir(), "llava_cot_jax_demo"))
     os.makedirs(workdir, exist_ok=True)
-    _claim(workdir, config)
+    _claim(workdir, config, write=False)
     times = {}
 
     start = time.perf_counter()
     paths = write_data(config, os.path.join(workdir, "data"))
+    _claim(workdir, config)
     config.search.prompts_file = paths["judge_prompts"]
     times["data_s"] = time.perf_counter() - start
 
@@ -441,8 +466,11 @@ def run(config, workdir: str = "") -> int:
     if config.data.judge_fraction > 0 and config.judge_questions > 0:
         judge_file = os.path.join(workdir, "eval", "judge.json")
         if not os.path.exists(judge_file):
-            print(f"\n== judge: {config.judge_questions} held-out pairs, the right stage against a corrupted one")
-            files.write_json_atomic(judge_file, judge_accuracy(config, checkpoint, paths["judge_prompts"]), indent=1)
+            scenes = math.ceil(config.judge_questions / len(JUDGE_STAGES))
+            cases = judge_pairs(config, scenes)[: config.judge_questions]
+            print(f"\n== judge: {len(cases)} held-out pairs, the right stage against a corrupted one")
+            accuracy = judge_accuracy(config, checkpoint, paths["judge_prompts"], cases)
+            files.write_json_atomic(judge_file, accuracy, indent=1)
         with open(judge_file) as f:
             judge = json.load(f)
     if not os.path.exists(os.path.join(workdir, "trace.json")):

@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llava_cot_jax import config_file, config_schema
+from llava_cot_jax import cli_errors, config_file, config_schema
 
 # mode → "module:function".
 MODES = {
@@ -30,22 +30,21 @@ MODES = {
     "infer": "llava_cot_jax.generate.cli:run",
     "train": "llava_cot_jax.train.trainer:run",
     "eval": "llava_cot_jax.eval.run:run",
+    "study": "llava_cot_jax.study:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", "", "Directory for this run's outputs (checkpoints, metrics, results); a rerun resumes from it."
 )
-_VERBOSE = flags.DEFINE_bool(
-    "verbose", False, "Show third-party warnings and logs (absl, Orbax, Grain, JAX) and the traceback of an error."
-)
+cli_errors.define_verbose()
 
 # Libraries whose warnings and logs (e.g. Orbax's "Skipping merge of OCDBT checkpoints" on every save) are noise
 # to a user unless --verbose; their errors always print. Orbax logs through absl, so "absl" covers it too.
 THIRD_PARTY_LOGGERS = ("absl", "orbax", "grain", "jax")
 
-# Exceptions that report a user's mistake: printed as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+# Exceptions that report a user's mistake: printed as one line, not a traceback (cli_errors.py).
+USER_ERRORS = cli_errors.USER_ERRORS
 
 
 class UsageError(app.UsageError):
@@ -104,16 +103,31 @@ def _lookup(config, key: str):
     return node
 
 
+def load_config_arg(config_arg: str):
+    """The config a `--config=PATH[:ARG]` names; a missing file or a bad ARG is a one-line error here, before absl's
+    loader would report it as two chained tracebacks."""
+    path, _, arg = config_arg.partition(":")
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        known = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+        hint = f"; {folder} has: {', '.join(known)}" if known else "; pass the path of a configs/*.py file"
+        raise FileNotFoundError(f"--config: no such config file: {path}{hint}")
+    try:
+        return config_file.load(path, arg or None)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"--config={config_arg}: {cli_errors.message(err)}") from err
+
+
 def check_override_keys(argv) -> None:
     """Names the first `--config.KEY` the config does not have (with the key that replaced it, for a moved one),
     before absl's parser would report every override at once."""
     config_arg, keys = _override_keys(argv)
     if not config_arg or not keys:
         return
-    path, _, arg = config_arg.partition(":")
+    path = config_arg.partition(":")[0]
     if not os.path.isfile(path):
-        return  # absl reports the missing file
-    config = config_file.load(path, arg or None)
+        return  # parse_flags reports the missing file
+    config = load_config_arg(config_arg)
     for key in keys:
         value = _lookup(config, key)
         if value is _MISSING:
@@ -126,14 +140,19 @@ def check_override_keys(argv) -> None:
 
 
 def parse_flags(argv):
-    """absl's flag parsing, with a config override of an unknown key reported as one line naming it."""
-    check_override_keys(argv)
+    """absl's flag parsing, with a missing config file, a bad config argument and a config override of an unknown
+    key each reported as one line naming it."""
+    with cli_errors.one_line_errors(cli_errors.verbose_requested(argv)):
+        config_arg = _override_keys(argv)[0]
+        if config_arg:
+            load_config_arg(config_arg)
+        check_override_keys(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
-        raise SystemExit(f"error: {err}") from None
+        cli_errors.exit_with(str(err))
     except (AttributeError, KeyError) as err:  # ml_collections: a key check_override_keys could not see
-        raise SystemExit(f"error: config override failed: {err}") from None
+        cli_errors.exit_with(f"config override failed: {cli_errors.message(err)}")
 
 
 def main(argv) -> None:
@@ -141,17 +160,11 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/NAME.py is required")
-    verbose = _VERBOSE.value or flags.FLAGS["verbosity"].present
+    verbose = flags.FLAGS.verbose or flags.FLAGS["verbosity"].present
     if not verbose:
         quiet_third_party_logs()
-    try:
+    with cli_errors.one_line_errors(verbose):
         code = dispatch(_CONFIG.value, _WORKDIR.value)
-    except USER_ERRORS as err:
-        if verbose:
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message} (--verbose shows the traceback)", file=sys.stderr)
-        sys.exit(1)
     sys.exit(code)
 
 

@@ -12,7 +12,7 @@ PACKAGE = "llava_cot_jax"
 # Layer of each top-level module or subpackage, lowest first; a module may import its own layer's modules
 # and any layer below, except that train/ and generate/ never import each other.
 LAYERS = {
-    "ground": {"models", "data", "sharding", "config_schema", "config_file", "aot", "files"},
+    "ground": {"models", "data", "sharding", "config_schema", "config_file", "aot", "files", "cli_errors"},
     "resolution": {"checkpoint", "families", "loading"},
     "jobs": {"train", "generate"},
     "evaluation": {"eval"},

@@ -57,7 +57,8 @@ def test_infer_prints_conclusion_and_writes_trace(tmp_path):
         cwd=REPO,
         timeout=600,
     )
-    assert missing.returncode != 0 and "image not found" in missing.stderr
+    assert missing.returncode == 1 and missing.stderr.startswith("error: image file not found"), missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_dispatch_rejects_unknown_mode():

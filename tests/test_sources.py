@@ -290,5 +290,5 @@ def test_prepare_data_cli(broken_dataset, tmp_path):
         env=env,
         check=False,
     )
-    assert failed.returncode == 1 and "corrupt_image: 2" in failed.stderr
+    assert failed.returncode == 1 and "corrupt_image: 2" in failed.stderr, failed.stderr
     assert not (tmp_path / "b").exists()

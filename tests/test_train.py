@@ -464,24 +464,72 @@ def test_training_checkpoint_exports_to_hf_and_loads_for_inference(scenes, tmp_p
         np.testing.assert_array_equal(np.asarray(placed), host)
 
 
-def test_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+def test_divergence_is_caught_before_blown_up_weights_are_saved_and_a_rerun_recovers(
     scenes, tmp_path, xla_cache, capsys
 ):
-    config = tiny_run_config(
-        scenes.jsonl_path.parent,
-        **{
-            "train.num_steps": 6,
-            "checkpointing.every_steps": 1,
-            "optimizer.learning_rate": 1e30,
-            "optimizer.schedule": "constant",
-        },
-    )
-    code = trainer_lib.run(config, str(tmp_path / "run"))
+    """The issue's case: a huge learning rate whose update is finite but blows the weights up. The step is stopped
+    before it is checkpointed; a plain rerun is refused with the command; that command (with a sane learning rate)
+    resumes from the named checkpoint, reports the changed key and keeps the old config."""
+    run = tmp_path / "run"
+    overrides = {"train.num_steps": 4, "checkpointing.every_steps": 1, "optimizer.schedule": "constant"}
+    config = tiny_run_config(scenes.jsonl_path.parent, **overrides, **{"optimizer.learning_rate": 1e6})
+    assert trainer_lib.run(config, str(run)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "train.max_update_ratio" in lines[0], err[-2000:]
+    assert "--config.checkpointing.restore_step=0" in lines[0]  # the first update already blew up: no sane step
+    assert not os.listdir(run / "checkpoints")
+
+    with pytest.raises(ValueError, match="diverged at step 1.*restore_step=0"):
+        trainer_lib.Trainer(config, str(run))
+
+    # A sane run to step 2, then a step-3 blow-up via a jump in loss is simulated by the check itself.
+    config = tiny_run_config(scenes.jsonl_path.parent, **overrides, **{"optimizer.learning_rate": 1e-3})
+    config.checkpointing.restore_step = 0
+    config.train.num_steps = 2
+    assert trainer_lib.run(config, str(run)) == 0
+    capsys.readouterr()
+    assert not (run / trainer_lib.DIVERGED_FILE).exists()
+
+    config.checkpointing.restore_step = 1  # resume an earlier step with another setting
+    config.train.num_steps = 3
+    config.optimizer.learning_rate = 5e-4
+    assert trainer_lib.run(config, str(run)) == 0
     out = capsys.readouterr().out
-    assert code == 2 and "not finite" in out, out[-2000:]
-    steps = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints"))
-    _, params = weights.load_params(str(tmp_path / "run" / "checkpoints" / str(steps[-1])))
-    assert all(np.isfinite(v).all() for v in params.values())
+    assert "optimizer.learning_rate: 0.001 → 0.0005" in out and "set aside checkpoints 2" in out, out
+    assert json.loads((run / "config.1.json").read_text())["optimizer"]["learning_rate"] == 1e-3
+    assert json.loads((run / "config.json").read_text())["optimizer"]["learning_rate"] == 5e-4
+    assert (run / trainer_lib.SET_ASIDE_DIR / "2").is_dir()
+    assert sorted(int(s) for s in os.listdir(run / "checkpoints")) == [1, 2, 3]
+
+    config.data.shuffle_seed = 7  # the data order may not change on resume
+    with pytest.raises(ValueError, match="data.shuffle_seed changed"):
+        trainer_lib.Trainer(config, str(run))
+    config.data.shuffle_seed = 0
+    config.model.preset = "demo"  # nor the model's shape
+    with pytest.raises(ValueError, match="model's shape differs"):
+        trainer_lib.Trainer(config, str(run))
+
+
+def test_divergence_check_rules():
+    check = trainer_lib.DivergenceCheck(factor=10, window=4, max_update_ratio=1.0)
+    for loss in (2.0, 1.9, 1.8):
+        values = {"loss": loss, "grad_norm": 1.0, "update_ratio": 1e-3}
+        check.check(1, values)
+        check.accept(values)
+    with pytest.raises(trainer_lib.TrainingDiverged, match="loss 25 is over 10 x its median") as caught:
+        check.check(4, {"loss": 25.0, "grad_norm": 1.0, "update_ratio": 1e-3})
+    assert caught.value.bad_weights_step == 3  # the loss of step 4 is computed on step 3's weights
+    with pytest.raises(trainer_lib.TrainingDiverged, match="gradient norm nan") as caught:
+        check.check(4, {"loss": 1.0, "grad_norm": float("nan"), "update_ratio": 1e-3})
+    with pytest.raises(trainer_lib.TrainingDiverged, match="max_update_ratio") as caught:
+        check.check(4, {"loss": 1.0, "grad_norm": 1.0, "update_ratio": 3.0})
+    assert caught.value.bad_weights_step == 4
+    check.check(4, {"loss": 9.0, "grad_norm": 50.0, "update_ratio": 0.5})  # a gradient-norm jump alone is not
+    argv = ["/x/llava_cot_jax/main.py", "--config=configs/sft_tiny.py", "--config.checkpointing.restore_step=5"]
+    assert trainer_lib.resume_command(3, argv) == (
+        "python -m llava_cot_jax.main --config=configs/sft_tiny.py --config.checkpointing.restore_step=3"
+    )
 
 
 def test_startup_errors_are_one_clear_line(scenes, tmp_path):

@@ -21,7 +21,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from llava_cot_jax import aot, aot_compile  # noqa: E402
+from llava_cot_jax import aot, aot_compile, cli_errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice, e.g. v5e-8, v5p-64, v6e-8 (--list_topologies).")
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_absl(main)

@@ -6,8 +6,9 @@ Reads the safetensors shards with numpy, one tensor at a time (no torch), and co
 processor files so the result loads by path (`llava_cot_jax.checkpoint.load_model(DIR)`).
 """
 
-from absl import app, flags
+from absl import flags
 
+from llava_cot_jax import cli_errors
 from llava_cot_jax.checkpoint import convert_hf_to_orbax
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + *.safetensors).", required=True)
@@ -28,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_absl(main)

@@ -6,8 +6,9 @@ Writes sharded safetensors with the Hub key names, model.safetensors.index.json,
 tokenizer/processor files the checkpoint carries.
 """
 
-from absl import app, flags
+from absl import flags
 
+from llava_cot_jax import cli_errors
 from llava_cot_jax.checkpoint import export_to_hf
 
 _CKPT = flags.DEFINE_string(
@@ -27,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_absl(main)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llava_cot_jax import cli_errors
 from llava_cot_jax.data import sources, tfds_builder
 
 
@@ -33,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_tokens", type=int, default=None, help="skip/fail samples longer than this")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     parser.add_argument("--num_threads", type=int, default=4, help="threads decoding images during validation")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error, not one line")
+    parser.error = lambda text: cli_errors.exit_with(f"{text}; see --help", code=2, program=argv is None)
     args = parser.parse_args(argv)
     if (args.tokenizer is None) != (args.max_tokens is None):
         parser.error("--tokenizer and --max_tokens go together")
@@ -41,6 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with cli_errors.one_line_errors(args.verbose, program=argv is None):
+        return prepare(args)
+
+
+def prepare(args: argparse.Namespace) -> int:
     token_counter = None
     if args.tokenizer is not None:
         from transformers import AutoTokenizer  # only needed for the token budget
@@ -60,9 +68,11 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             num_threads=args.num_threads,
         )
-    except (sources.DataValidationError, FileExistsError, FileNotFoundError) as err:
-        print(f"prepare_data: {err}", file=sys.stderr)
-        return 1
+    except sources.DataValidationError as err:
+        print(err, file=sys.stderr)  # the report: every sample left out and why
+        raise ValueError(
+            f"samples of {args.jsonl} failed validation (listed above): fix them, or pass --on_error=skip"
+        ) from err
     print(prepared.report.summary())
     print(f"wrote {prepared.num_examples} examples to {prepared.builder_dir}")
     return 0

@@ -33,6 +33,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_TILE_SIZE = 560
 DEFAULT_MAX_IMAGE_TILES = 4
 DEFAULT_RESCALE_FACTOR = 1 / 255
+# The largest image (width x height) decoded, checked from its header before any pixel is: PIL's own
+# decompression-bomb limit (about 89 megapixels), a 9500 x 9500 photo, far above the 4 tiles of 560 the model sees.
+# PIL is set to the same value, so its own check (which warns below twice the limit) agrees.
+MAX_IMAGE_PIXELS = 89_478_485
+PIL.Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 @lru_cache(maxsize=16)
@@ -71,8 +76,13 @@ def fit_size(height: int, width: int, canvas_height: int, canvas_width: int, til
     return target_height, min(int(width * scale_height) or 1, target_width)
 
 
-def load_image(source) -> PIL.Image.Image:
-    """Open a path, raw bytes or file object as a decoded PIL image (errors name the file)."""
+class ImageTooLarge(ValueError):
+    """An image over the pixel budget: refused before it is decoded."""
+
+
+def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """Open a path, raw bytes or file object as a decoded PIL image (errors name the file); an image of more than
+    `max_pixels` pixels raises ImageTooLarge before it is decoded."""
     if isinstance(source, PIL.Image.Image):
         return source
     if isinstance(source, (bytes, bytearray)):
@@ -83,14 +93,26 @@ def load_image(source) -> PIL.Image.Image:
         name, opener = getattr(source, "name", "<image file object>"), lambda: source
     else:
         raise TypeError(f"cannot read an image from {type(source).__name__}")
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        raise IsADirectoryError(f"image {name} is a directory: pass an image file")
     try:
         with PIL.Image.open(opener()) as image:
+            width, height = image.size
+            if width * height > max_pixels:  # known from the header: nothing is decoded yet
+                raise ImageTooLarge(
+                    f"image {name} is {width} x {height} = {width * height:,} pixels, over the pixel budget of "
+                    f"{max_pixels:,}: downscale it"
+                )
             image.load()  # decode now, so a truncated file fails here and names itself
             return image
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {name}") from None
+    except ImageTooLarge:
+        raise
+    except PIL.Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"image {name} is over the pixel budget of {MAX_IMAGE_PIXELS:,} ({e}): downscale it") from e
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode image {name}: {e}") from e
+        raise ValueError(f"cannot decode image {name}: {e}; pass a PNG, JPEG, GIF, BMP or WebP file") from e
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -178,6 +178,26 @@ class ExampleEncoder:
         }
 
 
+class PairEncoder:
+    """A pair record ({id, image bytes, question, chosen, rejected}, `data/pairs.py`) -> [chosen sample, rejected
+    sample], each encoded as `ExampleEncoder` encodes a conversation (question, then that answer)."""
+
+    def __init__(self, tokenizer, image_processor: MllamaImageProcessor, config: PipelineConfig):
+        self.encoder = ExampleEncoder(tokenizer, image_processor, config)
+
+    def __call__(self, record: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
+        from llava_cot_jax.data.pairs import pair_conversations
+
+        question, image = _text(record["question"]), record["image"]
+        has_image = bool(image.item() if isinstance(image, np.ndarray) else image)
+        return [
+            self.encoder(
+                {**record, "conversations": json.dumps(pair_conversations(question, _text(record[side]), has_image))}
+            )
+            for side in ("chosen", "rejected")
+        ]
+
+
 def _pad_axis0(array: np.ndarray, extra: int) -> np.ndarray:
     if extra == 0:
         return array
@@ -222,6 +242,14 @@ class PadBatch:
             "aspect_ratio_mask": np.stack([s["aspect_ratio_mask"] for s in samples]),
             "cross_attention_mask": cross_mask,
         }
+
+
+class PadPairs(PadBatch):
+    """B encoded pairs -> a batch of 2B rows, each pair's chosen and rejected rows next to each other
+    (`train/pairwise.py` reads rows 2i and 2i + 1), so micro-batches of an even size keep pairs whole."""
+
+    def __call__(self, pairs: Sequence[Sequence[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+        return super().__call__([sample for pair in pairs for sample in pair])
 
 
 class ProcessSlice:
@@ -287,17 +315,21 @@ def build_dataset(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    pairs: bool = False,
 ) -> grain.IterDataset:
     """The per-process pipeline over a random-access `source` (see `open_source`). Iterate it for batches.
 
-    `process_index` / `process_count` default to jax's (a test can pass them to simulate several hosts).
+    `process_index` / `process_count` default to jax's (a test can pass them to simulate several hosts). With
+    `pairs`, the records are preference pairs (`data/pairs.PairSource`) and a batch of B pairs has 2B rows
+    (`PadPairs`).
     """
     dataset = record_dataset(source, config, process_index=process_index, process_count=process_count)
-    dataset = dataset.map(ExampleEncoder(tokenizer, image_processor, config))
+    encoder, pad = (PairEncoder, PadPairs) if pairs else (ExampleEncoder, PadBatch)
+    dataset = dataset.map(encoder(tokenizer, image_processor, config))
     dataset = dataset.batch(
         config.batch_size,
         drop_remainder=config.drop_remainder,
-        batch_fn=PadBatch(config.seq_buckets, tokenizer.pad_token_id),
+        batch_fn=pad(config.seq_buckets, tokenizer.pad_token_id),
     )
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer_size)

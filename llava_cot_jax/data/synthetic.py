@@ -7,7 +7,10 @@ seed always gives the same files, so tests and demos can train on it and check a
 
 The demo's multiple-choice questions (`mcq_scene`: the colour of a lone object, or the number of objects, each with
 four options) come with `corrupt_stage` (a wrong version of any stage, for judge examples) and `write_scenes`
-(any conversations about the scenes, several per image, in the same layout).
+(any conversations about the scenes, several per image, in the same layout). `mcq_scene` also asks the
+`REASONING_KINDS` (counting after removals, differences between groups, attribute conjunctions), whose stages
+write the counting out; `format_answer` / `write_answer_formats` give the same samples with tagged stages, untagged
+stages or the conclusion alone (the ablation formats), and `data/pairs.py` makes right/corrupted stage pairs.
 
 Layout written by `write_synthetic_dataset(out_dir, ...)`:
 
@@ -18,6 +21,7 @@ Layout written by `write_synthetic_dataset(out_dir, ...)`:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -28,6 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from llava_cot_jax import files
+from llava_cot_jax.data import mcq_prompt as mcq_prompt_lib
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (173, 35, 35),
@@ -397,20 +402,36 @@ def mcq_scene(
     seed: int, index: int, kinds: tuple[str, ...] = MCQ_KINDS, scale: float = 1.0
 ) -> tuple[list[SceneObject], McqSample]:
     """Scene `index` of the multiple-choice set `seed`, objects sized by `scale`, and its question, the kind drawn
-    from `kinds` (a colour question shows one object, a count question one to MCQ_MAX_OBJECTS). Depends only on
-    (seed, index, kinds, scale)."""
-    unknown = [k for k in kinds if k not in _MCQ_MAKERS]
+    from `kinds` (MCQ_KINDS or REASONING_KINDS; a colour question shows one object, a count question one to
+    MCQ_MAX_OBJECTS, a reasoning question REASONING_OBJECTS). Depends only on (seed, index, kinds, scale)."""
+    makers = {**_MCQ_MAKERS, **_REASONING_MAKERS}
+    unknown = [k for k in kinds if k not in makers]
     if unknown or not kinds:
-        raise ValueError(f"unknown multiple-choice kinds {unknown or kinds!r}; choose from {MCQ_KINDS}")
+        raise ValueError(
+            f"unknown multiple-choice kinds {unknown or kinds!r}; choose from {MCQ_KINDS + REASONING_KINDS}"
+        )
     rng = np.random.default_rng([seed, index])
     kind = kinds[rng.integers(len(kinds))]
-    objects = random_scene(rng, *_MCQ_TEXT[kind][3], scale)
-    return objects, _MCQ_MAKERS[kind](rng, objects)
+    if kind in _MCQ_TEXT:
+        objects = random_scene(rng, *_MCQ_TEXT[kind][3], scale)
+        return objects, makers[kind](rng, objects)
+    plan = _draw_plan(rng, kind)
+    for attempt in range(_SCENE_TRIES):
+        objects = random_scene(rng, *REASONING_OBJECTS, scale)
+        # The last try takes any answer, so a sample always comes back.
+        sample = makers[kind](rng, objects, plan if attempt < _SCENE_TRIES - 1 else None)
+        if sample is not None:
+            return objects, sample
+    raise AssertionError("unreachable: the last try accepts any answer")
 
 
 def corrupt_stage(rng: np.random.Generator, objects: list[SceneObject], sample: McqSample, stage: str) -> str:
     """A wrong version of one stage of `sample` (a judge example's losing side): another kind's plan, a caption with
-    one object recoloured, reshaped, dropped or doubled, or reasoning and conclusion that pick a wrong option."""
+    one object recoloured, reshaped, dropped or doubled, or reasoning and conclusion that pick a wrong option.
+    For REASONING_KINDS: another kind's plan, a caption with one object changed (its size too), reasoning whose
+    last step slips to a wrong option."""
+    if sample.kind in _REASONING_MAKERS:
+        return _corrupt_reasoning_stage(rng, objects, sample, stage)
     if stage == "SUMMARY":
         return next(summary for kind, (_, summary, _, _) in _MCQ_TEXT.items() if kind != sample.kind)
     if stage == "CAPTION":
@@ -424,9 +445,9 @@ def corrupt_stage(rng: np.random.Generator, objects: list[SceneObject], sample: 
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def _altered_scene(rng: np.random.Generator, objects: list[SceneObject]) -> list[SceneObject]:
-    """The objects with one change that alters the caption."""
-    changes = ["color", "shape", "double"] + (["drop"] if len(objects) > 1 else [])
+def _altered_scene(rng: np.random.Generator, objects: list[SceneObject], resize: bool = False) -> list[SceneObject]:
+    """The objects with one change that alters the caption (`resize`: a size change is one of the choices)."""
+    changes = ["color", "shape", "double"] + (["drop"] if len(objects) > 1 else []) + (["size"] if resize else [])
     change = changes[rng.integers(len(changes))]
     i = int(rng.integers(len(objects)))
     target = objects[i]
@@ -436,9 +457,333 @@ def _altered_scene(rng: np.random.Generator, objects: list[SceneObject]) -> list
         return objects + [target]
     if change == "color":
         altered = dataclasses.replace(target, color=str(rng.choice([c for c in COLORS if c != target.color])))
+    elif change == "size":
+        altered = dataclasses.replace(target, size=next(z for z in SIZES if z != target.size))
     else:
         altered = dataclasses.replace(target, shape=str(rng.choice([s for s in SHAPES if s != target.shape])))
     return objects[:i] + [altered] + objects[i + 1 :]
+
+
+# ------------------------------------------------------------------------------------- reasoning multiple choice
+# Questions where writing the work out should pay: counting after removing groups, the difference between two
+# groups' counts, and attribute conjunctions. Objects are told apart by size, colour and shape only: the renderer
+# draws no material, and at the demo's 64 px (object_scale 1.8) a small object is ~8 px in radius and a large one
+# ~13 px (2.2x the painted area), so size is visible while a shine highlight would be a pixel or two.
+
+REASONING_KINDS = ("remove", "compare", "conjunction")
+REASONING_OBJECTS = (3, 6)  # at object_scale 1.8 more than six rarely fit a scene without overlap
+ANSWER_FORMATS = ("tagged", "untagged", "direct")
+_ATTRIBUTES = ("size", "color", "shape")  # the order a group is named and narrowed in
+
+Group = tuple[tuple[str, str], ...]  # (attribute, value) pairs in _ATTRIBUTES order: "small purple objects"
+
+
+def _group_phrase(group: Group, plural: bool = True) -> str:
+    """'small purple objects', 'cubes', 'large blue sphere' (plural=False)."""
+    values = dict(group)
+    words = [values[a] for a in ("size", "color") if a in values]
+    words.append(_noun(values.get("shape"), 2 if plural else 1))
+    return " ".join(words)
+
+
+def _in_group(obj: SceneObject, group: Group) -> bool:
+    return all(getattr(obj, attribute) == value for attribute, value in group)
+
+
+def _groups(objects: list[SceneObject], num_attributes: int, present: bool = True) -> list[Group]:
+    """Every group named by `num_attributes` attributes: those of the scene's objects (`present`), else every
+    combination of values, in a fixed order."""
+    combos = list(itertools.combinations(_ATTRIBUTES, num_attributes))
+    if present:
+        found = (tuple((a, getattr(o, a)) for a in combo) for o in objects for combo in combos)
+        return list(dict.fromkeys(found))
+    values = {"size": SIZES, "color": tuple(COLORS), "shape": SHAPES}
+    return [tuple(zip(combo, vs)) for combo in combos for vs in itertools.product(*(values[a] for a in combo))]
+
+
+def _ranked(objects: list[SceneObject]) -> list[SceneObject]:
+    """The order the caption lists objects in (colour, shape, size), which does not depend on where they stand."""
+    return sorted(objects, key=lambda o: (list(COLORS).index(o.color), SHAPES.index(o.shape), SIZES.index(o.size)))
+
+
+def _the(objects: list[SceneObject]) -> str:
+    return ", ".join(f"the {o.phrase()}" for o in _ranked(objects))
+
+
+def _tally(label: str, members: list[SceneObject]) -> str:
+    """'Small cubes: 2 (the small red cube, the small blue cube).'"""
+    label = label[0].upper() + label[1:]
+    return f"{label}: {len(members)} ({_the(members)})." if members else f"{label}: 0."
+
+
+def _full_caption(objects: list[SceneObject]) -> str:
+    """Every object with its size, colour and shape (`_ranked`), led by their number."""
+    listed = _listed(f"a {o.phrase()}" for o in _ranked(objects))
+    return f"The image shows {_count_words(len(objects))} {_noun(None, len(objects))}: {listed}."
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a reasoning question is to be, drawn before its scene: for a count, the four consecutive counts shown
+    (from `lowest`) and the answer among them; for a conjunction, whether to ask a colour."""
+
+    lowest: int
+    answer: int
+    ask_color: bool
+
+
+_HIGHEST_COUNT = {"remove": 4, "compare": 3, "conjunction": 3}  # the highest option; higher answers are rare
+_SCENE_TRIES = 64
+
+
+def _draw_plan(rng: np.random.Generator, kind: str) -> _Plan:
+    """The options' lowest count uniformly, then the answer's place among them uniformly. Scenes are then drawn
+    until one has a question with that answer, so any four counts shown hold the answer at each place equally
+    often: neither the options nor how common a count is tells the answer without counting."""
+    width = len(OPTION_LETTERS)
+    lowest = int(rng.integers(_HIGHEST_COUNT[kind] - width + 2))
+    return _Plan(lowest, lowest + int(rng.integers(width)), bool(rng.integers(2)))
+
+
+def _counted(
+    rng: np.random.Generator, candidates: list, answer: Callable[[object], int], plan: _Plan | None
+) -> tuple[object, list[str]] | None:
+    """A candidate question with the planned answer and the other three options; None when no
+    candidate has it. Without a plan: any candidate, its answer at a random place among four consecutive counts."""
+    width = len(OPTION_LETTERS)
+    if plan is None:
+        chosen = candidates[rng.integers(len(candidates))]
+        value = answer(chosen)
+        lowest = value - min(value, int(rng.integers(width)))
+    else:
+        hits = [c for c in candidates if answer(c) == plan.answer]
+        if not hits:
+            return None
+        chosen, value, lowest = hits[rng.integers(len(hits))], plan.answer, plan.lowest
+    return chosen, [str(v) for v in range(lowest, lowest + width) if v != value]
+
+
+def _reasoning_mcq(rng, objects, kind, question, summary, reasoning, answer: str, distractors) -> McqSample:
+    """The answer at a uniformly drawn letter, the distractors shuffled around it."""
+    position = int(rng.integers(len(OPTION_LETTERS)))
+    others = [distractors[i] for i in rng.permutation(len(distractors))]
+    options = tuple(others[:position] + [answer] + others[position:])
+    return McqSample(
+        question=question,
+        summary=summary,
+        caption=_full_caption(objects),
+        reasoning=reasoning,
+        conclusion=answer,
+        options=options,
+        correct=OPTION_LETTERS[position],
+        kind=kind,
+    )
+
+
+def _remove_mcq(rng: np.random.Generator, objects: list[SceneObject], plan: _Plan | None = None) -> McqSample | None:
+    """How many objects remain after removing one or two groups of the scene (the second may overlap the first)."""
+    present = _groups(objects, 1) + _groups(objects, 2)
+    if rng.integers(2):
+        candidates = [(g,) for g in present]
+    else:
+        candidates = [(a, b) for a, b in itertools.permutations(present, 2)]
+    remaining = lambda groups: sum(not any(_in_group(o, g) for g in groups) for o in objects)
+    counted = _counted(rng, candidates, remaining, plan)
+    if counted is None:
+        return None
+    groups, distractors = counted
+    phrases = [_group_phrase(g) for g in groups]
+    steps, taken, removed = [f"There are {len(objects)} objects."], [], set()
+    for group, phrase in zip(groups, phrases):
+        members = [i for i, o in enumerate(objects) if _in_group(o, group)]
+        already = [i for i in members if i in removed]
+        step = _tally(phrase, [objects[i] for i in members])
+        if already:
+            gone = [f"the {o.phrase()}" for o in _ranked([objects[i] for i in already])]
+            verb = "is" if len(already) == 1 else "are"
+            more = len(members) - len(already)
+            step = f"{step[:-1]}; {_listed(gone)} {verb} already removed, so {more} more " + (
+                "goes." if more == 1 else "go."
+            )
+        steps.append(step)
+        taken.append(len(members) - len(already))
+        removed.update(members)
+    left = len(objects) - sum(taken)
+    steps.append(" - ".join(str(n) for n in [len(objects), *taken]) + f" = {left}.")
+    question = "How many objects remain after removing " + " and ".join(f"all {p}" for p in phrases) + "?"
+    if len(groups) == 1:
+        summary = f"I will count all the objects and the {phrases[0]}, then subtract."
+    else:
+        summary = f"I will count all the objects, the {phrases[0]} and the {phrases[1]} not among them, then subtract."
+    return _reasoning_mcq(rng, objects, "remove", question, summary, " ".join(steps), str(left), distractors)
+
+
+def _compare_mcq(rng: np.random.Generator, objects: list[SceneObject], plan: _Plan | None = None) -> McqSample | None:
+    """How many more of one group than of another (the larger named first; 0 when they tie)."""
+    count = lambda group: sum(_in_group(o, group) for o in objects)
+    candidates = list(itertools.combinations(_groups(objects, 1), 2))
+    counted = _counted(rng, candidates, lambda pair: abs(count(pair[0]) - count(pair[1])), plan)
+    if counted is None:
+        return None
+    (first, second), distractors = counted
+    members = {g: [o for o in objects if _in_group(o, g)] for g in (first, second)}
+    if len(members[first]) < len(members[second]):
+        first, second = second, first
+    a, b = _group_phrase(first), _group_phrase(second)
+    difference = len(members[first]) - len(members[second])
+    reasoning = (
+        f"{_tally(a, members[first])} {_tally(b, members[second])} "
+        f"{len(members[first])} - {len(members[second])} = {difference}."
+    )
+    return _reasoning_mcq(
+        rng,
+        objects,
+        "compare",
+        f"How many more {a} than {b} are there?",
+        f"I will count the {a} and the {b}, then take the difference.",
+        reasoning,
+        str(difference),
+        distractors,
+    )
+
+
+def _narrow(objects: list[SceneObject], group: Group) -> tuple[list[str], list[SceneObject]]:
+    """The steps that filter the objects by one attribute of `group` at a time, and the objects left."""
+    left, steps = objects, []
+    for k, (attribute, value) in enumerate(group):
+        left = [o for o in left if getattr(o, attribute) == value]
+        label = (
+            _group_phrase(((attribute, value),))
+            if k == 0
+            else "of those, " + (_SHAPE_PLURAL[value] if attribute == "shape" else f"{value} ones")
+        )
+        steps.append(_tally(label, left))
+        if not left:
+            break
+    return steps, left
+
+
+def _conjunction_mcq(
+    rng: np.random.Generator, objects: list[SceneObject], plan: _Plan | None = None
+) -> McqSample | None:
+    """The colour of the only object of some size and shape, or how many objects have two or three given
+    attributes (as planned; without a plan, a colour when some size and shape is unique, by a coin)."""
+    if plan.ask_color if plan else rng.integers(2):
+        for i in rng.permutation(len(objects)):
+            target = objects[i]
+            name = (("size", target.size), ("shape", target.shape))
+            if sum(_in_group(o, name) for o in objects) == 1:
+                steps, _ = _narrow(objects, name)
+                seen = list(dict.fromkeys(o.color for o in objects if o.color != target.color))
+                unseen = [c for c in COLORS if c != target.color and c not in seen]
+                # Colours in the scene first: the wrong object's colour is the likely mistake.
+                distractors = ([seen[j] for j in rng.permutation(len(seen))] + list(rng.permutation(unseen)))[:3]
+                phrase = _group_phrase(name, plural=False)
+                return _reasoning_mcq(
+                    rng,
+                    objects,
+                    "conjunction",
+                    f"What color is the {phrase}?",
+                    f"I will find the only {phrase} and report its color.",
+                    " ".join(steps) + f" Its color is {target.color}.",
+                    target.color,
+                    [str(c) for c in distractors],
+                )
+        if plan:
+            return None
+    candidates = _groups(objects, 2, present=False) + _groups(objects, 3, present=False)
+    counted = _counted(rng, candidates, lambda g: sum(_in_group(o, g) for o in objects), plan)
+    if counted is None:
+        return None
+    group, distractors = counted
+    steps, left = _narrow(objects, group)
+    phrase = _group_phrase(group)
+    attributes = _listed([a for a, _ in group])
+    return _reasoning_mcq(
+        rng,
+        objects,
+        "conjunction",
+        f"How many {phrase} are there?",
+        f"I will narrow the objects down by {attributes}, one at a time, and count those left.",
+        " ".join(steps) + f" So the count is {len(left)}.",
+        str(len(left)),
+        distractors,
+    )
+
+
+_REASONING_MAKERS = {"remove": _remove_mcq, "compare": _compare_mcq, "conjunction": _conjunction_mcq}
+
+
+def _corrupt_reasoning_stage(rng: np.random.Generator, objects, sample: McqSample, stage: str) -> str:
+    """`corrupt_stage` for REASONING_KINDS: the plan of a question of another kind about the same scene, the caption
+    of the scene with one object changed, the reasoning with its last step slipped to a wrong option (its final
+    number or colour), or a wrong option."""
+    wrong = [o for o in sample.options if o != sample.conclusion]
+    option = wrong[rng.integers(len(wrong))]
+    if stage == "SUMMARY":
+        others = [k for k in REASONING_KINDS if k != sample.kind]
+        return _REASONING_MAKERS[others[rng.integers(len(others))]](rng, objects).summary
+    if stage == "CAPTION":
+        return _full_caption(_altered_scene(rng, objects, resize=True))
+    if stage == "REASONING":
+        cut = sample.reasoning.rfind(sample.conclusion)
+        return sample.reasoning[:cut] + option + sample.reasoning[cut + len(sample.conclusion) :]
+    if stage == "CONCLUSION":
+        return option
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def format_answer(sample: Sample, answer_format: str = "tagged") -> str:
+    """The assistant turn in one of ANSWER_FORMATS: "tagged" (the four tagged stages, `Sample.answer`),
+    "untagged" (the same four texts without tags, separated by blank lines) or "direct" (the conclusion alone)."""
+    if answer_format == "tagged":
+        return sample.answer()
+    if answer_format == "untagged":
+        return f"{sample.summary}\n\n{sample.caption}\n\n{sample.reasoning}\n\n{sample.conclusion}"
+    if answer_format == "direct":
+        return sample.conclusion
+    raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+
+
+def mcq_prompt(sample: McqSample) -> str:
+    """The user text of a multiple-choice sample: VLMEvalKit's multiple-choice prompt (as the evaluation asks),
+    stripped."""
+    return mcq_prompt_lib.build_prompt(sample.question, sample.option_map(), "", "mcq").strip()
+
+
+def write_answer_formats(
+    out_dir: str | os.PathLike,
+    num_scenes: int,
+    seed: int = 0,
+    kinds: tuple[str, ...] = REASONING_KINDS,
+    scale: float = 1.0,
+    image_size: int = 64,
+    formats: tuple[str, ...] = ANSWER_FORMATS,
+    overwrite: bool = False,
+    progress: bool = False,
+    extra_turns: Callable | None = None,
+) -> dict[str, SyntheticDataset]:
+    """The same `mcq_scene(seed, index, kinds, scale)` samples written once per answer format, to
+    `out_dir/<format>/` (the `write_scenes` layout, PNG images), so the ablations train on identical questions
+    and images and differ only in the assistant turn. Untagged and direct answers have no stage tags: train them
+    with the default record filter ("llava_cot"), which keeps records whatever their tags. `extra_turns(index,
+    objects, sample)` returns (user, reply) turns appended to scene `index` in every format alike (judge
+    examples: the formats then differ only in the answer still)."""
+    unknown = [f for f in formats if f not in ANSWER_FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"unknown answer formats {unknown or formats!r}; choose from {ANSWER_FORMATS}")
+    written = {}
+    for answer_format in formats:
+
+        def scene(index, answer_format=answer_format):
+            objects, sample = mcq_scene(seed, index, kinds, scale)
+            extra = extra_turns(index, objects, sample) if extra_turns else []
+            return objects, [(mcq_prompt(sample), format_answer(sample, answer_format)), *extra]
+
+        written[answer_format] = write_scenes(
+            Path(out_dir) / answer_format, num_scenes, scene, seed, image_size, "png", overwrite, progress
+        )
+    return written
 
 
 # -------------------------------------------------------------------------------------------------------- writer

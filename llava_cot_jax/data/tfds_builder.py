@@ -112,6 +112,8 @@ def prepare_tfds(
         progress=progress,
         num_threads=num_threads,
     )
+    if not samples and not report.counts:  # nothing left out: the file itself holds no sample
+        raise ValueError(f"{jsonl_path} holds no samples ({report.lines} lines); nothing written")
     if not samples:
         raise sources.DataValidationError(f"no usable samples, nothing written:\n{report.summary()}")
 

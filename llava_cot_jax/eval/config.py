@@ -20,4 +20,5 @@ def default_config() -> ml_collections.ConfigDict:
     # sends it as built, ending in " \n"; a small model trained on stripped text can be thrown by the difference).
     c.strip_prompt = False
     c.limit = 0  # evaluate only the first N rows of the TSV (0: all); raise it later and the run resumes
+    generate_config.limits_group(c)  # a row whose prompt is over max_prompt_chars / max_prompt_tokens is a bad row
     return c

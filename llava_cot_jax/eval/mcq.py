@@ -6,15 +6,7 @@ by its letter (`A`, `B`, ... up to however many the benchmark has; an empty cell
 value names the `index` of another row whose image it shares; a Python list literal holds several images),
 `category` and any other columns, which are kept. VLMEvalKit reads it with pandas; we read every cell as text.
 
-Prompts are built the way VLMEvalKit builds them for Llama-3.2-Vision (which LLaVA-CoT's evaluation used):
-- "mcq" (MMStar, MMBench, SEED, ... — `ImageMCQDataset.build_prompt` in `vlmeval/dataset/image_mcq.py`):
-  `Hint: {hint}\\n` (only with a hint) `Question: {question}\\n` `Options:\\n` `A. {A}\\n` ... and
-  `Please select the correct answer from the options above. \\n`;
-- "ai2d" (the AI2D prompt of LLaVA-CoT's `inference/VLMEvalKit/inference_demo.py`, `build_prompt`):
-  `Look at the scientific diagram carefully and answer the following question: {question}\\nA. {A}...`
-  `\\nRespond only with the correct option digit.`;
-- "yorn" (HallusionBench, POPE, MME — `ImageBaseDataset.build_prompt`): the question alone.
-The image comes first in the user turn, the text after it, as there.
+Prompts are built by `data/mcq_prompt.build_prompt` (the layer the synthetic data generator shares).
 
 Answers are read from the text inside `<CONCLUSION>` (what LLaVA-CoT's evaluation scores) with rules, no LLM
 judge: `extract_choice` for options, `extract_yes_no` for yes/no (VLMEvalKit's `YOrN_Extraction` rule).
@@ -34,6 +26,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 from llava_cot_jax import files
+from llava_cot_jax.data.mcq_prompt import build_prompt
 
 STYLES = ("auto", "mcq", "ai2d", "yorn")
 # Columns that predictions.tsv adds to the input's (VLMEvalKit's evaluators read `prediction`).
@@ -125,24 +118,6 @@ def _text(record: Mapping[str, str | None], column: str) -> str:
     """A cell as written (VLMEvalKit does not strip prompt text either); "" when it is blank."""
     value = record.get(column) or ""
     return value if value.strip() else ""
-
-
-def build_prompt(question: str, options: Mapping[str, str], hint: str, style: str) -> str:
-    """The user text for one row, as VLMEvalKit builds it (module docstring)."""
-    if style == "yorn":
-        return question
-    if style == "ai2d":
-        listed = "".join(f"\n{letter}. {text}" for letter, text in options.items())
-        return (
-            f"Look at the scientific diagram carefully and answer the following question: {question}{listed}\n"
-            "Respond only with the correct option digit."
-        )
-    prompt = f"Hint: {hint}\n" if hint else ""
-    prompt += f"Question: {question}\n"
-    if options:
-        prompt += "Options:\n" + "".join(f"{letter}. {text}\n" for letter, text in options.items())
-        prompt += "Please select the correct answer from the options above. \n"
-    return prompt
 
 
 def parse_rows(table: Table, style: str) -> tuple[list[Item], list[Bad]]:

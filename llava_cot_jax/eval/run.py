@@ -24,6 +24,8 @@ from llava_cot_jax.eval import mcq
 
 PROGRESS = "progress.jsonl"
 RUN_FILE = "eval_run.json"
+PREDICTIONS = "predictions.tsv"
+ACCURACY = "accuracy.json"
 
 
 class Progress:
@@ -61,20 +63,40 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _claim_workdir(workdir: str, identity: dict) -> None:
-    """Records what this workdir evaluates, or refuses when it already holds another evaluation."""
+def _claim_workdir(workdir: str, identity: dict, write: bool = True) -> None:
+    """Refuses a workdir that holds an evaluation with other settings; with `write`, records what this workdir
+    evaluates. A run checks before it starts and records when its first result is written, so one that fails
+    before its first answer (a wrong checkpoint path) leaves no claim."""
     path = os.path.join(workdir, RUN_FILE)
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
         changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
         if changed:
+            names = (RUN_FILE, PROGRESS, PREDICTIONS, ACCURACY)
+            held = [os.path.join(workdir, n) for n in names if os.path.exists(os.path.join(workdir, n))]
             raise ValueError(
                 f"{workdir} holds an evaluation with other settings (changed: {', '.join(changed)}); "
-                f"use another --workdir, or delete {os.path.join(workdir, PROGRESS)} and {path} to start over"
+                f"use another --workdir, or delete {', '.join(held)} to start over"
             )
         return
-    files.write_json_atomic(path, identity, indent=1)
+    if write:
+        files.write_json_atomic(path, identity, indent=1)
+
+
+def _prompt_fits(items: list, config, bad: list, tokenizer=None, context: int = 0) -> list:
+    """The items whose prompts are within the prompt limits (generate/config.py); the others go to `bad`, decided
+    before any of them is batched, so an oversized row never costs the rest of its batch."""
+    from llava_cot_jax.generate import config as generate_config
+
+    kept = []
+    for item in items:
+        reason = generate_config.prompt_limit_reason(item.prompt, config, tokenizer, context)
+        if reason:
+            bad.append(mcq.Bad(item.row, item.index, reason))
+        else:
+            kept.append(item)
+    return kept
 
 
 def _decoded(items: list, images_by_index: dict, bad: list, bar):
@@ -98,14 +120,19 @@ def _batches(pairs, size: int):
         yield batch
 
 
-def _answer(pending: list, images_by_index: dict, batch_size: int, config, progress: Progress, bad: list) -> None:
-    """Runs the search on the pending rows in batches, appending each batch's answers to `progress`; rows whose
-    images do not decode go to `bad`. The model is loaded on the first batch, so a rerun with only bad rows left
-    loads nothing."""
+def _answer(
+    pending: list, images_by_index: dict, batch_size: int, config, progress: Progress, bad: list, claim
+) -> None:
+    """Runs the search on the pending rows in batches, appending each batch's answers to `progress` (`claim()`
+    first); rows whose prompts are over the limits or whose images do not decode go to `bad`. The model is loaded
+    on the first batch, so a rerun with only bad rows left loads nothing."""
     from tqdm import tqdm
 
+    from llava_cot_jax import loading
     from llava_cot_jax.generate import cli
 
+    tokenizer = loading.load_processor(config.model).tokenizer
+    pending = _prompt_fits(pending, config, bad, tokenizer, cli.model_context(config))
     searcher, hits = None, []
     with tqdm(total=len(pending), unit="row", desc="eval") as bar:
         for batch in _batches(_decoded(pending, images_by_index, bad, bar), batch_size):
@@ -114,6 +141,7 @@ def _answer(pending: list, images_by_index: dict, batch_size: int, config, progr
             searcher = searcher or cli.build_searcher(config)
             results = searcher.ask([item.prompt for item, _ in batch + pad], [images for _, images in batch + pad])
             done = [(item, r) for (item, _), r in zip(batch, results)]
+            claim()
             progress.add([{"index": item.index, "raw_output": r.text, "prediction": r.conclusion} for item, r in done])
             hits += [mcq.extract(item, r.conclusion) == item.answer for item, r in done if item.answer]
             bar.update(len(batch))
@@ -144,18 +172,21 @@ def run(config, workdir: str = "") -> int:
 
     os.makedirs(workdir, exist_ok=True)
     search = generate_config.search_config(config.search, config.seed)
-    _claim_workdir(
-        workdir,
-        {
-            "tsv_sha256": _sha256(config.tsv),
-            "checkpoint": os.path.abspath(weights),
-            "dtype": config.model.dtype,
-            "prompt": style,
-            "search": dataclasses.asdict(search),
-            "stop_at_eos": bool(config.search.stop_at_eos),
-            **({"strip_prompt": True} if strip else {}),  # absent when off: earlier workdirs still resume
-        },
-    )
+    identity = {
+        "tsv_sha256": _sha256(config.tsv),
+        "checkpoint": os.path.abspath(weights),
+        "dtype": config.model.dtype,
+        "prompt": style,
+        "search": dataclasses.asdict(search),
+        "stop_at_eos": bool(config.search.stop_at_eos),
+        **({"strip_prompt": True} if strip else {}),  # absent when off: earlier workdirs still resume
+    }
+    _claim_workdir(workdir, identity, write=False)
+    items = _prompt_fits(items, config, bad)  # characters: before anything is tokenized
+
+    def claim():
+        _claim_workdir(workdir, identity)
+
     progress = Progress(os.path.join(workdir, PROGRESS))
     pending = [item for item in items if item.index not in progress.done]
     print(
@@ -164,7 +195,7 @@ def run(config, workdir: str = "") -> int:
     )
 
     if pending:
-        _answer(pending, mcq.image_cells(table), config.batch_size, config, progress, bad)
+        _answer(pending, mcq.image_cells(table), config.batch_size, config, progress, bad, claim)
 
     bad.sort(key=lambda b: b.row)
     rows = mcq.score(items, progress.done)
@@ -177,8 +208,9 @@ def run(config, workdir: str = "") -> int:
         "method": search.method,
         **result,
     }
-    mcq.write_predictions(os.path.join(workdir, "predictions.tsv"), table.columns, rows)
-    files.write_json_atomic(os.path.join(workdir, "accuracy.json"), result, indent=1)
+    claim()
+    mcq.write_predictions(os.path.join(workdir, PREDICTIONS), table.columns, rows)
+    files.write_json_atomic(os.path.join(workdir, ACCURACY), result, indent=1)
     _print_summary(result, workdir)
     return 0
 

@@ -55,21 +55,33 @@ def build_searcher(config, on_stage=None, streaming: bool = False) -> stage_sear
     return searcher
 
 
+def model_context(config) -> int:
+    """The model's longest sequence (its max positions), from the weights' stored config."""
+    from llava_cot_jax import loading
+
+    return loading.stored_config(config.model).text.max_position_embeddings
+
+
+def check_question(config, tokenizer=None, context: int = 0) -> None:
+    """A question over the prompt limits (generate/config.py) is refused before anything is allocated for it."""
+    reason = generate_config.prompt_limit_reason(config.question, config, tokenizer, context)
+    if reason:
+        raise ValueError(f"--config.question: {reason}: shorten it (or raise the limit)")
+
+
 def run(config, workdir: str = "") -> int:
     """Answers config.question; with a workdir and no config.trace, the trace goes to DIR/trace.json."""
-    import PIL.Image
+    from llava_cot_jax.data import image as image_lib
 
     if workdir and not config.trace:
         os.makedirs(workdir, exist_ok=True)
         config.trace = os.path.join(workdir, "trace.json")
 
     if not config.question:
-        raise SystemExit("--config.question is required")
-    images = []
-    for path in [p for p in config.image.split(",") if p]:
-        if not os.path.isfile(path):
-            raise SystemExit(f"image not found: {path}")
-        images.append(PIL.Image.open(path).convert("RGB"))
+        raise ValueError('--config.question is required: --config.question="What is in the image?"')
+    check_question(config)
+    # Every image is checked (exists, decodes, within the pixel budget) before the model is loaded.
+    images = [image_lib.to_rgb(image_lib.load_image(path)) for path in config.image.split(",") if path]
     interactive = config.stream and sys.stdout.isatty()
 
     def on_stage(_, stage, text):
@@ -77,6 +89,7 @@ def run(config, workdir: str = "") -> int:
             print(text, end="", flush=True)  # stage search: each accepted stage as it is decided
 
     searcher = build_searcher(config, on_stage=on_stage, streaming=interactive)
+    check_question(config, searcher.processor.tokenizer, model_context(config))
     result = searcher.ask([config.question], [images] if images else None)[0]
     if interactive:
         print()

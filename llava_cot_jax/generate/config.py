@@ -39,6 +39,40 @@ def search_group(**overrides) -> ml_collections.ConfigDict:
     return g
 
 
+# Limits on a prompt, decided before it is tokenized (characters) and before anything is allocated for it (tokens):
+# the question of `infer`, each row of `eval`. The token limit is also capped by the model's context less the
+# longest answer the search may add.
+MAX_PROMPT_CHARS = 65_536
+MAX_PROMPT_TOKENS = 4_096
+
+
+def limits_group(c: ml_collections.ConfigDict) -> None:
+    c.max_prompt_chars = MAX_PROMPT_CHARS  # a longer question is refused (infer) or a bad row (eval); 0: no limit
+    c.max_prompt_tokens = MAX_PROMPT_TOKENS  # likewise in tokens, also capped by the model's context
+
+
+def prompt_limit_reason(text: str, config, tokenizer=None, context: int = 0) -> str | None:
+    """Why `text` is refused as a prompt under the config's max_prompt_chars / max_prompt_tokens and the model's
+    `context` (its max positions, less the search's longest answer); None when it fits. Characters are checked
+    first, so an oversized text is never tokenized."""
+    chars = config.get("max_prompt_chars", MAX_PROMPT_CHARS)
+    if chars and len(text) > chars:
+        return f"prompt is {len(text):,} characters, over max_prompt_chars={chars:,}"
+    if tokenizer is None:
+        return None
+    limit = config.get("max_prompt_tokens", MAX_PROMPT_TOKENS) or 0
+    room = context - max(config.search.max_new_tokens, config.search.judge_max_new_tokens) if context else 0
+    if room and (not limit or room < limit):
+        limit, what = room, f"the model's context of {context:,} less the longest answer"
+    else:
+        what = f"max_prompt_tokens={limit:,}"
+    if limit:
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokens > limit:
+            return f"prompt is {tokens:,} tokens, over {what}"
+    return None
+
+
 def search_config(search, seed: int = 0) -> stage_search.SearchConfig:
     """The `SearchConfig` of a config's `search` group (empty strings count as unset)."""
     names = {f.name for f in dataclasses.fields(stage_search.SearchConfig)}
@@ -56,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.stream = True  # print text as it is produced when stdout is a terminal
     c.trace = ""  # write a JSON trace of every candidate and judge verdict here
     c.batch_size = 1  # tools/aot_compile.py: questions searched together (the CLI answers one)
+    limits_group(c)
     return c
 
 

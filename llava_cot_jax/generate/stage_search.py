@@ -50,16 +50,20 @@ from llava_cot_jax.data import chat
 from llava_cot_jax.generate import judge as judge_lib
 from llava_cot_jax.generate import judge_runner as judge_runner_lib
 from llava_cot_jax.generate import sampler as sampler_lib
+from llava_cot_jax.generate import scorer as scorer_lib
 from llava_cot_jax.generate import stop as stop_lib
+from llava_cot_jax.generate import swires as swires_lib
+from llava_cot_jax.generate.scorer import verdict_counts  # noqa: F401  (re-exported: the trace's verdict counts)
 
-METHODS = ("stage", "best_of_n", "sentence", "greedy", "sample")
+METHODS = ("stage", "best_of_n", "sentence", "greedy", "sample", "swires")
 MIN_PROMPT_BUCKET = 128  # question prompts are padded to at least this many tokens (one bucket for most questions)
 CACHE_STEP = 128  # KV caches are sized in multiples of this many slots
 
 # N per method when num_candidates is not given. stage: the paper's Tables 4 and 7 (author, LLaVA-CoT issue #38)
 # and the `--beam_size` default of inference/demo/simple_inference.py (their evaluation script hard-codes 10);
 # best_of_n and sentence: inference/VLMEvalKit/inference_demo.py (`range(10)`, `range(5)`).
-DEFAULT_NUM_CANDIDATES = {"stage": 2, "best_of_n": 10, "sentence": 5, "greedy": 1, "sample": 1}
+# swires: 4 caption candidates per round (inference/VLMEvalKit/swires.py, `for _ in range(4)`).
+DEFAULT_NUM_CANDIDATES = {"stage": 2, "best_of_n": 10, "sentence": 5, "greedy": 1, "sample": 1, "swires": 4}
 
 # The tournament settings each procedure implies (module docstring).
 PROCEDURES = {
@@ -96,6 +100,14 @@ class SearchConfig:
     screen: str | None = None  # "once" | "per_match" (judge.knockout)
     fallback: str | None = None  # "symmetric" | "second" (judge.fallback_winner)
     sentence_end: str | None = None  # "period" | "text_end": what ends a sentence candidate (sentence beam)
+    scorer: str = "self_judge"  # what keeps candidates: "self_judge" (tournament) | "reward" (generate/scorer.py)
+    reward_weights: str = ""  # scorer=reward: a reward model's training checkpoint DIR/checkpoints/STEP
+    # SWIRES (method="swires", generate/swires.py; theirs: inference/VLMEvalKit/swires.py): resample the caption
+    # while fewer than two reasoning candidates score above the cutoff, at most this many times. Their cutoff is
+    # reward_mean + Z * reward_std = -0.77 + 0.2533 * 2.08 (Z = 0.2533: the 60th percentile of their reward
+    # model's scores); a reward model trained here has its own scale, so set it from its rewards.
+    swires_threshold: float = -0.77 + 0.2533 * 2.08
+    swires_max_backtracks: int = 4  # theirs: max_backtrack = 4
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -119,6 +131,12 @@ class SearchConfig:
                 raise ValueError(f"{name} must be one of {values}, got {getattr(self, name)!r}")
         if self.num_candidates < 1:
             raise ValueError("num_candidates must be >= 1")
+        if self.scorer not in scorer_lib.SCORERS:
+            raise ValueError(f"scorer must be one of {scorer_lib.SCORERS}, got {self.scorer!r}")
+        if self.method == "swires" and self.scorer != "reward":
+            raise ValueError("method swires keeps candidates by reward: set scorer=reward (and reward_weights)")
+        if self.swires_max_backtracks < 0:
+            raise ValueError("swires_max_backtracks must be >= 0")
         for name in ("stage_max_new_tokens", "max_new_tokens", "sentence_max_new_tokens", "judge_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -174,6 +192,7 @@ class _Batch:
     traces: list[list]
     ended: np.ndarray  # [B] the question's answer is finished (EOS or conclusion accepted)
     judges: judge_runner_lib.JudgeRunner | None = None
+    images: dict | None = None  # per question: pixel_values, aspect_ratio_ids/mask, num_tiles (reward scorer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +228,7 @@ class Searcher:
         on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
         mesh: jax.sharding.Mesh | None = None,
         scan_layers: bool = False,
+        scorer: scorer_lib.Scorer | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -223,6 +243,38 @@ class Searcher:
         self.timings: dict[str, float] = {}
         self._rng = np.random.default_rng(config.seed)  # brackets, fallback coins, judge seeds; reset per call
         self._warming_up = False  # `warmup()`: every step runs with a one-token budget
+        self._batch: _Batch | None = None  # the batch being searched
+        self._judge_tokens: dict[int, dict] = {}  # judge tokens read / generated per question since the last tally
+        self.scorer = scorer or self._default_scorer()
+
+    def _default_scorer(self) -> scorer_lib.Scorer:
+        cfg = self.config
+        if cfg.scorer == "reward":
+            if not cfg.reward_weights:
+                raise ValueError("scorer=reward needs reward_weights: a reward model's DIR/checkpoints/STEP")
+            model = scorer_lib.load_reward_model(cfg.reward_weights, dtype=self.model.config.dtype)
+            return scorer_lib.RewardScorer(model, self.tokenizer, self._question_images, bos=cfg.bos)
+        return scorer_lib.SelfJudge(
+            judge=lambda matches, step: self._judge(self._batch, step, matches),
+            screen=lambda pairs, step: self._screen(self._batch, step.groups, pairs),
+            tally=self._tally_judge_tokens,
+            parse_choice=self.prompts.parse_choice,
+            rng=lambda: self._rng,
+            bracket=cfg.bracket,
+            fallback=cfg.fallback,
+            screen_mode=cfg.screen,
+        )
+
+    def _tally_judge_tokens(self) -> dict[int, dict]:
+        tally, self._judge_tokens = self._judge_tokens, {}
+        return tally
+
+    def _question_images(self, q: int) -> dict | None:
+        """Question q's processed image arrays (the reward scorer reads the image itself)."""
+        images = self._batch.images if self._batch is not None else None
+        if images is None:
+            return None
+        return {key: value[q] for key, value in images.items()}
 
     # -- entry points ----------------------------------------------------------------------------------------
 
@@ -261,6 +313,26 @@ class Searcher:
                     kind=stage.lower(),
                     max_new=cfg.stage_max_new_tokens,
                 )
+        elif method == "swires":
+            state, rows = swires_lib.run(
+                self,
+                batch,
+                state,
+                rows,
+                lambda st, r, index, stage: self._step(
+                    batch,
+                    st,
+                    r,
+                    rows_kv,
+                    n,
+                    jax.random.fold_in(key, index),
+                    stage=stage,
+                    stops=(chat.close_tag(stage),),
+                    budget=budget(cfg.stage_max_new_tokens),
+                    kind=stage.lower(),
+                    max_new=cfg.stage_max_new_tokens,
+                ),
+            )
         elif method == "sentence":
             used = 0
             period = "." if cfg.sentence_end == "period" else stop_lib.TextEnd(".")
@@ -305,7 +377,7 @@ class Searcher:
         results = []
         for b, q in enumerate(batch.questions):
             text = batch.accepted[b]
-            stages = dict(batch.stages[b]) if method == "stage" else chat.split_stages(text)
+            stages = dict(batch.stages[b]) if method in ("stage", "swires") else chat.split_stages(text)
             conclusion = stages.get("CONCLUSION") if "CONCLUSION" in stages else chat.extract_conclusion(text)
             verdicts = {k: sum(step["verdicts"][k] for step in batch.traces[b]) for k in ("read", "fallback")}
             results.append(SearchResult(q, text, stages, conclusion, batch.traces[b], self.syncs, verdicts))
@@ -369,6 +441,14 @@ class Searcher:
         batch = _Batch(
             questions, cross_kv, [""] * b, [{} for _ in range(b)], [[] for _ in range(b)], np.zeros(b, bool), judges
         )
+        if has_images:
+            batch.images = {
+                "pixel_values": np.asarray(inputs["pixel_values"]),
+                "aspect_ratio_ids": np.asarray(inputs["aspect_ratio_ids"]),
+                "aspect_ratio_mask": ar_mask,
+                "num_tiles": [list(tiles) for tiles in num_tiles],
+            }
+        self._batch = batch
         return batch, state
 
     def warmup(self, batch_size: int = 1, num_images: int = 1, question_tokens: int | None = None) -> float:
@@ -466,33 +546,14 @@ class Searcher:
             infos.append(info)
 
         live = [q for q in range(b) if not batch.ended[q]]
-        screen_per_match = None
-        if stage == "REASONING" and n > 1:
-            if self.config.screen == "once":  # every candidate, in one batch, before the tournament
-                pairs = [(q, j) for q in live for j in range(n)]
-                for (q, j), (reply, verdict) in zip(pairs, self._screen(batch, groups, pairs)):
-                    groups[q][j].screen = verdict
-                    infos[q][j]["screen_reply"] = reply
-            else:  # the tournament asks, match by match (knockout's groups are the live questions)
-                screen_per_match = lambda pairs: self._screen(batch, groups, [(live[g], j) for g, j in pairs])
-        winners = [0] * b
-        matches: list[judge_lib.Match] = []
-        if n > 1 and live:
-            t1 = time.perf_counter()
-            live_winners, matches = judge_lib.knockout(
-                [groups[q] for q in live],
-                lambda ms: self._judge(batch, [groups[q] for q in live], live, ms, kind, stage),
-                self.prompts.parse_choice,
-                self._rng,
-                bracket=self.config.bracket,
-                fallback=self.config.fallback,
-                screen=screen_per_match,
-            )
-            for q, w in zip(live, live_winners):
-                winners[q] = w
-            for m in matches:
-                m.group = live[m.group]
-            self._tick("judge", t1)
+        t1 = time.perf_counter()
+        step = scorer_lib.StepCandidates(
+            kind, stage, batch.questions, list(batch.accepted), groups, [[i["text"] for i in g] for g in infos], live
+        )
+        self._batch = batch  # the scorers' view of the questions being searched (judge runner, images)
+        selection = self.scorer.select(step) if n > 1 and live else scorer_lib.Selection([0] * b, [{}] * b)
+        winners = selection.winners
+        self._tick("judge", t1)
 
         for q in live:
             win, info = groups[q][winners[q]], infos[q][winners[q]]
@@ -501,6 +562,9 @@ class Searcher:
                 batch.stages[q][stage] = win.text
             if info["finish"] == "eos" or stage == "CONCLUSION":
                 batch.ended[q] = True  # the model ended its answer (or the last stage is in): nothing more to add
+            chosen = dict(selection.trace[q])
+            for j, reply in chosen.pop("screen_replies", {}).items():
+                infos[q][j]["screen_reply"] = reply
             batch.traces[q].append(
                 {
                     "step": stage or kind,
@@ -509,8 +573,10 @@ class Searcher:
                         dict(i, shown_to_judge=c.text, closed=c.closed, mean_logprob=c.mean_logprob, screen=c.screen)
                         for c, i in zip(groups[q], infos[q])
                     ],
-                    "matches": [m.as_dict() for m in matches if m.group == q],
-                    "verdicts": verdict_counts([m for m in matches if m.group == q]),
+                    "matches": [],
+                    "verdicts": {"read": 0, "fallback": 0},
+                    "scorer_tokens": {"read": 0, "generated": 0},
+                    **chosen,
                 }
             )
             if self.on_stage:
@@ -538,11 +604,12 @@ class Searcher:
         replies = self._ask_judges(texts, [q for q, _ in pairs], prefixes, batch, with_image=False, kind="screen")
         return [(reply, self.prompts.parse_screen(reply)) for reply in replies]
 
-    def _judge(self, batch: _Batch, groups, live, matches: Sequence[judge_lib.Match], kind: str, stage):
+    def _judge(self, batch: _Batch, step: scorer_lib.StepCandidates, matches: Sequence[judge_lib.Match]):
         texts, owners, prefixes = [], [], {}
+        kind, groups, live = step.kind, step.groups, step.live
         for m in matches:
             q = live[m.group]
-            a, c = groups[m.group][m.first], groups[m.group][m.second]
+            a, c = groups[q][m.first], groups[q][m.second]
             hint = self._hint(batch, q, kind)
             texts.append(self.prompts.compare_text(kind, batch.questions[q], a.text, c.text, hint))
             owners.append(q)
@@ -564,8 +631,14 @@ class Searcher:
             replies = list(self._judge_override(list(texts), kind))
             if len(replies) != len(texts):
                 raise RuntimeError(f"judge_fn returned {len(replies)} replies for {len(texts)} prompts")
-            return replies
-        return self._run_judges(texts, owners, prefixes, batch, with_image, kind, stops)
+        else:
+            replies = self._run_judges(texts, owners, prefixes, batch, with_image, kind, stops)
+        count = lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for text, reply, q in zip(texts, replies, owners):  # the judge's cost, counted as a search's tokens
+            tally = self._judge_tokens.setdefault(q, {"read": 0, "generated": 0})
+            tally["read"] += count(text)
+            tally["generated"] += count(reply)
+        return replies
 
     def _run_judges(
         self,
@@ -589,7 +662,7 @@ class Searcher:
 
 def total_budget(config: SearchConfig) -> int:
     """Tokens a search may add to a question's prompt (every stage's budget, or the whole answer's)."""
-    if config.method == "stage":
+    if config.method in ("stage", "swires"):
         return len(chat.STAGES) * config.stage_max_new_tokens
     return config.max_new_tokens
 
@@ -634,12 +707,3 @@ def search_shapes(
     )
     candidates = sampler_lib.bucket_length(prompt_bucket + total_budget(config), step=CACHE_STEP)
     return SearchShapes(prompt_bucket, candidates, judge)
-
-
-def verdict_counts(matches: Sequence[judge_lib.Match]) -> dict[str, int]:
-    """How many judge replies were read and how many fell back to the fallback rule (screen-decided matches
-    asked no judge and count in neither)."""
-    return {
-        "read": sum(m.rule == "judge" for m in matches),
-        "fallback": sum(m.rule.startswith("fallback") for m in matches),
-    }

@@ -47,7 +47,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.micro_batches = 1  # gradient accumulation: the global batch is split into this many sequential parts
     c.train.epochs = 3
     c.train.num_steps = 0  # > 0 overrides epochs
-    c.train.freeze = ""  # comma-separated groups kept fixed: vision, projector, language
+    c.train.freeze = ""  # comma-separated groups kept fixed: vision, projector, language, reward_head
+    # "sft": next-token loss on the answers | "pairwise": a reward model (the model + a scalar head on the last
+    # token, models/reward.py) trained with the Bradley-Terry loss on data.train pairs (data/pairs.write_pairs)
+    c.train.objective = "sft"
+    # Divergence check, before a step is committed or checkpointed (see trainer.DivergenceCheck): a step stops the
+    # run if its loss or gradient norm is not finite, if its loss exceeds divergence_factor x its median over the
+    # last divergence_window steps, or if its update is larger than max_update_ratio x the weights' norm. 0 disables.
+    c.train.divergence_factor = 10.0
+    c.train.divergence_window = 20
+    c.train.max_update_ratio = 1.0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-5
@@ -66,6 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpointing.every_steps = 500
     c.checkpointing.keep = 3
     c.checkpointing.async_save = True
+    # -1: resume from the latest checkpoint; N: from step N (later ones are set aside in DIR/checkpoints_set_aside);
+    # 0: start again from the initial weights (every checkpoint set aside). How to leave a diverged run.
+    c.checkpointing.restore_step = -1
 
     c.log_every = 10
     c.eval_every = 0  # > 0 (with data.eval): held-out loss every this many steps

@@ -18,6 +18,7 @@ GROUPS = {
     "vision": ("vision_model",),
     "projector": ("multi_modal_projector", "multi_modal_projector_bias"),
     "language": ("language_model",),
+    "reward_head": ("reward_head",),  # a reward model's scalar head (models/reward.py; train.objective=pairwise)
 }
 SCHEDULES = ("step", "cosine", "constant")
 

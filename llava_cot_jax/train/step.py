@@ -29,10 +29,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_cot_jax import loading
 from llava_cot_jax import sharding as sharding_lib
+from llava_cot_jax.models import reward as reward_lib
 from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 from llava_cot_jax.train import loss as loss_lib
-from llava_cot_jax.train import optim
+from llava_cot_jax.train import optim, pairwise
+
+OBJECTIVES = ("sft", "pairwise")  # next-token NLL of the answers | Bradley-Terry loss of a reward head on pairs
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -49,17 +52,40 @@ class StepSpec:
     schedule: optax.Schedule
     mesh: jax.sharding.Mesh
     loss_chunk: int
+    objective: str = "sft"  # OBJECTIVES; "pairwise": the model is the reward model (models/reward.py)
 
 
-def abstract_model(config: MllamaConfig):
-    """(graphdef, abstract nnx.State) of the model, built without allocating or computing any weights."""
+def abstract_model(config: MllamaConfig, objective: str = "sft"):
+    """(graphdef, abstract nnx.State) of the model (with a reward head for the pairwise objective), built
+    without allocating or computing any weights."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "pairwise":
+        model_class = reward_lib.reward_model_class(type(loading.abstract_model(config)))
+        return nnx.split(nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0))))
     return nnx.split(loading.abstract_model(config))
 
 
+def with_reward_head(spec: StepSpec, params: Mapping, seed: int) -> dict:
+    """`params` with a freshly initialised reward head added when the objective needs one and it has none (a
+    reward model trained from an SFT checkpoint); unchanged otherwise."""
+    if spec.objective != "pairwise" or reward_lib.HEAD_KEY in params:
+        return dict(params)
+    head = reward_lib.RewardHead(spec.config.text.hidden_size, rngs=nnx.Rngs(seed))
+    return {**params, reward_lib.HEAD_KEY: nnx.to_pure_dict(nnx.state(head, nnx.Param))}
+
+
 def build_step_spec(
-    config: MllamaConfig, optim_cfg, frozen_groups, mesh, steps_per_epoch: int, total_steps: int, loss_chunk: int = 512
+    config: MllamaConfig,
+    optim_cfg,
+    frozen_groups,
+    mesh,
+    steps_per_epoch: int,
+    total_steps: int,
+    loss_chunk: int = 512,
+    objective: str = "sft",
 ) -> StepSpec:
-    graphdef, abstract_state = abstract_model(config)
+    graphdef, abstract_state = abstract_model(config, objective)
     schedule = optim.learning_rate_schedule(optim_cfg, steps_per_epoch, total_steps)
     return StepSpec(
         config,
@@ -70,6 +96,7 @@ def build_step_spec(
         schedule,
         mesh,
         loss_chunk,
+        objective,
     )
 
 
@@ -188,6 +215,9 @@ def _micro_nll(spec: StepSpec, trainable, frozen, micro_batch):
     model = merge_model(spec, {**trainable, **frozen})
     # The mesh as context while tracing: activations inside the model are pinned to it (sharding.constrain).
     with jax.sharding.use_abstract_mesh(spec.mesh.abstract_mesh):
+        if spec.objective == "pairwise":  # (summed pair losses, pairs): the same accumulate-then-divide as tokens
+            total, pairs, _ = pairwise.pairwise_sum(model, loss_lib.model_inputs(micro_batch, model.config.jnp_dtype))
+            return total, pairs
         return loss_lib.nll_sum(model, micro_batch, spec.loss_chunk)
 
 
@@ -224,6 +254,9 @@ def train_step(spec: StepSpec, state: dict, batch: Mapping) -> tuple[dict, dict]
         "supervised_tokens": count,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": spec.schedule(state["step"]),
+        # The size of this update against the weights it changed: the one metric about the weights being saved
+        # (loss and gradient norm describe the weights before the update). The trainer's divergence check reads it.
+        "update_ratio": optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state["params"]), 1e-12),
     }
     return new_state, metrics
 

@@ -37,8 +37,116 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
+DIVERGED_FILE = "diverged.json"  # written when a run stops on divergence; a plain rerun is refused while it exists
+SET_ASIDE_DIR = "checkpoints_set_aside"  # checkpoints after checkpointing.restore_step are moved here, not deleted
+# Settings a resumed run may not change: they decide which samples each step reads, or the train state's layout
+# (the model's shape is compared on the checkpoint's own model config).
+RESUME_FIXED_KEYS = (
+    "data.train",
+    "data.record_filter",
+    "data.shuffle_seed",
+    "data.synthetic_samples",
+    "data.synthetic_seed",
+    "train.global_batch",
+    "train.freeze",
+)
+
+
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient norm."""
+    """A step failed the divergence check; `bad_weights_step` is the first step whose weights are not trusted."""
+
+    def __init__(self, message: str, bad_weights_step: int):
+        super().__init__(message)
+        self.bad_weights_step = bad_weights_step
+
+
+class DivergenceCheck:
+    """Decides whether a step may be committed, from its metrics, before anything of it is logged or saved.
+
+    Step N's loss and gradient norm are computed on the weights of step N-1; its update_ratio (|update| / |weights|)
+    is the only measure of the weights of step N. So:
+      - a non-finite loss or gradient norm, or a loss above `factor` x its median over the last `window` accepted
+        steps (once 3 are known): the weights of step N-1 are not trusted. A gradient norm's jump alone is not
+        divergence: early steps of a healthy run raise it 10-20x (clipping bounds the update), and an update
+        that does blow the weights up is caught by the update ratio;
+      - a non-finite update_ratio or one above `max_update_ratio`: the weights of step N are not trusted.
+    """
+
+    MIN_HISTORY = 3
+
+    def __init__(self, factor: float, window: int, max_update_ratio: float):
+        self.factor, self.window, self.max_update_ratio = factor, max(window, 1), max_update_ratio
+        self.losses: list[float] = []
+
+    def seed(self, records) -> None:
+        """Accepted values of an earlier part of the run (metrics.jsonl), so a resumed run keeps its baseline."""
+        for record in records:
+            if isinstance(record.get("loss"), (int, float)):
+                self.accept(record)
+
+    def check(self, step: int, values: dict) -> None:
+        for key, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
+            if not math.isfinite(values[key]):
+                raise TrainingDiverged(f"step {step}: {what} {values[key]} (not finite)", step - 1)
+        recent = self.losses[-self.window :]
+        if self.factor > 0 and len(recent) >= self.MIN_HISTORY:
+            median = float(np.median(recent))
+            if values["loss"] > self.factor * median:
+                raise TrainingDiverged(
+                    f"step {step}: loss {values['loss']:.4g} is over {self.factor:g} x its median "
+                    f"{median:.4g} of the last {len(recent)} steps",
+                    step - 1,
+                )
+        ratio = values.get("update_ratio")
+        if ratio is not None and (
+            not math.isfinite(ratio) or (self.max_update_ratio > 0 and ratio > self.max_update_ratio)
+        ):
+            raise TrainingDiverged(
+                f"step {step}: its update is {ratio:.4g} x the weights' norm (limit train.max_update_ratio="
+                f"{self.max_update_ratio:g})",
+                step,
+            )
+
+    def accept(self, values: dict) -> None:
+        self.losses.append(float(values["loss"]))
+        del self.losses[: -self.window]
+
+
+def resume_command(step: int, argv: list[str] | None = None) -> str:
+    """The command that resumes this run from checkpoint `step`: this process's own command line when it was
+    started as `python -m llava_cot_jax.main`, with checkpointing.restore_step set."""
+    import shlex
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    flag = f"--config.checkpointing.restore_step={step}"
+    if not argv or not argv[0].endswith(os.path.join("llava_cot_jax", "main.py")):
+        return f"rerun with {flag}"
+    kept = [a for a in argv[1:] if not a.startswith(("--config.checkpointing.restore_step", "--config.checkpoint."))]
+    return shlex.join(["python", "-m", "llava_cot_jax.main", *kept]) + " " + flag
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every key whose value differs (missing on one side: None)."""
+    old, new = _flatten(old), _flatten(new)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def _model_shape(config) -> dict:
+    """The architecture's sizes (no dtypes or layout), as JSON would hold them."""
+    return json.loads(
+        json.dumps({"vision": dataclasses.asdict(config.vision), "text": dataclasses.asdict(config.text)})
+    )
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -101,6 +209,16 @@ def open_data(path: str, image_root: str, what: str, record_filter: str = "llava
     raise FileNotFoundError(f"{what}: no such file or directory: {path}")
 
 
+def open_pairs(path: str, image_root: str, what: str, record_filter: str = ""):
+    """Preference pairs (`data/pairs.write_pairs`): a pairs JSONL, or a directory holding pairs.jsonl; images
+    are relative to the file (image_root and record_filter do not apply)."""
+    from llava_cot_jax.data import pairs
+
+    if not path:
+        raise ValueError(f"{what} is empty: set it to a pairs JSONL file (data/pairs.py) for train.objective=pairwise")
+    return pairs.PairSource(os.path.join(path, pairs.PAIRS_JSONL) if os.path.isdir(path) else path)
+
+
 def ensure_synthetic_data(data_cfg, workdir: str) -> None:
     """sft_tiny: writes a synthetic LLaVA-CoT-layout set into data.train when that directory is empty."""
     from llava_cot_jax.data import synthetic
@@ -151,6 +269,13 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+
+    def records(self) -> list[dict]:
+        """What this run logged so far (up to the step it resumes from)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -203,10 +328,12 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
 
         ensure_synthetic_data(c.data, self.workdir)
-        self.source = open_data(c.data.train, c.data.image_root, "data.train", c.data.record_filter)
+        self.pairwise = c.train.objective == "pairwise"  # data.train/eval are then pairs (data/pairs.py)
+        opened = open_pairs if self.pairwise else open_data
+        self.source = opened(c.data.train, c.data.image_root, "data.train", c.data.record_filter)
         self.eval_source = None
         if c.data.eval:
-            self.eval_source = open_data(c.data.eval, c.data.eval_image_root, "data.eval", c.data.record_filter)
+            self.eval_source = opened(c.data.eval, c.data.eval_image_root, "data.eval", c.data.record_filter)
         self.processor = loading.load_processor(c.model, self.model_config)
         loading.check_processor(self.processor, self.model_config)
 
@@ -234,6 +361,7 @@ class Trainer:
             self.steps_per_epoch,
             self.total_steps,
             loss_chunk=c.model.loss_chunk,
+            objective=c.train.objective,
         )
         step_lib.param_shardings(self.spec)  # a parameter dimension the mesh does not divide fails here, by name
         if c.checkpointing.every_steps < 1:
@@ -241,15 +369,101 @@ class Trainer:
         self.manager = checkpointing.make_manager(
             self.workdir, c.checkpointing.every_steps, c.checkpointing.keep, c.checkpointing.async_save
         )
+        try:
+            self.resume_step = self._choose_resume_step()
+        except BaseException:
+            self.manager.close()  # its background threads would otherwise outlive the error message
+            raise
+        self.divergence = DivergenceCheck(
+            c.train.divergence_factor, c.train.divergence_window, c.train.max_update_ratio
+        )
         device_kind = jax.devices()[0].device_kind
         self.peak_flops = c.peak_tflops_per_device * 1e12 if c.peak_tflops_per_device else flops.peak_flops(device_kind)
+
+    # -------------------------------------------------------------------------------------------- resuming
+
+    def _choose_resume_step(self) -> int | None:
+        """The checkpoint this run resumes from (None: from the initial weights), after checking that the config
+        may resume it. With checkpointing.restore_step, later checkpoints are set aside (moved, not deleted)."""
+        wanted = self.config.checkpointing.restore_step
+        steps = self.manager.all_steps()
+        diverged_file = os.path.join(self.workdir, DIVERGED_FILE)
+        if wanted < 0 and os.path.exists(diverged_file):
+            with open(diverged_file) as f:
+                diverged = json.load(f)
+            raise ValueError(
+                f"this run diverged at step {diverged['step']} ({diverged['reason']}); resume from a sane "
+                f"checkpoint with other settings: {diverged['resume']} (see docs/troubleshooting.md)"
+            )
+        if wanted < 0:
+            step = max(steps) if steps else None
+        elif wanted == 0:
+            step = None
+        elif wanted in steps:
+            step = wanted
+        else:
+            raise ValueError(
+                f"checkpointing.restore_step={wanted}: no such checkpoint in {self.manager.directory} "
+                f"(have: {', '.join(map(str, sorted(steps))) or 'none'})"
+            )
+        if step is not None:
+            self._check_resumable(step)
+        later = sorted(s for s in steps if step is None or s > step)
+        if wanted >= 0 and later and self.is_primary:
+            aside = os.path.join(self.workdir, SET_ASIDE_DIR)
+            os.makedirs(aside, exist_ok=True)
+            for s in later:
+                target = os.path.join(aside, str(s))
+                if os.path.exists(target):
+                    target = f"{target}.{int(time.time())}"
+                os.replace(os.path.join(str(self.manager.directory), str(s)), target)
+            print(f"set aside checkpoints {', '.join(map(str, later))} in {aside}")
+        if wanted >= 0:
+            _sync("checkpoints set aside")
+            self.manager.reload()
+            if self.is_primary and os.path.exists(diverged_file):
+                os.remove(diverged_file)
+        return step
+
+    def _check_resumable(self, step: int) -> None:
+        """Refuses (one line) a resume that changes the data order or the model's shape; prints any other
+        change of the config against the saved DIR/config.json and keeps the old one as DIR/config.STEP.json."""
+        saved_shape = _model_shape(weights.load_config(os.path.join(str(self.manager.directory), str(step))))
+        if saved_shape != _model_shape(self.model_config):
+            raise ValueError(
+                f"the model's shape differs from checkpoint {step}'s in {self.workdir}: resume with the same "
+                "model.preset / model.weights, or start a new --workdir"
+            )
+        path = os.path.join(self.workdir, "config.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            old = json.load(f)
+        changes = config_changes(old, self._config_json())
+        changes.pop("checkpointing.restore_step", None)
+        fixed = [key for key in RESUME_FIXED_KEYS if key in changes]
+        if fixed:
+            key = fixed[0]
+            raise ValueError(
+                f"resuming {self.workdir} with {key} changed ({changes[key][0]!r} → {changes[key][1]!r}) would "
+                f"change the data order: set it back, or start a new --workdir"
+            )
+        if changes and self.is_primary:
+            kept = os.path.join(self.workdir, f"config.{step}.json")
+            files.write_json_atomic(kept, old)
+            print(f"resuming from step {step} with a changed config (the previous one kept as {kept}):")
+            for key, (before, after) in changes.items():
+                print(f"  {key}: {before!r} → {after!r}")
+
+    def _config_json(self) -> dict:
+        return json.loads(json.dumps(self.config.to_dict(), default=str))
 
     # -------------------------------------------------------------------------------------------- helpers
 
     def _write_run_files(self) -> None:
         if not self.is_primary:
             return
-        files.write_json_atomic(os.path.join(self.workdir, "config.json"), self.config.to_dict(), default=str)
+        files.write_json_atomic(os.path.join(self.workdir, "config.json"), self._config_json())
         processor_dir = os.path.join(self.workdir, weights.TRAIN_PROCESSOR_DIR)
         if not os.path.isdir(processor_dir):
             with files.atomic_directory(processor_dir) as tmp:
@@ -259,7 +473,9 @@ class Trainer:
         config = self.pipeline_config
         if not train:
             config = dataclasses.replace(config, shuffle=False, num_epochs=1)
-        return pipeline.build_dataset(source, self.processor.tokenizer, self.processor.image_processor, config)
+        return pipeline.build_dataset(
+            source, self.processor.tokenizer, self.processor.image_processor, config, pairs=self.pairwise
+        )
 
     def _device_batch(self, local: dict) -> dict:
         return pipeline.make_global_batch(
@@ -299,16 +515,18 @@ class Trainer:
         self._write_run_files()
         iterator = iter(self._dataset(self.source, train=True))
         abstract = step_lib.abstract_state(self.spec)
-        resume_step = self.manager.latest_step()
+        resume_step = self.resume_step
         if resume_step is not None:
             state = checkpointing.restore(self.manager, resume_step, abstract, iterator)
             print(f"resumed from {self.manager.directory}/{resume_step}")
         else:
             params = loading.initial_params(c.model, self.model_config, c.seed, self.spec.mesh)
+            params = step_lib.with_reward_head(self.spec, params, c.seed)
             state = step_lib.init_state(self.spec, params, c.seed)
             del params
         start = int(jax.device_get(state["step"]))
         metrics_writer = MetricsWriter(self.workdir, start, self.is_primary)
+        self.divergence.seed(metrics_writer.records())
         train_step = step_lib.jit_train_step(self.spec)
         eval_step = step_lib.jit_eval_step(self.spec) if self.eval_source is not None else None
         if self.is_primary:
@@ -368,7 +586,9 @@ class Trainer:
             if pending is not None:
                 self._finish(pending, metrics_writer, bar, last_time)
         except TrainingDiverged as err:
-            print(f"\nerror: {err}; the last good checkpoint is step {self.manager.latest_step()}")
+            self.manager.wait_until_finished()
+            bar.close()
+            self._report_divergence(err)
             exit_code = 2
         finally:
             self.manager.wait_until_finished()
@@ -380,14 +600,32 @@ class Trainer:
             print(f"trained to step {self.total_steps}; checkpoints in {self.manager.directory}")
         return exit_code
 
+    def _report_divergence(self, err: TrainingDiverged) -> None:
+        """One `error:` line naming the last checkpoint whose weights are trusted and the command that resumes
+        from it; the same is kept in DIR/diverged.json so a plain rerun does not resume the untrusted one."""
+        import sys
+
+        sane = [s for s in self.manager.all_steps() if s < err.bad_weights_step]
+        good = max(sane) if sane else 0
+        command = resume_command(good)
+        where = f"checkpoint {good}" if sane else "no checkpoint (start again from the initial weights)"
+        if self.is_primary:
+            files.write_json_atomic(
+                os.path.join(self.workdir, DIVERGED_FILE),
+                {"step": err.bad_weights_step, "reason": str(err), "last_good": good, "resume": command},
+            )
+        print(
+            f"error: training diverged: {err}; the last sane weights are {where}; to resume from it with other "
+            f"settings (e.g. a lower learning rate): {command}",
+            file=sys.stderr,
+        )
+
     def _finish(self, pending: PendingStep, writer: MetricsWriter, bar, last_time: float) -> float:
         """Reads a step's metrics (waiting for it), stops on divergence, logs every `log_every` steps."""
         values = {k: v.item() for k, v in jax.device_get(pending.metrics).items()}
         now = time.perf_counter()
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            raise TrainingDiverged(
-                f"step {pending.step}: loss {values['loss']}, gradient norm {values['grad_norm']} (not finite)"
-            )
+        self.divergence.check(pending.step, values)
+        self.divergence.accept(values)
         bar.update(1)
         bar.set_postfix(loss=f"{values['loss']:.4f}")
         if pending.step % self.config.log_every == 0 or pending.step == self.total_steps:

@@ -397,7 +397,10 @@ def _as_dict(hf_config: Any) -> dict:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         with open(path) as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON ({err}): restore the checkpoint's config.json") from None
     if hasattr(hf_config, "to_dict"):
         return hf_config.to_dict()
     raise TypeError(f"cannot read an HF config from {type(hf_config).__name__}")
