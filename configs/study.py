@@ -45,12 +45,30 @@ def get_config(arg: str | None = None):
     c.data.train_seed = 0
     c.data.heldout_questions = 500
     c.data.heldout_seed = 1  # another seed than training: held-out scenes are new
+    # Share of training scenes that also carry a judge example (a right stage against a corrupted one, in the
+    # search's judge prompt, answered "Better response: N"); the same examples in every format's data.
+    c.data.judge_fraction = 0.25
+
+    # The self-judge measured on held-out pairs: this many held-out scenes, three pairs each (0: skip).
+    c.judge = ml_collections.ConfigDict()
+    c.judge.scenes = 64
+
+    # The reward model (reward-scored searches): the tagged model plus a scalar head, trained by the trainer with
+    # the pairwise loss on three stage pairs of each of the first train_scenes training scenes.
+    c.reward = ml_collections.ConfigDict()
+    c.reward.train_scenes = 1600
+    c.reward.steps = 300
+    c.reward.learning_rate = 1e-3
+    c.reward.heldout_scenes = 100  # held-out pair accuracy
+    c.reward.calibration_scenes = 32  # training scenes whose pair rewards set SWIRES's threshold
 
     # Inference scaling on the tagged model. Methods: greedy, sample, self_consistency (majority vote over N
-    # sample runs with seeds seed..seed+N-1), best_of_n, sentence, stage. greedy and sample have no N.
+    # sample runs with seeds seed..seed+N-1), best_of_n, sentence, stage (self-judged), best_of_n_reward and
+    # stage_reward (kept by the reward model), swires. greedy and sample have no N.
     c.scaling = ml_collections.ConfigDict()
-    c.scaling.methods = "greedy,sample,self_consistency,best_of_n,sentence,stage"
+    c.scaling.methods = "greedy,sample,self_consistency,best_of_n,sentence,stage,best_of_n_reward,stage_reward,swires"
     c.scaling.num_candidates = (2, 4, 8)
+    c.scaling.swires_num_candidates = (4,)  # SWIRES answers one question per call: only their N (4 captions)
     # The first this many held-out questions (0: all). The searches cost ~100x greedy per question, and sentence
     # the most; 60 keeps the whole study near an hour on 2 CPU cores (training ~26 min of it, scaling ~30).
     c.scaling.questions = 60
@@ -83,6 +101,9 @@ def get_config(arg: str | None = None):
     if arg == "runlocal":
         c.data.train_scenes = 24
         c.data.heldout_questions = 6
+        c.judge.scenes = 2
+        c.reward.train_scenes, c.reward.steps, c.reward.heldout_scenes, c.reward.calibration_scenes = 8, 2, 2, 2
+        c.scaling.swires_num_candidates = (2,)
         c.scaling.num_candidates = (2,)
         c.scaling.questions = 0
         c.scaling.batch_size = 3

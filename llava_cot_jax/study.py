@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from llava_cot_jax import demo
+from llava_cot_jax import demo, files
 
 SETTINGS_FILE = "study_settings.json"
 RESULTS_FILE = "study.json"
@@ -50,9 +50,24 @@ REPORT_FILE = "study.md"
 TIMINGS_FILE = "timings.json"
 ABLATION_FIGURE = "ablation.png"
 SCALING_FIGURE = "scaling.png"
-METHODS = ("greedy", "sample", "self_consistency", "best_of_n", "sentence", "stage")
-SEARCHES = ("best_of_n", "sentence", "stage")  # the Searcher's own methods with N candidates
+JUDGE_FILE = "judge.json"
+REWARD_FILE = "reward.json"
+# Search methods with N candidates: the study's name -> (the Searcher's method, its scorer). "_reward" variants
+# keep candidates by the study's reward model instead of the self-judge; swires always does.
+SEARCHES = {
+    "best_of_n": ("best_of_n", "self_judge"),
+    "sentence": ("sentence", "self_judge"),
+    "stage": ("stage", "self_judge"),
+    "best_of_n_reward": ("best_of_n", "reward"),
+    "stage_reward": ("stage", "reward"),
+    "swires": ("swires", "reward"),
+}
+METHODS = ("greedy", "sample", "self_consistency", *SEARCHES)
 SINGLE = ("greedy", "sample")  # one answer per question: no N
+# SWIRES's threshold is their reward model's mean + Z * std with Z = 0.2533 (the 60th percentile of a normal;
+# inference/VLMEvalKit/swires.py); ours applies the same rule to our reward model's rewards on training pairs.
+SWIRES_Z = 0.2533
+STAGE_COLUMNS = ("CAPTION", "REASONING", "CONCLUSION")  # the stages judge and reward model are measured on
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -138,17 +153,16 @@ def _num_tokens(tokenizer, text: str | None) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
-def trace_tokens(trace: list[dict], tokenizer) -> dict[str, int]:
-    """Tokens a search generated for one question: its candidates' (from the trace) and its judge and screen
-    replies' (their text re-tokenized)."""
-    candidates = judge = 0
-    for step in trace:
-        candidates += sum(c["num_tokens"] for c in step["candidates"])
-        judge += sum(_num_tokens(tokenizer, c.get("screen_reply")) for c in step["candidates"])
-        for match in step["matches"]:
-            judge += _num_tokens(tokenizer, match.get("reply"))
-            judge += sum(_num_tokens(tokenizer, s.get("reply")) for s in match.get("screens", []))
-    return {"candidate_tokens": candidates, "judge_tokens": judge}
+def trace_tokens(trace: list[dict]) -> dict[str, int]:
+    """Tokens one question cost a search, from its trace: the tokens its candidates generated, the tokens its
+    scorer generated (judge and screen replies) and the tokens its scorer read (a reward model reads every
+    candidate with the answer before it; a judge reads its prompts)."""
+    scorer = [step.get("scorer_tokens", {}) for step in trace]
+    return {
+        "candidate_tokens": sum(c["num_tokens"] for step in trace for c in step["candidates"]),
+        "judge_tokens": sum(t.get("generated", 0) for t in scorer),
+        "scorer_read_tokens": sum(t.get("read", 0) for t in scorer),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -157,8 +171,9 @@ def trace_tokens(trace: list[dict], tokenizer) -> dict[str, int]:
 def write_data(config, data_dir: str) -> dict:
     """The training sets (one per answer format, the same scenes), the held-out TSV and the judge prompts, each
     written only when missing."""
+    from llava_cot_jax.data import pairs as pairs_lib
     from llava_cot_jax.data import synthetic
-    from llava_cot_jax.eval import mcq
+    from llava_cot_jax.generate.judge import JudgePrompts
 
     d = config.data
     kinds, formats = _split(d.kinds), _split(d.formats)
@@ -167,9 +182,17 @@ def write_data(config, data_dir: str) -> dict:
         "train": {f: os.path.join(data_dir, "train", f) for f in formats},
         "heldout": os.path.join(data_dir, "heldout.tsv"),
         "judge_prompts": os.path.join(data_dir, "judge_prompts.json"),
+        "pairs": os.path.join(data_dir, "pairs"),
     }
     if not os.path.exists(paths["judge_prompts"]):
-        mcq.write_json(paths["judge_prompts"], demo.JUDGE_PROMPTS)
+        files.write_json_atomic(paths["judge_prompts"], demo.JUDGE_PROMPTS, indent=1)
+    prompts = JudgePrompts.load(paths["judge_prompts"])
+
+    def judge_turns(index, objects, sample):
+        """A judge example (right stage against a corrupted one, "Better response: N") for a share of scenes."""
+        rng = np.random.default_rng([d.train_seed, index, 1])
+        return [demo.judge_example(rng, objects, sample, prompts)[1:]] if rng.random() < d.judge_fraction else []
+
     missing = tuple(f for f in formats if not os.path.isfile(os.path.join(paths["train"][f], synthetic.JSONL_NAME)))
     if missing:
         print(f"writing {d.train_scenes} training scenes in the formats {', '.join(missing)}")
@@ -183,6 +206,12 @@ def write_data(config, data_dir: str) -> dict:
             missing,
             overwrite=True,
             progress=True,
+            extra_turns=judge_turns,
+        )
+    if config.reward.steps and not os.path.isfile(os.path.join(paths["pairs"], pairs_lib.PAIRS_JSONL)):
+        print(f"writing reward-model pairs of {config.reward.train_scenes} training scenes")
+        pairs_lib.write_pairs(
+            paths["pairs"], d.train_seed, config.reward.train_scenes, kinds, d.object_scale, d.image_size
         )
     if not os.path.exists(paths["heldout"]):
         demo.write_heldout_tsv(
@@ -280,6 +309,110 @@ def _read_predictions(path: str) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
+# ----------------------------------------------------------------------------------------- judge and reward
+
+
+def judge_phase(config, workdir: str, paths: dict, checkpoint: str) -> dict:
+    """The tagged model as a judge on held-out (right, corrupted) stage pairs (`demo.judge_accuracy`): accuracy
+    per stage and how often it answers "Better response: 1". Kept in DIR/judge.json."""
+    path = os.path.join(workdir, JUDGE_FILE)
+    if not os.path.exists(path):
+        cases = demo.judge_pairs(config, config.judge.scenes)
+        print(f"\n== judge: {len(cases)} held-out pairs, the right stage against a corrupted one")
+        start = time.perf_counter()
+        result = demo.judge_accuracy(config, checkpoint, paths["judge_prompts"], cases)
+        result["seconds"] = time.perf_counter() - start
+        files.write_json_atomic(path, result, indent=1)
+    with open(path) as f:
+        return json.load(f)
+
+
+def train_reward_model(config, workdir: str, paths: dict, init: str, timings: dict) -> str:
+    """A reward model (the tagged model's weights plus a scalar head) trained by the trainer with the pairwise
+    Bradley-Terry loss on the training scenes' stage pairs (`data/pairs.write_pairs`); returns its checkpoint."""
+    from llava_cot_jax.train import trainer
+
+    run_dir = os.path.join(workdir, "models", "reward", "train")
+    done, steps = _last_step(run_dir), config.reward.steps
+    if done is not None and done >= steps:
+        return os.path.join(run_dir, "checkpoints", str(done))
+    print(f"\n== training the reward model ({steps} steps on {config.reward.train_scenes * 3} pairs)")
+    t = demo.mode_config(config, config.trainer, "train", weights=init)
+    t.train.objective = "pairwise"
+    t.data.train, t.data.image_root = paths["pairs"], ""
+    t.train.num_steps, t.optimizer.learning_rate = steps, config.reward.learning_rate
+    t.optimizer.warmup_steps = min(t.optimizer.warmup_steps, max(steps // 10, 1))
+    t.checkpointing.every_steps = steps
+    start = time.perf_counter()
+    code = trainer.run(t, run_dir)
+    if code:
+        raise RuntimeError(f"reward-model training stopped with exit code {code}; see {run_dir}")
+    timings["train_reward_s"] = time.perf_counter() - start
+    return os.path.join(run_dir, "checkpoints", str(_last_step(run_dir)))
+
+
+def pair_rewards(config, reward_checkpoint: str, cases: list, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards of the right sides, rewards of the corrupted sides) of stage pairs from scenes of `seed`, each
+    read as the search's reward scorer reads a candidate (the question with its image, the answer so far)."""
+    from tqdm import tqdm
+
+    from llava_cot_jax import loading
+    from llava_cot_jax.data import synthetic
+    from llava_cot_jax.generate import scorer as scorer_lib
+    from llava_cot_jax.generate.config import search_config
+    from llava_cot_jax.generate.stage_search import question_image_arrays, question_inputs
+
+    d = config.data
+    infer = demo.mode_config(config, {}, "infer", weights=reward_checkpoint)
+    processor = loading.load_processor(infer.model)
+    model = scorer_lib.load_reward_model(reward_checkpoint, dtype=config.model.dtype)
+    size, bos = config.eval.batch_size, search_config(config.search, config.seed).bos
+    right, wrong = [], []
+    for start in tqdm(range(0, len(cases), size), desc="rewards", unit="batch"):
+        batch = cases[start : start + size]
+        questions = [synthetic.mcq_prompt(pair.sample) for pair in batch]
+        scenes = [synthetic.mcq_scene(seed, pair.index, _split(d.kinds), d.object_scale)[0] for pair in batch]
+        inputs = question_inputs(processor, questions, [[synthetic.render_scene(o, d.image_size)] for o in scenes])
+        arrays = question_image_arrays(inputs)
+        image = lambda q, arrays=arrays: {key: value[q] for key, value in arrays.items()}
+        scorer = scorer_lib.RewardScorer(model, processor.tokenizer, image, bos=bos)
+        answers = [p.chosen for p in batch] + [p.rejected for p in batch]
+        rewards = scorer.score(questions * 2, answers, list(range(len(batch))) * 2)
+        right += list(rewards[: len(batch)])
+        wrong += list(rewards[len(batch) :])
+    return np.asarray(right), np.asarray(wrong)
+
+
+def reward_phase(config, workdir: str, paths: dict, tagged: str, timings: dict) -> dict:
+    """Trains the reward model, measures its accuracy on held-out pairs (the right side rewarded higher) and sets
+    SWIRES's threshold from its rewards on training pairs (SWIRES_Z). Kept in DIR/reward.json."""
+    from llava_cot_jax.data import pairs as pairs_lib
+
+    checkpoint = train_reward_model(config, workdir, paths, tagged, timings)
+    path = os.path.join(workdir, REWARD_FILE)
+    if not os.path.exists(path):
+        d, r = config.data, config.reward
+        kinds = _split(d.kinds)
+        heldout = pairs_lib.stage_pairs(d.heldout_seed, r.heldout_scenes, kinds, d.object_scale)
+        print(f"\n== reward model: {len(heldout)} held-out pairs")
+        right, wrong = pair_rewards(config, checkpoint, heldout, d.heldout_seed)
+        hits = (right > wrong).astype(int)
+        stages = [p.stage for p in heldout]
+        calibration = pairs_lib.stage_pairs(d.train_seed, r.calibration_scenes, kinds, d.object_scale)
+        cal_right, cal_wrong = pair_rewards(config, checkpoint, calibration, d.train_seed)
+        every = np.concatenate([cal_right, cal_wrong])
+        result = {
+            "checkpoint": checkpoint,
+            **_summary(list(hits), stages, config.stats),
+            "swires_threshold": float(every.mean() + SWIRES_Z * every.std()),
+            "calibration_pairs": len(calibration),
+            "mean_reward": {"right": float(right.mean()), "corrupted": float(wrong.mean())},
+        }
+        files.write_json_atomic(path, result, indent=1)
+    with open(path) as f:
+        return json.load(f)
+
+
 # ---------------------------------------------------------------------------------------------------- scaling
 
 
@@ -298,8 +431,20 @@ def scaling_runs(config) -> list[tuple[str, str, int, int]]:
         runs.append(("greedy", "greedy", 1, config.seed))
     samples = max(ns) if "self_consistency" in methods else (1 if "sample" in methods else 0)
     runs += [(f"sample_seed{s}", "sample", 1, config.seed + s) for s in range(samples)]
-    runs += [(f"{m}_n{n}", m, n, config.seed) for m in SEARCHES if m in methods for n in ns]
+    for m in (m for m in SEARCHES if m in methods):
+        runs += [(f"{m}_n{n}", m, n, config.seed) for n in method_candidates(config, m)]
     return runs
+
+
+def method_candidates(config, method: str) -> list[int]:
+    """The N a search method runs at: scaling.num_candidates, or for swires (one question per call, the
+    costliest) scaling.swires_num_candidates."""
+    values = config.scaling.swires_num_candidates if method == "swires" else config.scaling.num_candidates
+    return sorted({int(n) for n in values})
+
+
+def needs_reward_model(config) -> bool:
+    return any(SEARCHES[m][1] == "reward" for m in _split(config.scaling.methods) if m in SEARCHES)
 
 
 def search_run(config, workdir: str, name: str, method: str, n: int, seed: int, checkpoint: str, items) -> list:
@@ -317,10 +462,12 @@ def search_run(config, workdir: str, name: str, method: str, n: int, seed: int, 
     if pending:
         infer = demo.mode_config(config, {}, "infer", weights=checkpoint)
         infer.seed = seed
-        infer.search.method, infer.search.num_candidates = method, n
+        infer.search.method, infer.search.num_candidates = SEARCHES.get(method, (method,))[0], n
+        if method in SEARCHES:
+            infer.search.scorer = SEARCHES[method][1]
         searcher = cli.build_searcher(infer)
         images_by_index = mcq.image_cells(mcq.read_tsv(heldout_tsv(workdir)))
-        size = config.scaling.batch_size
+        size = 1 if infer.search.method == "swires" else config.scaling.batch_size  # SWIRES: one question a call
         with tqdm(total=len(pending), desc=name, unit="question") as bar:
             for start in range(0, len(pending), size):
                 batch = pending[start : start + size]
@@ -340,7 +487,7 @@ def search_run(config, workdir: str, name: str, method: str, n: int, seed: int, 
                             "conclusion": result.conclusion,
                             "extracted": extracted,
                             "hit": int(extracted == item.answer),
-                            **trace_tokens(result.trace, searcher.tokenizer),
+                            **trace_tokens(result.trace),
                             "seconds": seconds,
                         }
                     )
@@ -376,7 +523,7 @@ def scaling(config, workdir: str, checkpoint: str, timings: dict) -> dict:
     if "self_consistency" in methods:
         for n in ns:
             points.append(("self_consistency", n, _voted([answers[f"sample_seed{s}"] for s in range(n)], items)))
-    points += [(m, n, answers[f"{m}_n{n}"]) for m in SEARCHES if m in methods for n in ns]
+    points += [(m, n, answers[f"{m}_n{n}"]) for m in SEARCHES if m in methods for n in method_candidates(config, m)]
 
     greedy_hits = [r["hit"] for r in answers["greedy"]] if "greedy" in answers else None
     runs = []
@@ -384,11 +531,17 @@ def scaling(config, workdir: str, checkpoint: str, timings: dict) -> dict:
         hits = [r["hit"] for r in records]
         candidate = float(np.mean([r["candidate_tokens"] for r in records]))
         judge = float(np.mean([r["judge_tokens"] for r in records]))
+        read = float(np.mean([r["scorer_read_tokens"] for r in records]))
         run = {
             "method": method,
             "num_candidates": n,
             **_summary(hits, [r["category"] for r in records], config.stats),
-            "tokens_per_question": {"candidates": candidate, "judge": judge, "total": candidate + judge},
+            "tokens_per_question": {
+                "candidates": candidate,
+                "judge": judge,
+                "total": candidate + judge,
+                "scorer_read": read,
+            },
             "seconds_per_question": float(np.mean([r["seconds"] for r in records])),
             "num_unanswered": sum(1 for r in records if not r["extracted"]),
         }
@@ -402,7 +555,10 @@ def scaling(config, workdir: str, checkpoint: str, timings: dict) -> dict:
         "num_candidates": ns,
         "methods": list(methods),
         "runs": runs,
-        "tokens_counted": "candidates: the trace's num_tokens; judge and screen replies: their text re-tokenized",
+        "tokens_counted": (
+            "generated tokens (total) = candidates' tokens + judge and screen replies' tokens, each from the search "
+            "trace; scorer_read = tokens the judge or reward model read"
+        ),
     }
 
 
@@ -421,6 +577,7 @@ def _voted(sample_runs: list[list[dict]], items) -> list[dict]:
                 "hit": int(extracted == item.answer),
                 "candidate_tokens": sum(r["candidate_tokens"] for r in records),
                 "judge_tokens": sum(r["judge_tokens"] for r in records),
+                "scorer_read_tokens": 0,
                 "seconds": sum(r["seconds"] for r in records),
             }
         )
@@ -520,12 +677,29 @@ def write_markdown(path: str, results: dict) -> str:
     lines += ["", "| difference | points | 95% paired interval |", "|---|---|---|"]
     for name, d in a["differences"].items():
         lines.append(f"| {name} | {_pct(d['difference'])} | [{_pct(d['lo'])}, {_pct(d['hi'])}] |")
+    j, r = results.get("judge"), results.get("reward_model")
+    if j or r:
+        lines += ["", "## Scorers on held-out (right, corrupted) stage pairs (chance 50)", ""]
+        lines += ["| scorer | pairs | accuracy | " + " | ".join(STAGE_COLUMNS) + " | picks response 1 |"]
+        lines += ["|---|---|---|" + "---|" * len(STAGE_COLUMNS) + "---|"]
+    if j:
+        per_stage = " | ".join(_pct(j["per_stage"].get(stage)) for stage in STAGE_COLUMNS)
+        lines.append(
+            f"| self-judge (greedy verdict) | {j['num_pairs']} | {_pct(j['accuracy'])} | {per_stage} "
+            f"| {_pct(j['picks_response_1'])} (no verdict {_pct(j['no_verdict'])}) |"
+        )
+    if r:
+        per_stage = " | ".join(_pct(r["per_kind"].get(stage, {}).get("accuracy")) for stage in STAGE_COLUMNS)
+        lines.append(
+            f"| reward model | {r['num_questions']} | {_pct(r['accuracy'])} {_interval(r)} | {per_stage} | - |"
+        )
     lines += [
         "",
         f"## Inference scaling (tagged model, first {s['num_questions']} held-out questions)",
         "",
-        "| method | N | accuracy | 95% interval | vs greedy (paired 95%) | candidate tokens | judge tokens | s / q |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | N | accuracy | 95% interval | vs greedy (paired 95%) | candidate tokens | judge tokens "
+        "| scorer read tokens | s / q |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["runs"]:
         d = r.get("difference_to_greedy")
@@ -534,7 +708,7 @@ def write_markdown(path: str, results: dict) -> str:
         n = "-" if r["method"] in SINGLE else r["num_candidates"]
         lines.append(
             f"| {r['method']} | {n} | {_pct(r['accuracy'])} | {_interval(r)} | {diff} | {t['candidates']:.1f} "
-            f"| {t['judge']:.1f} | {r['seconds_per_question']:.2f} |"
+            f"| {t['judge']:.1f} | {t['scorer_read']:.0f} | {r['seconds_per_question']:.2f} |"
         )
     lines += ["", f"Tokens: {s['tokens_counted']}.", ""]
     text = "\n".join(lines)
@@ -556,7 +730,6 @@ def _load_timings(workdir: str) -> dict:
 
 def run(config, workdir: str = "") -> int:
     from llava_cot_jax.data import synthetic
-    from llava_cot_jax.eval import mcq
 
     kinds, formats = _split(config.data.kinds), _split(config.data.formats)
     if not kinds or any(k not in synthetic.REASONING_KINDS + synthetic.MCQ_KINDS for k in kinds):
@@ -566,15 +739,18 @@ def run(config, workdir: str = "") -> int:
     if "tagged" not in formats:
         raise ValueError("data.formats must include tagged: the scaling phase searches the tagged model")
     scaling_runs(config)  # checks the methods and N before any work
+    if needs_reward_model(config) and config.reward.steps < 1:
+        raise ValueError("scaling.methods has reward-scored searches: set reward.steps >= 1 (or drop them)")
     workdir = os.path.abspath(workdir or os.path.join(tempfile.gettempdir(), "llava_cot_jax_study"))
     os.makedirs(workdir, exist_ok=True)
-    demo._claim(workdir, config, settings_file=SETTINGS_FILE)
+    demo._claim(workdir, config, write=False, settings_file=SETTINGS_FILE)
     timings = _load_timings(workdir)
-    save_timings = lambda: mcq.write_json(os.path.join(workdir, TIMINGS_FILE), timings)
+    save_timings = lambda: files.write_json_atomic(os.path.join(workdir, TIMINGS_FILE), timings, indent=1)
     run_start = time.perf_counter()
 
     start = time.perf_counter()
     paths = write_data(config, os.path.join(workdir, "data"))
+    demo._claim(workdir, config, settings_file=SETTINGS_FILE)  # recorded with the first result (see demo._claim)
     config.search.prompts_file = paths["judge_prompts"]
     timings.setdefault("data_s", time.perf_counter() - start)
     save_timings()
@@ -583,6 +759,13 @@ def run(config, workdir: str = "") -> int:
     save_timings()
     ablation_results = ablation(config, workdir, paths, checkpoints, timings)
     save_timings()
+    judge_results = judge_phase(config, workdir, paths, checkpoints["tagged"]) if config.judge.scenes else None
+    reward_results = None
+    if needs_reward_model(config):
+        reward_results = reward_phase(config, workdir, paths, checkpoints["tagged"], timings)
+        save_timings()
+        config.search.reward_weights = reward_results["checkpoint"]
+        config.search.swires_threshold = reward_results["swires_threshold"]
     scaling_results = scaling(config, workdir, checkpoints["tagged"], timings)
     save_timings()
 
@@ -598,11 +781,15 @@ def run(config, workdir: str = "") -> int:
         "num_heldout": config.data.heldout_questions,
         "kinds": list(kinds),
         "ablation": ablation_results,
+        "judge": judge_results,
+        "reward_model": reward_results,
         "scaling": scaling_results,
         "training": {
             "steps": config.trainer.train.num_steps,
             "global_batch": config.trainer.train.global_batch,
             "train_scenes": config.data.train_scenes,
+            "judge_fraction": config.data.judge_fraction,
+            "reward_steps": config.reward.steps,
             "model_preset": config.model.preset,
             "checkpoints": checkpoints,
         },
@@ -610,7 +797,7 @@ def run(config, workdir: str = "") -> int:
         "figures": figures,
         "seconds": {**timings, "this_run_s": time.perf_counter() - run_start},
     }
-    mcq.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    files.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results, indent=1)
     print("\n" + write_markdown(os.path.join(workdir, REPORT_FILE), results))
     print(f"results: {os.path.join(workdir, RESULTS_FILE)}; figures: {', '.join(f['path'] for f in figures.values())}")
     return 0

@@ -65,30 +65,32 @@ def test_conclusion_of_each_answer_format():
         assert study.conclusion_of(synthetic.format_answer(sample, answer_format), answer_format) == sample.conclusion
 
 
-def test_trace_tokens_counts_candidates_and_judge_replies():
-    words = lambda text, add_special_tokens=False: {"input_ids": text.split()}
+def test_trace_tokens_counts_candidates_and_scorer_tokens():
     trace = [
-        {
-            "candidates": [{"num_tokens": 5, "screen_reply": "a b"}, {"num_tokens": 7}],
-            "matches": [{"reply": "Better response: 1", "screens": [{"reply": "x y z"}]}, {"reply": None}],
-        },
-        {"candidates": [{"num_tokens": 3}], "matches": []},
+        {"candidates": [{"num_tokens": 5}, {"num_tokens": 7}], "scorer_tokens": {"read": 40, "generated": 8}},
+        {"candidates": [{"num_tokens": 3}], "scorer_tokens": {"read": 0, "generated": 0}},
+        {"candidates": [{"num_tokens": 2}]},  # a step without a scorer (one candidate)
     ]
-    assert study.trace_tokens(trace, words) == {"candidate_tokens": 15, "judge_tokens": 2 + 3 + 3}
+    assert study.trace_tokens(trace) == {"candidate_tokens": 17, "judge_tokens": 8, "scorer_read_tokens": 40}
 
 
 def test_scaling_runs_share_the_sample_runs():
     config = config_file.load(CONFIG, None)
     config.scaling.num_candidates = (4, 2)
     names = [name for name, *_ in study.scaling_runs(config)]
+    searches = ("best_of_n", "sentence", "stage", "best_of_n_reward", "stage_reward")
     assert names == [
         "greedy",
         "sample_seed0",
         "sample_seed1",
         "sample_seed2",
         "sample_seed3",
-        *[f"{m}_n{n}" for m in ("best_of_n", "sentence", "stage") for n in (2, 4)],
+        *[f"{m}_n{n}" for m in searches for n in (2, 4)],
+        "swires_n4",
     ]
+    assert study.needs_reward_model(config)
+    config.scaling.methods = "greedy,stage"
+    assert not study.needs_reward_model(config)
     config.scaling.methods = "greedy,beam"
     with pytest.raises(ValueError, match="beam"):
         study.scaling_runs(config)
@@ -164,6 +166,7 @@ def test_runlocal_writes_every_method_and_interval(runlocal):
     runs = results["scaling"]["runs"]
     got = [(r["method"], r["num_candidates"]) for r in runs]
     want = [("greedy", 1), ("sample", 1)] + [(m, n) for m in ("self_consistency", *study.SEARCHES) for n in ns]
+    want = [(m, n) for m, n in want if m != "swires"] + [("swires", n) for n in config.scaling.swires_num_candidates]
     assert got == want
     for r in runs:
         _check_interval(r)
@@ -174,7 +177,9 @@ def test_runlocal_writes_every_method_and_interval(runlocal):
         assert tokens["total"] == pytest.approx(tokens["candidates"] + tokens["judge"])
         assert tokens["candidates"] > 0
         if r["method"] in ("greedy", "sample", "self_consistency"):
-            assert tokens["judge"] == 0  # no judge asked
+            assert tokens["judge"] == tokens["scorer_read"] == 0  # no judge asked
+        if study.SEARCHES.get(r["method"], ("", ""))[1] == "reward":
+            assert tokens["judge"] == 0 and tokens["scorer_read"] > 0  # the reward model reads, generates nothing
     assert runs[0]["difference_to_greedy"] == {"difference": 0.0, "lo": 0.0, "hi": 0.0}
 
     # Self-consistency at N votes over the first N sample runs: its tokens are theirs, added up.
@@ -184,7 +189,15 @@ def test_runlocal_writes_every_method_and_interval(runlocal):
         expected = np.mean([sum(run[i]["candidate_tokens"] for run in samples[:n]) for i in range(len(samples[0]))])
         assert by_name[("self_consistency", n)]["tokens_per_question"]["candidates"] == pytest.approx(expected)
 
-    assert "| stage | 2 |" in (workdir / study.REPORT_FILE).read_text()
+    judge = results["judge"]
+    assert judge["num_pairs"] == 3 * config.judge.scenes and 0 <= judge["picks_response_1"] <= 1
+    assert set(judge["per_stage"]) == {"CAPTION", "REASONING", "CONCLUSION"}
+    reward = results["reward_model"]
+    assert reward["num_questions"] == 3 * config.reward.heldout_scenes
+    _check_interval(reward)
+    assert os.path.isdir(reward["checkpoint"]) and np.isfinite(reward["swires_threshold"])
+    report = (workdir / study.REPORT_FILE).read_text()
+    assert "| stage | 2 |" in report and "| stage_reward | 2 |" in report and "| reward model |" in report
     assert "Answer format ablation" in stdout
 
 

@@ -173,6 +173,19 @@ def question_inputs(
     return processor(images=list(images) if has_images else None, text=prompts, padding=True, bos=bos)
 
 
+def question_image_arrays(inputs: dict) -> dict:
+    """The image arrays of processor inputs, per question: pixel_values, aspect_ratio_ids and aspect_ratio_mask
+    as numpy, and num_tiles (each image's tile count): what a reward scorer reads of question q, at index q."""
+    pixel_values = np.asarray(inputs["pixel_values"])
+    ar_mask = np.asarray(inputs.get("aspect_ratio_mask", np.ones(pixel_values.shape[:3], np.int32)))
+    return {
+        "pixel_values": pixel_values,
+        "aspect_ratio_ids": np.asarray(inputs["aspect_ratio_ids"]),
+        "aspect_ratio_mask": ar_mask,
+        "num_tiles": [[int(t) for t in row.sum(-1) if t > 0] for row in ar_mask],
+    }
+
+
 def stage_content(text: str, stage: str) -> str:
     """The text inside a stage's tags; without the open tag, everything before the close tag."""
     start = text.find(chat.open_tag(stage))
@@ -407,11 +420,10 @@ class Searcher:
         ids, mask, _, extras = sampler_lib.left_align(ids, mask, bucket, self.sampler.pad_token_id, *extra)
         cross_kv, num_tiles = None, None
         if has_images:
-            ar_mask = np.asarray(
-                inputs.get("aspect_ratio_mask", np.ones(np.shape(inputs["pixel_values"])[:3], np.int32))
-            )
+            images = question_image_arrays(inputs)
+            ar_mask = images["aspect_ratio_mask"]
             cross_kv = self.sampler.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask)
-            num_tiles = [[int(t) for t in row.sum(-1) if t > 0] for row in ar_mask]
+            num_tiles = images["num_tiles"]
         max_images = np.shape(inputs["pixel_values"])[1] if has_images else 0
         question_tokens = max(len(self.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
         shapes = search_shapes(self.config, self.prompts, self.tokenizer, bucket, question_tokens, n, max_images)
@@ -442,12 +454,7 @@ class Searcher:
             questions, cross_kv, [""] * b, [{} for _ in range(b)], [[] for _ in range(b)], np.zeros(b, bool), judges
         )
         if has_images:
-            batch.images = {
-                "pixel_values": np.asarray(inputs["pixel_values"]),
-                "aspect_ratio_ids": np.asarray(inputs["aspect_ratio_ids"]),
-                "aspect_ratio_mask": ar_mask,
-                "num_tiles": [list(tiles) for tiles in num_tiles],
-            }
+            batch.images = images
         self._batch = batch
         return batch, state
 
