@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="LLaVA-CoT in JAX/Flax NNX: Mllama port, HF<->Orbax conversion, SFT and stage-level beam search",
     packages=find_packages(include=["llava_cot_jax", "llava_cot_jax.*"]),
+    package_data={"llava_cot_jax.serve": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -28,6 +29,7 @@ setup(
     extras_require={
         # torch is pinned: unpinned it pulls a multi-GB CUDA build (docs/design.md#pinned-torch-in-the-test-extra).
         # nbclient, nbformat, ipykernel: tests/test_notebook.py executes the Colab notebook.
+        # fastapi, uvicorn, openai, httpx: tests/test_serve.py runs the server and asks it with OpenAI's client.
         # ruff is pinned so that CI's lint step (.ci/run) judges with the rule set the tree was checked against.
         "test": [
             "pytest",
@@ -39,7 +41,12 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "fastapi",
+            "uvicorn",
+            "openai",
+            "httpx",
         ],
+        "serve": ["fastapi", "uvicorn"],  # mode = "serve" (docs/serving.md)
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

@@ -31,6 +31,7 @@ MODES = {
     "train": "llava_cot_jax.train.trainer:run",
     "eval": "llava_cot_jax.eval.run:run",
     "study": "llava_cot_jax.study:run",
+    "serve": "llava_cot_jax.serve.app:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg if it takes one).")

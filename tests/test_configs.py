@@ -16,12 +16,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ARGS = {
     "demo.py": (None, "runlocal"),
     "infer.py": (None, "runlocal"),
+    "serve.py": (None, "runlocal"),
     "eval_mcq.py": (None, "runlocal"),
     "sft_tiny.py": (None, "runlocal"),
     "sft_llava_cot_11b.py": (None, "tpu", "gpu8", "runlocal"),
     "sft_llava_cot_90b.py": (None, "tpu", "gpu8x4", "runlocal"),
 }
-INFERENCE_MODES = ("infer", "eval", "demo")
+INFERENCE_MODES = ("infer", "eval", "demo", "serve")
 
 
 def test_every_config_file_is_covered():

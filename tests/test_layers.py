@@ -15,7 +15,7 @@ LAYERS = {
     "ground": {"models", "data", "sharding", "config_schema", "config_file", "aot", "files", "cli_errors"},
     "resolution": {"checkpoint", "families", "loading"},
     "jobs": {"train", "generate"},
-    "evaluation": {"eval"},
+    "evaluation": {"eval", "serve"},
     "top": {"main", "demo", "study", "aot_compile"},
 }
 LEVEL = {part: level for level, parts in enumerate(LAYERS.values()) for part in parts}

@@ -1,0 +1,290 @@
+"""`mode = "serve"`: the real server (`python -m llava_cot_jax.main --config configs/serve.py`) on a tiny random
+checkpoint, asked over HTTP with OpenAI's own client and with httpx: answers, streaming, n, the search extension,
+equality with `Searcher.ask`, bad inputs, the queue limit and a SIGTERM that lets an in-flight request finish."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from llava_cot_jax import config_file  # noqa: E402
+from llava_cot_jax.serve import engine as engine_lib  # noqa: E402
+from llava_cot_jax.serve import protocol  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "llava-cot"
+QUESTION = "How many cubes?"
+MAX_QUEUE = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(seed: int = 0, size=(20, 40)) -> bytes:
+    pixels = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(raw: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def user(text: str = QUESTION, image: str | None = None) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": image or data_url(png())}}] if image != "" else []
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def overrides(ckpt: str, tmp: str, port: int) -> list[str]:
+    """The server's settings (also the in-process searcher's, to compare with)."""
+    return [
+        f"--config.model.weights={ckpt}",
+        f"--config.serve.port={port}",
+        f"--config.serve.image_dir={tmp}/images",
+        f"--config.serve.max_queue={MAX_QUEUE}",
+        "--config.serve.max_batch=2",
+        "--config.search.max_new_tokens=24",
+        "--config.search.stage_max_new_tokens=6",
+        "--config.search.judge_max_new_tokens=4",
+        "--config.max_prompt_tokens=200",
+        f"--config.compilation_cache={tmp}/xla",
+    ]
+
+
+def load_config(args: list[str]):
+    config = config_file.load(os.path.join(REPO, "configs", "serve.py"), "runlocal")
+    for arg in args:
+        key, value = arg[len("--config.") :].split("=", 1)
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = type(node[leaf])(value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("serve"))
+    os.makedirs(f"{tmp}/images")
+    with open(f"{tmp}/images/cubes.png", "wb") as f:
+        f.write(png())
+    port = free_port()
+    args = overrides(tiny_checkpoint, tmp, port)
+    command = [sys.executable, "-m", "llava_cot_jax.main", f"--config={REPO}/configs/serve.py:runlocal", *args]
+    log = open(f"{tmp}/server.log", "w")
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 400
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(open(f"{tmp}/server.log").read()[-4000:])
+        time.sleep(0.5)
+    yield {"url": url, "process": process, "tmp": tmp, "args": args, "log": f"{tmp}/server.log"}
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def post(server, body, **kw) -> httpx.Response:
+    return httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=300, **kw)
+
+
+def test_health_models_and_page(server, client):
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    page = httpx.get(server["url"] + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/chat/completions" in page.text
+    missing = httpx.get(server["url"] + "/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_openai_client_chat(client):
+    reply = client.chat.completions.create(model=MODEL, messages=user(), max_tokens=8, seed=3)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    search = reply.model_extra["search"]
+    assert search["method"] == "sample" and search["seed"] == 3
+    assert len(search["choices"][0]["trace"]) == 1  # one step: the whole answer
+    again = client.chat.completions.create(model=MODEL, messages=user(), max_tokens=8, seed=3)
+    assert again.choices[0].message.content == choice.message.content  # a seed makes it reproducible
+
+
+def test_stream_concatenates_to_the_answer(client):
+    kwargs = dict(model=MODEL, messages=user(), max_tokens=16, seed=5, temperature=0.9)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([d for d in deltas if d]) > 1, "streamed in more than one piece"
+    assert "".join(deltas) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].model_extra["search"]["seed"] == 5
+
+    stop = whole[4:7]  # a stop string the answer is known to contain
+    cut = client.chat.completions.create(**kwargs, stop=[stop])
+    assert cut.choices[0].message.content == whole[: whole.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(**kwargs, stop=[stop], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole[: whole.find(stop)]
+
+
+def test_n_choices(client):
+    reply = client.chat.completions.create(model=MODEL, messages=user(), max_tokens=8, n=2, seed=1, temperature=1.0)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[0].message.content != reply.choices[1].message.content
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=user(), max_tokens=8, n=2, seed=1, temperature=1.0, stream=True
+    )
+    texts = ["", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in reply.choices]
+
+
+def test_stage_search_extension(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=user(), seed=7, extra_body={"search": {"method": "stage", "num_candidates": 2}}
+    )
+    search = reply.model_extra["search"]
+    assert search["method"] == "stage" and search["num_candidates"] == 2
+    result = search["choices"][0]
+    assert [step["step"] for step in result["trace"]] == ["SUMMARY", "CAPTION", "REASONING", "CONCLUSION"]
+    assert all(len(step["candidates"]) == 2 for step in result["trace"])
+    assert all("winner" in step and "matches" in step for step in result["trace"])
+    accepted = "".join(step["candidates"][step["winner"]]["text"] for step in result["trace"])
+    assert reply.choices[0].message.content == accepted
+    streamed = client.chat.completions.create(
+        model=MODEL,
+        messages=user(),
+        seed=7,
+        stream=True,
+        extra_body={"search": {"method": "stage", "num_candidates": 2}},
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == accepted
+    assert chunks[-1].model_extra["search"]["choices"][0]["trace"] == result["trace"]
+
+
+def test_answer_equals_searcher_ask(server, client):
+    """A request that runs alone, with a seed, answers what `Searcher.ask` answers with that seed and settings."""
+    from llava_cot_jax.generate import cli
+
+    image_path = os.path.join(server["tmp"], "images", "cubes.png")
+    reply = client.chat.completions.create(
+        model=MODEL, messages=user(image=image_path), max_tokens=12, seed=11, temperature=0.8
+    )
+    config = load_config(server["args"])
+    searcher = cli.build_searcher(config)
+    searcher.config = dataclasses.replace(searcher.config, method="sample", max_new_tokens=12, seed=11, temperature=0.8)
+    image = PIL.Image.open(image_path).convert("RGB")
+    expected = searcher.ask([QUESTION], [[image]])[0]
+    assert reply.choices[0].message.content == expected.text
+
+
+@pytest.mark.parametrize(
+    "change,status,param,code",
+    [
+        ({"messages": user(image="data:image/png;base64,aGVsbG8=")}, 400, "messages[0].content[0].image_url", None),
+        ({"messages": user(image="data:image/png;base64,@@@")}, 400, "messages[0].content[0].image_url", None),
+        ({"messages": user(image="/etc/passwd")}, 400, "messages[0].content[0].image_url", None),
+        ({"messages": user(image="https://example.com/a.png")}, 400, "messages[0].content[0].image_url", None),
+        ({"model": "gpt-4o"}, 404, "model", "model_not_found"),
+        ({"messages": user(text="cube " * 400)}, 400, "messages", "context_length_exceeded"),
+        ({"frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported_parameter"),
+        ({"temperature": 5}, 400, "temperature", None),
+        ({"top_p": 0}, 400, "top_p", None),
+        ({"max_tokens": 10_000}, 400, "max_tokens", None),
+        ({"n": 0}, 400, "n", None),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+        ({"search": {"method": "magic"}}, 400, "search.method", None),
+        ({"search": {"beams": 3}}, 400, "search.beams", None),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages", None),
+    ],
+)
+def test_bad_input_is_a_4xx_and_the_server_goes_on(server, change, status, param, code):
+    body = {"model": MODEL, "messages": user(), "max_tokens": 4, **change}
+    response = post(server, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    if code:
+        assert error["code"] == code
+    good = post(server, {"model": MODEL, "messages": user(), "max_tokens": 2})
+    assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_malformed_json(server):
+    response = httpx.post(server["url"] + "/v1/chat/completions", content=b"{nope", timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+
+
+def test_queue_limit_gives_429(server):
+    body = {"model": MODEL, "messages": user(), "seed": 2, "search": {"method": "stage", "num_candidates": 2}}
+    with concurrent.futures.ThreadPoolExecutor(2 * MAX_QUEUE) as pool:
+        statuses = sorted(pool.map(lambda _: post(server, body).status_code, range(2 * MAX_QUEUE)))
+    assert set(statuses) == {200, 429} and statuses.count(200) >= MAX_QUEUE, statuses
+    rejected = post(server, {"model": MODEL, "messages": user(), "max_tokens": 2})
+    assert rejected.status_code == 200  # the queue drained
+
+
+def test_helpers():
+    assert [engine_lib.padded_size(r, 8) for r in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert engine_lib.padded_size(3, 3) == 3 and engine_lib.batch_sizes(6) == [1, 2, 4, 6]
+    text = protocol.StreamText(["END"])
+    assert text.update("abcdE") == "abc"  # "dE" could still begin the stop string
+    assert text.update("abcdEND and more") == "d" and text.stopped
+    assert text.finish("abcdEND and more") == ""
+
+
+def test_sigterm_drains_in_flight_requests(server):
+    """SIGTERM while a request runs: it is answered, then the server exits (run last: it stops the server)."""
+    body = {"model": MODEL, "messages": user(), "seed": 4, "search": {"method": "stage", "num_candidates": 2}}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, server, body)
+        deadline = time.monotonic() + 60
+        while httpx.get(server["url"] + "/health").json()["admitted"] == 0:
+            assert time.monotonic() < deadline and not pending.done()
+            time.sleep(0.01)
+        server["process"].send_signal(signal.SIGTERM)
+        response = pending.result(timeout=300)
+    assert response.status_code == 200 and json.loads(response.text)["choices"][0]["message"]["content"]
+    # uvicorn re-raises the signal once it has drained: the exit status is SIGTERM's, as for any process it ends.
+    assert server["process"].wait(timeout=120) in (0, -signal.SIGTERM), open(server["log"]).read()[-3000:]
