@@ -10,6 +10,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -263,6 +265,18 @@ def test_queue_limit_gives_429(server):
     assert set(statuses) == {200, 429} and statuses.count(200) >= MAX_QUEUE, statuses
     rejected = post(server, {"model": MODEL, "messages": user(), "max_tokens": 2})
     assert rejected.status_code == 200  # the queue drained
+
+
+def test_page_script_parses(server, tmp_path):
+    """The page's script is valid JavaScript (checked with node where it is installed)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    page = httpx.get(server["url"] + "/").text
+    script = tmp_path / "page.js"
+    script.write_text(re.search(r"<script>(.*)</script>", page, re.S).group(1))
+    checked = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_helpers():
