@@ -64,6 +64,10 @@ def create_app(engine: engine_lib.Engine, config, context: int = 0) -> FastAPI:
     async def validation_error(_request, err: RequestValidationError):
         return _error(protocol.APIError(str(err), None, "invalid_request"))
 
+    @app.exception_handler(Exception)
+    async def internal_error(_request, err: Exception):  # a failed batch: its requests get the error, others go on
+        return _error(protocol.APIError(f"{type(err).__name__}: {err}", None, "internal_error", 500))
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "admitted": engine.admitted, "stats": engine.stats}

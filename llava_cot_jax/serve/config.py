@@ -30,7 +30,7 @@ def serve_group() -> ml_collections.ConfigDict:
     g.model_name = "llava-cot"
     g.plain_method = "sample"
     g.max_batch = 8
-    g.batch_window_ms = 10
+    g.batch_window_ms = 10.0
     g.max_queue = 64
     g.image_dir = ""
     g.max_image_bytes = 20 * 1024 * 1024

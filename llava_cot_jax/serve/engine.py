@@ -1,14 +1,15 @@
 """The worker that owns the model: requests wait in one queue, and a single thread takes them in batches and runs
 each batch as one `Searcher` call.
 
-Batching is batch-at-a-time, not continuous. The worker takes the oldest waiting request, waits up to
-`serve.batch_window_ms` for more requests with the same settings (method, sampling, budgets, seed when given, the
-number of images), takes up to `serve.max_batch` questions of them (a request with `n` choices is `n` questions)
-and runs them to the end together; requests that arrive meanwhile wait for the next batch. A batch is padded to
-the next power of two (copies of its last question, whose answers are dropped) so that a handful of compiled
-programs serve every batch size. Searches (`search.method` stage, best_of_n, sentence) share the queue and the
-worker with plain requests: there is one model and one device, and a search is itself a batched program over
-questions x candidates, so searches of equal settings batch together like plain requests do.
+Batching is batch-at-a-time, not continuous. The worker takes the oldest waiting request; when the last batch held
+more than one request it waits up to `serve.batch_window_ms` for more with the same settings (method, sampling,
+budgets, seed when given, the number of images); it takes up to `serve.max_batch` questions of them (a request
+with `n` choices is `n` questions) and runs them to the end together; requests that arrive meanwhile wait for the
+next batch. A batch is padded to the next power of two (copies of its last question, whose answers are dropped)
+so that a handful of compiled programs serve every batch size. Searches (`search.method` stage, best_of_n,
+sentence) share the queue and the worker with plain requests: there is one model and one device, and a search is
+itself a batched program over questions x candidates, so searches of equal settings batch together like plain
+requests do.
 
 Why not continuous: the sampler's decode is one `lax.while_loop` per call over a fixed set of rows, with one
 shared cache cursor (sampler.py), so rows cannot join or leave between steps. Continuous batching would need a
@@ -74,6 +75,7 @@ class Engine:
         self._admitted = 0  # waiting or running
         self._closed = False
         self._seeds = random.Random()
+        self._last_batch = 0  # requests in the last batch taken
         self._thread = threading.Thread(target=self._loop, name="serve-engine", daemon=True)
         self.stats = {"requests": 0, "batches": 0, "questions": 0, "padded": 0, "busy_s": 0.0}
 
@@ -124,7 +126,9 @@ class Engine:
             if not self._waiting:
                 return None  # closed and drained
             key = self._waiting[0].key
-            deadline = time.monotonic() + self.window_s
+            # The window is waited only under concurrency (the last batch held more than one request): a lone
+            # client gets no added latency, and concurrent clients, whose requests return together, rejoin.
+            deadline = time.monotonic() + (self.window_s if self._last_batch > 1 else 0.0)
             while not self._closed:
                 rows = sum(t.job.n for t in self._waiting if t.key == key)
                 left = deadline - time.monotonic()
@@ -137,6 +141,7 @@ class Engine:
                     taken.append(ticket)
                     rows += ticket.job.n
                     self._waiting.remove(ticket)
+            self._last_batch = len(taken)
             return taken
 
     def _loop(self) -> None:
