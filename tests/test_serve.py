@@ -279,6 +279,70 @@ def test_page_script_parses(server, tmp_path):
     assert checked.returncode == 0, checked.stderr
 
 
+# A stand-in for the browser: just the DOM calls the page makes, FileReader, and fetch against the live server.
+PAGE_DRIVER_HEAD = """
+class El {
+  constructor(tag) { this.tag = tag; this.children = []; this.className = ""; this.textContent = ""; this.value = "";
+    this.checked = false; this.disabled = false; this.files = []; this.listeners = {}; }
+  set innerHTML(_) { this.children = []; this.textContent = ""; }
+  get innerHTML() { return ""; }
+  appendChild(child) { this.children.push(child); return child; }
+  addEventListener(type, fn) { this.listeners[type] = fn; }
+}
+const nodes = {};
+globalThis.document = { getElementById: (id) => (nodes[id] ||= new El("div")), createElement: (t) => new El(t) };
+const realFetch = globalThis.fetch;
+globalThis.fetch = (url, options) => realFetch(process.env.BASE + url, options);
+globalThis.FileReader = class { readAsDataURL() { this.result = process.env.IMAGE; this.onload(); } };
+"""
+PAGE_DRIVER_TAIL = """
+(async () => {
+  while (!$("model").textContent) await new Promise((r) => setTimeout(r, 20));
+  $("file").files = [{}];
+  $("file").listeners.change();
+  Object.assign($("question"), { value: process.env.QUESTION });
+  Object.assign($("method"), { value: "stage" });
+  Object.assign($("candidates"), { value: "2" });
+  Object.assign($("temperature"), { value: "0.6" });
+  Object.assign($("seed"), { value: "9" });
+  Object.assign($("stream"), { checked: true });
+  await $("ask").listeners.submit({ preventDefault() {} });
+  const text = (el) => [el.textContent, ...el.children.map(text)].join("");
+  console.log(JSON.stringify({
+    status: $("status").textContent, statusClass: $("status").className, raw: $("raw").textContent,
+    stages: $("stages").children.map((c) => c.children[0].textContent),
+    steps: $("trace").children.filter((c) => c.tag === "details").map((d) => d.children.length),
+    trace: text($("trace")),
+  }));
+})();
+"""
+
+
+def test_page_asks_and_shows_the_search(server, tmp_path):
+    """The page's own script, run by node against the live server with a stand-in DOM: a streamed stage search
+    fills the four stages and one panel per stage with both candidates, and the text it shows is the answer."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    page = httpx.get(server["url"] + "/").text
+    script = tmp_path / "page_driver.js"
+    script.write_text(PAGE_DRIVER_HEAD + re.search(r"<script>(.*)</script>", page, re.S).group(1) + PAGE_DRIVER_TAIL)
+    env = dict(os.environ, BASE=server["url"], IMAGE=data_url(png()), QUESTION=QUESTION)
+    run = subprocess.run([node, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout.strip().splitlines()[-1])
+    assert shown["statusClass"] == "muted" and shown["status"].endswith(" s"), shown["status"]
+    body = {"model": MODEL, "messages": user(), "seed": 9, "temperature": 0.6}
+    reply = post(server, {**body, "search": {"method": "stage", "num_candidates": 2}}).json()
+    assert shown["raw"] == reply["choices"][0]["message"]["content"]
+    assert shown["stages"] == ["SUMMARY", "CAPTION", "REASONING", "CONCLUSION"]
+    # a summary line, then per stage: its heading, two candidates and the judge's matches
+    assert len(shown["steps"]) == 4 and all(n >= 3 for n in shown["steps"]), shown["steps"]
+    assert "stage, N = 2, seed 9" in shown["trace"]
+    kept = re.findall(r"candidate (\d) kept", shown["trace"])
+    assert len(kept) == 4 and re.findall(r"→ #(\d)", shown["trace"]) == kept  # N = 2: one match, its winner kept
+
+
 def test_helpers():
     assert [engine_lib.padded_size(r, 8) for r in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert engine_lib.padded_size(3, 3) == 3 and engine_lib.batch_sizes(6) == [1, 2, 4, 6]

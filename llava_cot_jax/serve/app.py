@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import time
@@ -47,7 +48,9 @@ def create_app(engine: engine_lib.Engine, config, context: int = 0) -> FastAPI:
 
     app = FastAPI(title="llava_cot_jax", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     model_name = config.serve.model_name
-    tokenizer = engine.searcher.tokenizer
+    # The request side's own tokenizer: the worker's pads batches, which changes a fast tokenizer's state, and a
+    # concurrent call on the same Rust object would fail with "Already borrowed".
+    tokenizer = copy.deepcopy(engine.searcher.tokenizer)
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     started = int(time.time())
 
