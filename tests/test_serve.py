@@ -67,6 +67,7 @@ def overrides(ckpt: str, tmp: str, port: int) -> list[str]:
         f"--config.serve.image_dir={tmp}/images",
         f"--config.serve.max_queue={MAX_QUEUE}",
         "--config.serve.max_batch=2",
+        "--config.serve.stream_interval_ms=0",  # every token: the tiny model writes an answer in milliseconds
         "--config.search.max_new_tokens=24",
         "--config.search.stage_max_new_tokens=6",
         "--config.search.judge_max_new_tokens=4",

@@ -166,7 +166,9 @@ def build_engine(config):
         for size in engine_lib.batch_sizes(serve.max_batch):
             seconds = searcher.warmup(batch_size=size, num_images=1)
             print(f"warmup: {serve.plain_method}, batch {size}, one image: {seconds:.1f} s", flush=True)
-    engine = engine_lib.Engine(searcher, serve.max_batch, serve.batch_window_ms / 1000, serve.max_queue)
+    engine = engine_lib.Engine(
+        searcher, serve.max_batch, serve.batch_window_ms / 1000, serve.max_queue, serve.stream_interval_ms / 1000
+    )
     return engine.start(), cli.model_context(config)
 
 

@@ -10,6 +10,7 @@ defaults a request starts from and the limits it may not exceed (`search.max_new
     serve.max_batch          rows (requests x n) decoded together at most; batches are padded to a power of two
     serve.batch_window_ms    how long the worker waits for more requests of the same settings before it runs
     serve.max_queue          requests admitted at once (waiting or running); one more gets 429
+    serve.stream_interval_ms  a streamed answer's text is sent at most this often (it is decoded inside the loop)
     serve.image_dir          local image paths in requests are allowed only under this directory ("" : none)
     serve.max_image_bytes    the largest image a request may send (decoded bytes of its data: URL or file)
     serve.warmup             compile the plain method's programs for every padded batch size before serving
@@ -32,6 +33,7 @@ def serve_group() -> ml_collections.ConfigDict:
     g.max_batch = 8
     g.batch_window_ms = 10.0
     g.max_queue = 64
+    g.stream_interval_ms = 20.0
     g.image_dir = ""
     g.max_image_bytes = 20 * 1024 * 1024
     g.warmup = True

@@ -67,8 +67,16 @@ def batch_sizes(max_batch: int) -> list[int]:
 class Engine:
     """Admits requests (`submit`), batches and runs them on one worker thread, and drains on `close`."""
 
-    def __init__(self, searcher: stage_search.Searcher, max_batch: int, window_s: float, max_queue: int):
+    def __init__(
+        self,
+        searcher: stage_search.Searcher,
+        max_batch: int,
+        window_s: float,
+        max_queue: int,
+        stream_interval_s: float = 0.0,
+    ):
         self.searcher = searcher
+        self.stream_interval_s = stream_interval_s
         self.max_batch, self.window_s, self.max_queue = max_batch, window_s, max_queue
         self._cond = threading.Condition()
         self._waiting: list[_Ticket] = []
@@ -200,11 +208,21 @@ class Engine:
         tokenizer = self.searcher.tokenizer
         if settings.method in ("greedy", "sample"):
             tokens = {r: [] for r in streaming}
+            last = [0.0]
 
             def on_token(step_tokens, active):
-                for r, (job, c) in streaming.items():
+                # Runs inside the decode loop (a host callback), so it is kept cheap: the text is re-decoded (the
+                # whole row, so that it equals the final text) at most once per stream interval; the answer's end
+                # is sent from the result.
+                for r in streaming:
                     if active[r]:
                         tokens[r].append(int(step_tokens[r]))
+                now = time.perf_counter()
+                if now - last[0] < self.stream_interval_s:
+                    return
+                last[0] = now
+                for r, (job, c) in streaming.items():
+                    if active[r]:
                         job.on_text(c, judge_runner.decode_text(tokenizer, np.asarray(tokens[r])))
 
             return on_token, None
