@@ -15,9 +15,6 @@ from llava_cot_jax.eval.config import default_config as eval_config
 from llava_cot_jax.generate.config import search_group
 from llava_cot_jax.train.config import default_config as train_config
 
-# Keys the demo's phases share, set once at the top level; the trainer and eval sub-configs do not repeat them.
-SHARED = ("mode", "seed", "compilation_cache", "model", "mesh", "search")
-
 
 def get_config(arg: str | None = None):
     c = config_schema.base("demo")
@@ -61,14 +58,14 @@ def get_config(arg: str | None = None):
     t.checkpointing.every_steps = 100
     t.checkpointing.keep = 2
     t.log_every = 5
-    c.trainer = _without_shared(t)
+    c.trainer = config_schema.without_shared(t)
 
     e = eval_config()  # the evaluation harness
     e.batch_size = 16
     # The trainer strips questions as LLaVA-CoT's loader does; asked the unstripped VLMEvalKit prompt (a trailing
     # " \n" it never saw), the demo model answered 23/30 colour questions instead of 30/30 (first 64 held-out rows).
     e.strip_prompt = True
-    c.eval = _without_shared(e)
+    c.eval = config_schema.without_shared(e)
 
     if arg == "runlocal":
         c.search_questions = 4
@@ -82,15 +79,7 @@ def get_config(arg: str | None = None):
         t.checkpointing.every_steps = 2
         t.log_every = 1
         e.batch_size = 4
-        c.trainer, c.eval = _without_shared(t), _without_shared(e)
+        c.trainer, c.eval = config_schema.without_shared(t), config_schema.without_shared(e)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}: runlocal or none")
     return c
-
-
-def _without_shared(sub: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    sub = ml_collections.ConfigDict(sub.to_dict())
-    for key in SHARED:
-        if key in sub:
-            del sub[key]
-    return sub

@@ -15,9 +15,6 @@ from llava_cot_jax.eval.config import default_config as eval_config
 from llava_cot_jax.generate.config import search_group
 from llava_cot_jax.train.config import default_config as train_config
 
-# Keys the study's phases share, set once at the top level; the trainer and eval sub-configs do not repeat them.
-SHARED = ("mode", "seed", "compilation_cache", "model", "mesh", "search")
-
 
 def get_config(arg: str | None = None):
     c = config_schema.base("study")
@@ -91,12 +88,12 @@ def get_config(arg: str | None = None):
     t.checkpointing.every_steps = 100
     t.checkpointing.keep = 1
     t.log_every = 10
-    c.trainer = _without_shared(t)
+    c.trainer = config_schema.without_shared(t)
 
     e = eval_config()  # the evaluation harness (greedy on every model)
     e.batch_size = 16
     e.strip_prompt = True  # questions as the trainer saw them (see configs/demo.py)
-    c.eval = _without_shared(e)
+    c.eval = config_schema.without_shared(e)
 
     if arg == "runlocal":
         c.data.train_scenes = 24
@@ -119,15 +116,7 @@ def get_config(arg: str | None = None):
         t.checkpointing.every_steps = 2
         t.log_every = 1
         e.batch_size = 3
-        c.trainer, c.eval = _without_shared(t), _without_shared(e)
+        c.trainer, c.eval = config_schema.without_shared(t), config_schema.without_shared(e)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}: runlocal or none")
     return c
-
-
-def _without_shared(sub: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    sub = ml_collections.ConfigDict(sub.to_dict())
-    for key in SHARED:
-        if key in sub:
-            del sub[key]
-    return sub

@@ -369,7 +369,12 @@ def export_to_hf(
         def flush():
             nonlocal shard, shard_bytes
             file = f"shard-{len(shard_files):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
+            try:
+                save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
+            except Exception as err:  # safetensors reports a failed write (a full disk) as its own SafetensorError
+                if "I/O error" not in str(err):
+                    raise
+                raise OSError(f"cannot write {out_dir}/{file}: {err}") from err
             shard_files.append(file)
             weight_map.update({n: file for n in shard})
             shard, shard_bytes = {}, 0

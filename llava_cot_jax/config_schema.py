@@ -62,6 +62,20 @@ def mesh_group(data: int = 1, fsdp: int = 1, tensor: int = 1) -> ml_collections.
     return g
 
 
+# Keys a config that runs several modes (configs/demo.py, configs/study.py) sets once at its top level; its
+# per-mode sub-configs (`trainer`, `eval`) do not repeat them.
+SHARED_KEYS = ("mode", "seed", "compilation_cache", "model", "mesh", "search")
+
+
+def without_shared(sub: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of a mode's config without the SHARED_KEYS: a sub-config of a multi-mode config."""
+    sub = ml_collections.ConfigDict(sub.to_dict())
+    for key in SHARED_KEYS:
+        if key in sub:
+            del sub[key]
+    return sub
+
+
 def param_dtype(model_cfg) -> str:
     """The storage dtype a `model` group asks for."""
     return model_cfg.param_dtype or model_cfg.dtype

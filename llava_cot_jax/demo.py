@@ -395,6 +395,11 @@ def report(workdir: str, results: dict) -> None:
     print(f"  {'method':<36}{'all ' + str(n):>10}{'first ' + str(m):>10}")
     for name, whole, first in rows:
         print(f"  {name:<36}{_percent(whole):>10}{_percent(first):>10}")
+    gain = a["search"] - a["greedy_subset"]
+    print(
+        f"{search} against greedy on the same {m} questions: {100 * gain:+.1f} points: it "
+        f"{'helped' if gain > 0 else 'did not help'} in this budget (docs/study.md measures each search and scorer)"
+    )
     bar = results["bar"]
     print(
         f"held-out accuracy (greedy) {_percent(a['greedy'])}: {'above' if bar['met'] else 'BELOW'} the bar "

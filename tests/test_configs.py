@@ -19,10 +19,11 @@ CONFIG_ARGS = {
     "serve.py": (None, "runlocal"),
     "eval_mcq.py": (None, "runlocal"),
     "sft_tiny.py": (None, "runlocal"),
+    "study.py": (None, "runlocal"),
     "sft_llava_cot_11b.py": (None, "tpu", "gpu8", "runlocal"),
     "sft_llava_cot_90b.py": (None, "tpu", "gpu8x4", "runlocal"),
 }
-INFERENCE_MODES = ("infer", "eval", "demo", "serve")
+INFERENCE_MODES = ("infer", "eval", "demo", "study", "serve")
 
 
 def test_every_config_file_is_covered():

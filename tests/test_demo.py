@@ -83,6 +83,7 @@ def test_every_phase_writes_its_outputs(demo_run):
         "image-blind (greedy, blank image)",
         "stage search (N=2)",
         "judge picks the right stage (50%)",
+        "against greedy on the same 4 questions:",
         "held-out accuracy (greedy)",
     ):
         assert line in stdout

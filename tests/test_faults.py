@@ -353,3 +353,44 @@ def test_prompt_limits_are_in_the_infer_and_eval_configs():
         assert isinstance(config, ml_collections.ConfigDict)
         assert config.max_prompt_chars == generate_config.MAX_PROMPT_CHARS
         assert config.max_prompt_tokens == generate_config.MAX_PROMPT_TOKENS
+
+
+def _with_file_size_limit(limit_bytes: int):
+    """A child process in which any file write past `limit_bytes` fails with EFBIG ("File too large"), as a write
+    on a full disk fails with ENOSPC: the closest to a full disk an unprivileged test can make."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return limit
+
+
+def test_a_full_disk_mid_write_ends_in_one_error_line_and_leaves_no_output(hf_model, converted, tmp_path):
+    """Conversion and export write tensors bigger than the limit: each ends with one error line naming the failed
+    write, and neither a destination nor a partial directory is left behind. Known noise: when Orbax's write fails,
+    TensorStore's threads print "Event loop is closed" tracebacks (from C++, past any Python hook) before the
+    failure reaches us; they are allowed here only before the error line."""
+    commands = {
+        "convert": [f"{TOOLS}/convert_hf_to_orbax.py", f"--hf_dir={hf_model}", f"--out={tmp_path}/orbax"],
+        "export": [f"{TOOLS}/export_to_hf.py", f"--ckpt={converted}", f"--out={tmp_path}/hf"],
+    }
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for name, command in commands.items():
+        done = subprocess.run(
+            [sys.executable, *command],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+            preexec_fn=_with_file_size_limit(16 * 1024),
+        )
+        lines = stderr_lines(done.stderr)
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert done.returncode == 1 and len(errors) == 1 and lines[-1] == errors[0], (name, done.stderr[-3000:])
+        assert "File too large" in errors[0] or "No space" in errors[0], (name, errors)
+        assert sorted(os.listdir(tmp_path)) == [], (name, os.listdir(tmp_path))

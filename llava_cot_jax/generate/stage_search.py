@@ -311,41 +311,27 @@ class Searcher:
         rows = np.arange(len(questions) * n)  # the state row each candidate continues (winners after a step)
         budget = lambda tokens: 1 if self._warming_up else tokens
 
-        if method == "stage":
-            for index, stage in enumerate(chat.STAGES):
-                state, rows = self._step(
-                    batch,
-                    state,
-                    rows,
-                    rows_kv,
-                    n,
-                    jax.random.fold_in(key, index),
-                    stage=stage,
-                    stops=(chat.close_tag(stage),),
-                    budget=budget(cfg.stage_max_new_tokens),
-                    kind=stage.lower(),
-                    max_new=cfg.stage_max_new_tokens,
-                )
-        elif method == "swires":
-            state, rows = swires_lib.run(
-                self,
+        def stage_step(state, rows, index: int, stage: str):
+            """One stage's N candidates per question, generated to its close tag and scored."""
+            return self._step(
                 batch,
                 state,
                 rows,
-                lambda st, r, index, stage: self._step(
-                    batch,
-                    st,
-                    r,
-                    rows_kv,
-                    n,
-                    jax.random.fold_in(key, index),
-                    stage=stage,
-                    stops=(chat.close_tag(stage),),
-                    budget=budget(cfg.stage_max_new_tokens),
-                    kind=stage.lower(),
-                    max_new=cfg.stage_max_new_tokens,
-                ),
+                rows_kv,
+                n,
+                jax.random.fold_in(key, index),
+                stage=stage,
+                stops=(chat.close_tag(stage),),
+                budget=budget(cfg.stage_max_new_tokens),
+                kind=stage.lower(),
+                max_new=cfg.stage_max_new_tokens,
             )
+
+        if method == "stage":
+            for index, stage in enumerate(chat.STAGES):
+                state, rows = stage_step(state, rows, index, stage)
+        elif method == "swires":
+            state, rows = swires_lib.run(self, batch, state, rows, stage_step)
         elif method == "sentence":
             used = 0
             period = "." if cfg.sentence_end == "period" else stop_lib.TextEnd(".")
