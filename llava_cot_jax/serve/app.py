@@ -160,12 +160,13 @@ def build_engine(config):
 
     searcher = cli.build_searcher(config)
     serve = config.serve
-    if serve.warmup:
-        base = generate_config.search_config(config.search, config.seed)
-        searcher.config = dataclasses.replace(base, method=serve.plain_method)
+    base = generate_config.search_config(config.search, config.seed)
+    methods = ([serve.plain_method] if serve.warmup else []) + ([base.method] if serve.warmup_search else [])
+    for method in methods:
+        searcher.config = dataclasses.replace(base, method=method)
         for size in engine_lib.batch_sizes(serve.max_batch):
             seconds = searcher.warmup(batch_size=size, num_images=1)
-            print(f"warmup: {serve.plain_method}, batch {size}, one image: {seconds:.1f} s", flush=True)
+            print(f"warmup: {method}, batch {size}, one image: {seconds:.1f} s", flush=True)
     engine = engine_lib.Engine(
         searcher, serve.max_batch, serve.batch_window_ms / 1000, serve.max_queue, serve.stream_interval_ms / 1000
     )

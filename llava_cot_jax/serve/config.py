@@ -14,6 +14,7 @@ defaults a request starts from and the limits it may not exceed (`search.max_new
     serve.image_dir          local image paths in requests are allowed only under this directory ("" : none)
     serve.max_image_bytes    the largest image a request may send (decoded bytes of its data: URL or file)
     serve.warmup             compile the plain method's programs for every padded batch size before serving
+    serve.warmup_search      also those of `search.method` at its settings (a first search then compiles nothing)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def serve_group() -> ml_collections.ConfigDict:
     g.image_dir = ""
     g.max_image_bytes = 20 * 1024 * 1024
     g.warmup = True
+    g.warmup_search = False
     return g
 
 

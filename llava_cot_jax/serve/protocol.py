@@ -250,9 +250,6 @@ def parse_request(body: Any, config, tokenizer, context: int) -> Job:
         settings = dataclasses.replace(base, **overrides)
     except ValueError as err:
         raise APIError(str(err), "search") from None
-    rows = n * (1 if method in ("greedy", "sample") else settings.num_candidates)
-    if rows > serve_cfg.max_batch * MAX_CANDIDATES:
-        raise APIError(f"n x num_candidates = {rows} rows is over this server's limit", "n")
 
     try:
         prompt = chat.render_prompt(messages)
