@@ -353,6 +353,36 @@ def test_helpers():
     assert text.finish("abcdEND and more") == ""
 
 
+def test_request_settings(tiny_tokenizer):
+    """What a request turns into, without a model: methods, budgets and N from the request and the config."""
+    config = load_config([])
+
+    def job(**body):
+        return protocol.parse_request({"messages": user(image=""), **body}, config, tiny_tokenizer, 0)
+
+    plain = job()
+    assert plain.settings.method == "sample" and plain.settings.temperature == 0.6 and not plain.explicit_seed
+    assert job(temperature=0).settings.method == "greedy"
+    assert job(max_tokens=20, seed=5).settings.max_new_tokens == 20 and job(seed=5).settings.seed == 5
+    stage = job(max_tokens=20, search={"method": "stage"})
+    assert stage.settings.stage_max_new_tokens == 5 and stage.settings.num_candidates == 2  # runlocal's N
+    assert job(search={"method": "best_of_n", "num_candidates": 3}).settings.num_candidates == 3
+    assert job(stop="x").stops == ("x",) and job(n=2).n == 2
+    assert job().batch_key() == job().batch_key() != job(seed=1).batch_key()
+    system = [{"role": "system", "content": "Be brief."}, *user(image="")]
+    assert protocol.parse_request({"messages": system}, config, tiny_tokenizer, 0).question == QUESTION
+    with pytest.raises(protocol.APIError, match="system message together with an image"):
+        protocol.parse_request({"messages": [system[0], *user()]}, config, tiny_tokenizer, 0)
+
+
+def test_bad_serve_settings_are_one_line_errors():
+    from llava_cot_jax import main as main_lib
+
+    config = load_config(["--config.serve.plain_method=stage", "--config.compilation_cache="])
+    with pytest.raises(ValueError, match="serve.plain_method must be greedy or sample"):
+        main_lib.dispatch(config)
+
+
 def test_sigterm_drains_in_flight_requests(server):
     """SIGTERM while a request runs: it is answered, then the server exits (run last: it stops the server)."""
     body = {"model": MODEL, "messages": user(), "seed": 4, "search": {"method": "stage", "num_candidates": 2}}
