@@ -282,7 +282,8 @@ def judge_accuracy(config, checkpoint: str, prompts_file: str, cases: list) -> d
         batch = asks[start : start + e.batch_size]
         batch += [batch[-1]] * (e.batch_size - len(batch))  # one compiled program for every batch
         results = searcher.ask([text for text, _ in batch], [[image] for _, image in batch])
-        picks += [prompts.parse_choice(r.text) for r in results[: len(asks) - start]]
+        choices = [prompts.parse_choice(r.text) for r in results[: len(asks) - start]]  # 0 or 1, or None
+        picks += [None if choice is None else choice + 1 for choice in choices]  # the response's number
     accuracy = pairs.judge_accuracy(cases, picks)
     return {
         "accuracy": accuracy.pop("all"),

@@ -190,3 +190,25 @@ def test_build_demo_checkpoint_defaults_to_the_tiny_model(tmp_path):
 
     demo.build_demo_checkpoint(str(tmp_path / "ckpt"))
     assert checkpoint.load_config(str(tmp_path / "ckpt")).text == MllamaConfig.tiny().text
+
+
+def test_judge_accuracy_reads_verdicts_as_response_numbers(tmp_path, monkeypatch):
+    """A judge that always answers "Better response: 1", on held-out pairs whose right side is first in exactly
+    half: 50% right and position bias 1. (The search's parser numbers responses from 0; the pairs from 1.)"""
+    import types
+
+    from llava_cot_jax.generate import cli
+
+    class AlwaysFirst:
+        def ask(self, texts, images):
+            return [types.SimpleNamespace(text="Better response: 1") for _ in texts]
+
+    monkeypatch.setattr(cli, "build_searcher", lambda config: AlwaysFirst())
+    config = config_file.load(os.path.join(REPO, "configs", "demo.py"), "runlocal")
+    prompts = tmp_path / "judge_prompts.json"
+    prompts.write_text(json.dumps(demo.JUDGE_PROMPTS))
+    cases = demo.judge_pairs(config, 4)
+    result = demo.judge_accuracy(config, "unused", str(prompts), cases)
+    assert result["num_pairs"] == 12 and result["accuracy"] == 0.5
+    assert result["picks_response_1"] == 1.0 and result["no_verdict"] == 0.0
+    assert result["per_stage"] == {"CAPTION": 0.5, "REASONING": 0.5, "CONCLUSION": 0.5}
