@@ -550,11 +550,16 @@ def scaling(config, workdir: str, checkpoint: str, timings: dict) -> dict:
                 hits, greedy_hits, config.stats.resamples, config.stats.seed
             )
         runs.append(run)
+    # What any selector could reach: the share of questions where one of N independent samples is right (pass@N),
+    # the ceiling of a perfect judge or reward model over N whole answers.
+    samples = [[r["hit"] for r in answers[name]] for name in sorted(answers) if name.startswith("sample_seed")]
+    pass_at = {str(n): _accuracy(np.max(samples[:n], axis=0).tolist(), config.stats) for n in ns if n <= len(samples)}
     return {
         "num_questions": len(items),
         "num_candidates": ns,
         "methods": list(methods),
         "runs": runs,
+        "pass_at_n": pass_at,
         "tokens_counted": (
             "generated tokens (total) = candidates' tokens + judge and screen replies' tokens, each from the search "
             "trace; scorer_read = tokens the judge or reward model read"
@@ -709,6 +714,16 @@ def write_markdown(path: str, results: dict) -> str:
         lines.append(
             f"| {r['method']} | {n} | {_pct(r['accuracy'])} | {_interval(r)} | {diff} | {t['candidates']:.1f} "
             f"| {t['judge']:.1f} | {t['scorer_read']:.0f} | {r['seconds_per_question']:.2f} |"
+        )
+    if s.get("pass_at_n"):
+        lines += [
+            "",
+            "Candidate diversity: pass@N, the share of questions where one of N samples is right (the ceiling ",
+        ]
+        lines[-1] += "of a perfect selector over N sampled answers):"
+        lines += ["", "| N | " + " | ".join(s["pass_at_n"]) + " |", "|---|" + "---|" * len(s["pass_at_n"])]
+        lines.append(
+            "| pass@N | " + " | ".join(f"{_pct(p['accuracy'])} {_interval(p)}" for p in s["pass_at_n"].values()) + " |"
         )
     lines += ["", f"Tokens: {s['tokens_counted']}.", ""]
     text = "\n".join(lines)

@@ -189,6 +189,10 @@ def test_runlocal_writes_every_method_and_interval(runlocal):
         expected = np.mean([sum(run[i]["candidate_tokens"] for run in samples[:n]) for i in range(len(samples[0]))])
         assert by_name[("self_consistency", n)]["tokens_per_question"]["candidates"] == pytest.approx(expected)
 
+    pass_at = results["scaling"]["pass_at_n"]
+    assert list(pass_at) == [str(n) for n in ns]
+    sample_accuracy = by_name[("sample", 1)]["accuracy"]
+    assert all(p["accuracy"] >= sample_accuracy for p in pass_at.values())  # any of N samples >= the first one
     judge = results["judge"]
     assert judge["num_pairs"] == 3 * config.judge.scenes and 0 <= judge["picks_response_1"] <= 1
     assert set(judge["per_stage"]) == {"CAPTION", "REASONING", "CONCLUSION"}
