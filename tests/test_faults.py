@@ -355,17 +355,14 @@ def test_prompt_limits_are_in_the_infer_and_eval_configs():
         assert config.max_prompt_tokens == generate_config.MAX_PROMPT_TOKENS
 
 
-def _with_file_size_limit(limit_bytes: int):
-    """A child process in which any file write past `limit_bytes` fails with EFBIG ("File too large"), as a write
-    on a full disk fails with ENOSPC: the closest to a full disk an unprivileged test can make."""
-    import resource
-    import signal
+def _with_file_size_limit(limit_kib: int, command: list[str]) -> list[str]:
+    """`command` in a shell where any file write past `limit_kib` KiB fails with EFBIG ("File too large"), as a
+    write on a full disk fails with ENOSPC: the closest to a full disk an unprivileged test can make. SIGXFSZ is
+    ignored (inherited through exec), so the write fails instead of killing the process; set in the shell, not in
+    a preexec_fn, because forking a multithreaded (JAX) process to run Python is unsafe."""
+    import shlex
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return limit
+    return ["bash", "-c", f"trap '' XFSZ; ulimit -f {limit_kib}; exec {shlex.join(command)}"]
 
 
 def test_a_full_disk_mid_write_ends_in_one_error_line_and_leaves_no_output(hf_model, converted, tmp_path):
@@ -380,14 +377,13 @@ def test_a_full_disk_mid_write_ends_in_one_error_line_and_leaves_no_output(hf_mo
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for name, command in commands.items():
         done = subprocess.run(
-            [sys.executable, *command],
+            _with_file_size_limit(16, [sys.executable, *command]),
             cwd=REPO,
             env=env,
             capture_output=True,
             text=True,
             check=False,
             timeout=300,
-            preexec_fn=_with_file_size_limit(16 * 1024),
         )
         lines = stderr_lines(done.stderr)
         errors = [line for line in lines if line.startswith("error: ")]
