@@ -132,10 +132,9 @@ def test_reward_scorer_scores_in_one_call_as_one_at_a_time_and_picks_the_argmax(
         assert selection.trace[q]["scorer_tokens"]["read"] > 0
 
 
-def test_pairwise_objective_lowers_the_loss_on_a_fixed_batch():
-    config = MllamaConfig.tiny(scan_layers=True).replace(dtype="float32", param_dtype="float32")
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    optim = ml_collections.ConfigDict(
+def constant_adam() -> ml_collections.ConfigDict:
+    """Plain Adam at a constant 1e-3: the optimizer settings of the pairwise-step tests."""
+    return ml_collections.ConfigDict(
         dict(
             learning_rate=1e-3,
             schedule="constant",
@@ -150,6 +149,12 @@ def test_pairwise_objective_lowers_the_loss_on_a_fixed_batch():
             moment_dtype="float32",
         )
     )
+
+
+def test_pairwise_objective_lowers_the_loss_on_a_fixed_batch():
+    config = MllamaConfig.tiny(scan_layers=True).replace(dtype="float32", param_dtype="float32")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    optim = constant_adam()
     spec = step_lib.build_step_spec(config, optim, (), mesh, 10, 10, objective="pairwise")
     model = reward.reward_model_class(MllamaForConditionalGeneration)(config, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -170,21 +175,7 @@ def test_pairwise_objective_lowers_the_loss_on_a_fixed_batch():
 def test_sft_params_gain_a_reward_head_and_base_keys_stay():
     config = MllamaConfig.tiny(scan_layers=True)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    optim = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-3,
-            schedule="constant",
-            epoch_decay=1.0,
-            warmup_steps=0,
-            final_lr_fraction=0.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            grad_clip_norm=0.0,
-            moment_dtype="float32",
-        )
-    )
+    optim = constant_adam()
     spec = step_lib.build_step_spec(config, optim, (), mesh, 1, 1, objective="pairwise")
     base = {k: v for k, v in step_lib.abstract_params(spec).items() if k != reward.HEAD_KEY}
     completed = step_lib.with_reward_head(spec, base, 0)
