@@ -82,6 +82,9 @@ class TextConfig:
     bos_token_id: int = 128000
     eos_token_id: tuple[int, ...] = (128001, 128008, 128009)
     pad_token_id: int = 128004
+    # Mllama's embedding table has 8 rows beyond the vocabulary (its image token lives there); a plain Llama
+    # decoder (LLaVA-1.5's) has none.
+    extra_embedding_rows: int = 8
 
     @property
     def head_dim(self) -> int:
@@ -89,8 +92,7 @@ class TextConfig:
 
     @property
     def embedding_rows(self) -> int:
-        """The embedding table has 8 extra rows beyond the vocabulary; the image token lives there."""
-        return self.vocab_size + 8
+        return self.vocab_size + self.extra_embedding_rows
 
     @property
     def self_attention_layers(self) -> tuple[int, ...]:

@@ -30,11 +30,16 @@ def stacked_location(path: tuple) -> tuple[tuple[str, ...], int | None]:
     return tuple(str(k) for k in path), None
 
 
-def model_from_params(config: MllamaConfig, params: dict[tuple[str, ...], np.ndarray], quantize: str | None = None):
+def model_from_params(
+    config: MllamaConfig,
+    params: dict[tuple[str, ...], np.ndarray],
+    quantize: str | None = None,
+    model_class=MllamaForConditionalGeneration,
+):
     """Builds the model around parameters in the stacked layout (cast to config.param_dtype), without
     random init; an unscanned config (`scan_layers=False`) takes each layer's slice. `quantize="int8"` stores the
     text decoder's matrices as int8 as they are placed (see quant.py): the device never holds them unquantized."""
-    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
@@ -68,4 +73,4 @@ def with_scan_layers(model, scan_layers: bool):
     """The same weights with the text layers scanned (training) or looped (small-batch decoding); a copy."""
     if model.config.scan_layers == scan_layers:
         return model
-    return model_from_params(model.config.replace(scan_layers=scan_layers), model_params(model))
+    return model_from_params(model.config.replace(scan_layers=scan_layers), model_params(model), None, type(model))

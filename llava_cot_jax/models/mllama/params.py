@@ -142,10 +142,12 @@ def hub_name(name: str) -> str:
     return name
 
 
-def abstract_params(config: MllamaConfig) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+def abstract_params(
+    config, model_class=MllamaForConditionalGeneration
+) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every parameter, by path, without allocating anything."""
     stacked = config.replace(scan_layers=True)  # the on-disk layout is always the stacked one
-    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(stacked, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_class(stacked, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     return {tuple(str(k) for k in path): (tuple(var.shape), np.dtype(var.dtype)) for path, var in flat}
 
@@ -245,21 +247,34 @@ def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, str, np.ndarray]]:
 
 
 def load_hf_params(hf_dir: str, config: MllamaConfig, dtype=None, progress=None) -> dict[tuple[str, ...], np.ndarray]:
-    """Reads an HF checkpoint into {parameter path: numpy array} in our layout.
-
-    Every problem is collected and reported at once: tensors the architecture does not have, tensors it
-    needs but the checkpoint lacks, and shape mismatches (with expected and found shapes).
+    """Reads an HF checkpoint into {parameter path: numpy array} in our layout (see `read_by_table`).
     `dtype` converts each tensor as it is read (default: the config's param_dtype)."""
-    table = hf_table(config)
-    shapes = abstract_params(config)
     target_dtype = np.dtype(dtype or config.param_dtype)
+    return read_by_table(hf_dir, hf_table(config), abstract_params(config), target_dtype, hub_name, progress)
+
+
+def read_by_table(
+    hf_dir: str,
+    table: dict[str, Entry],
+    shapes: dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]],
+    target_dtype: np.dtype,
+    rename: Callable[[str], str],
+    progress=None,
+    ignored: Callable[[str], bool] = lambda name: False,
+) -> dict[tuple[str, ...], np.ndarray]:
+    """Reads the tensors of an HF checkpoint that `table` names (after `rename`) into preallocated arrays of
+    `shapes`, converted to `target_dtype`; any family's weight reader is this with its own table.
+
+    Every problem is collected and reported at once: tensors the architecture does not have (unless `ignored`),
+    tensors it needs but the checkpoint lacks, and shape mismatches (with expected and found shapes)."""
     out = {path: np.empty(shape, target_dtype) for path, (shape, _) in shapes.items()}
     seen, unexpected, mismatched = set(), [], []
     for file, stored_name, array in iter_hf_tensors(hf_dir):
-        name = hub_name(stored_name)
+        name = rename(stored_name)
         entry = table.get(name)
         if entry is None:
-            unexpected.append(f"{stored_name} (in {os.path.basename(file)})")
+            if not ignored(name):
+                unexpected.append(f"{stored_name} (in {os.path.basename(file)})")
             continue
         full_shape = shapes[entry.path][0]
         our_shape = full_shape[1:] if entry.index is not None else full_shape
@@ -290,17 +305,23 @@ def load_hf_params(hf_dir: str, config: MllamaConfig, dtype=None, progress=None)
     return out
 
 
-def hf_tensors(
-    params: dict[tuple[str, ...], np.ndarray], config: MllamaConfig, names=None
+def tensors_by_table(
+    params: dict[tuple[str, ...], np.ndarray], table: dict[str, Entry], names=None
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Our parameters -> (Hub name, HF-layout array), for `names` (default: the whole table, in order)."""
-    table = hf_table(config)
+    """Our parameters -> (HF name, HF-layout array), for `names` (default: the whole table, in order)."""
     for name in names if names is not None else table:
         entry = table[name]
         value = params[entry.path]
         if entry.index is not None:
             value = value[entry.index]
         yield name, np.ascontiguousarray(entry.layout.to_hf(np.asarray(value)))
+
+
+def hf_tensors(
+    params: dict[tuple[str, ...], np.ndarray], config: MllamaConfig, names=None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Our parameters -> (Hub name, HF-layout array), for `names` (default: the whole table, in order)."""
+    return tensors_by_table(params, hf_table(config), names)
 
 
 def from_hf(

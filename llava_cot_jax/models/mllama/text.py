@@ -179,10 +179,12 @@ class TextModel(nnx.Module):
         cross_attention_mask=None,
         num_vision_tokens_per_tile: int = 0,
         return_hidden: bool = False,
+        embeddings=None,
     ):
         """input_ids, positions: [B, S]; key_valid: [B, T] (T = S without a cache, the cache length with one).
-        Returns (logits [B, S, V] fp32, updated cache or None); with `return_hidden`, the final-norm hidden
-        states [B, S, D] instead of the logits (the training loss applies `logits` chunk by chunk)."""
+        `embeddings` [B, S, D], when given, replace the token embeddings of `input_ids` (LLaVA splices image
+        features into them). Returns (logits [B, S, V] fp32, updated cache or None); with `return_hidden`, the
+        final-norm hidden states [B, S, D] instead of the logits (the training loss applies `logits` chunk by chunk)."""
         b, s = input_ids.shape
         cache_index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         query_slot = cache_index + jnp.arange(s)
@@ -202,10 +204,14 @@ class TextModel(nnx.Module):
             cross_rows=cross_rows,
         )
 
-        x = self.embed_tokens[...][input_ids].astype(dtype)
-        x, cache = self._layers(x, inputs, cache, cross_kv)
+        x = self.embed(input_ids) if embeddings is None else embeddings
+        x, cache = self._layers(x.astype(dtype), inputs, cache, cross_kv)
         x = self.norm(x)
         return (x if return_hidden else self.logits(x)), cache
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [B, S, D] in the parameters' dtype."""
+        return self.embed_tokens[...][input_ids]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-norm hidden states [..., D] -> logits [..., V] in fp32 (the matmul in the hidden states' dtype)."""

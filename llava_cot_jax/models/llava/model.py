@@ -1,0 +1,129 @@
+"""LlavaForConditionalGeneration in Flax NNX: CLIP vision tower -> two-layer MLP projector -> Llama decoder.
+
+Each image becomes `config.image_tokens` feature vectors that replace, in order, the embeddings of the image
+tokens in `input_ids` (the prompt holds one image token per feature, as transformers' llava processor writes it).
+The decoder is Mllama's text model without cross-attention layers, so cached decoding is the same code: the
+image features enter once, with the prompt, through `forward_cached(..., embeddings=)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_cot_jax.models.llava.clip import ClipVisionModel
+from llava_cot_jax.models.llava.config import LlavaConfig
+from llava_cot_jax.models.mllama.layers import param
+from llava_cot_jax.models.mllama.text import TextModel
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LlavaOutput:
+    logits: jax.Array  # [B, S, vocab] float32
+
+
+class Projector(nnx.Module):
+    """linear -> GELU (exact) -> linear, vision width -> text width."""
+
+    def __init__(self, vision_dim: int, text_dim: int, dtype, rngs: nnx.Rngs):
+        self.linear_1 = param(rngs, (vision_dim, text_dim), ("vision_out", "embed"), dtype)
+        self.linear_1_bias = param(rngs, (text_dim,), ("embed",), dtype, init="zeros")
+        self.linear_2 = param(rngs, (text_dim, text_dim), ("mlp", "embed"), dtype)
+        self.linear_2_bias = param(rngs, (text_dim,), ("embed",), dtype, init="zeros")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = jax.nn.gelu(x @ self.linear_1[...].astype(dt) + self.linear_1_bias[...].astype(dt), approximate=False)
+        return h @ self.linear_2[...].astype(dt) + self.linear_2_bias[...].astype(dt)
+
+
+class LlavaForConditionalGeneration(nnx.Module):
+    def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdt = config.jnp_param_dtype
+        self.vision_tower = ClipVisionModel(config.vision, pdt, rngs)
+        self.multi_modal_projector = Projector(config.vision.hidden_size, config.text.hidden_size, pdt, rngs)
+        self.language_model = TextModel(config.text, pdt, rngs, remat=config.remat, scan_layers=config.scan_layers)
+
+    def encode_images(self, pixel_values) -> jax.Array:
+        """[N, 3, H, W] pixels -> projected image features [N, image_tokens, text hidden]."""
+        cfg = self.config
+        hidden = self.vision_tower(
+            jnp.asarray(pixel_values), cfg.vision.layers_run(cfg.vision_feature_layer), cfg.jnp_dtype, cfg.remat
+        )
+        if cfg.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        return self.multi_modal_projector(hidden)
+
+    def embed(self, input_ids, image_features=None) -> jax.Array:
+        """Token embeddings [B, S, D] with the image tokens' rows replaced, in reading order, by the rows of
+        `image_features` [N, image_tokens, D] (every image's features, images in order)."""
+        input_ids = jnp.asarray(input_ids)
+        x = self.language_model.embed(input_ids).astype(self.config.jnp_dtype)
+        if image_features is None:
+            return x
+        features = image_features.reshape(-1, image_features.shape[-1]).astype(x.dtype)
+        is_image = input_ids == self.config.image_token_id
+        if not isinstance(is_image, jax.core.Tracer):
+            found = int(np.asarray(is_image).sum())
+            if found != features.shape[0]:
+                raise ValueError(
+                    f"the prompt holds {found} image tokens but the images give {features.shape[0]} features "
+                    f"({image_features.shape[0]} image(s) x {self.config.image_tokens})"
+                )
+        order = jnp.cumsum(is_image.reshape(-1)) - 1  # the feature row each image token takes
+        spliced = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(x.shape)
+        return jnp.where(is_image[..., None], spliced, x)
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+        """An empty KV cache, as MllamaForConditionalGeneration.init_cache."""
+        t = self.config.text
+        shape = (batch_size, t.num_key_value_heads, max_len, t.head_dim)
+        dtype = dtype or self.config.jnp_dtype
+        layers = t.num_hidden_layers
+        if self.config.scan_layers:
+            return {"k": jnp.zeros((layers, *shape), dtype), "v": jnp.zeros((layers, *shape), dtype)}
+        return {name: tuple(jnp.zeros(shape, dtype) for _ in range(layers)) for name in ("k", "v")}
+
+    def forward_cached(self, input_ids, positions, cache, cache_index, key_valid, embeddings=None):
+        """Runs S new tokens per row against the cache (see MllamaForConditionalGeneration.forward_cached);
+        `embeddings` (from `embed`) carry the image features of a prompt. Returns (logits fp32, new cache)."""
+        return self.language_model(
+            jnp.asarray(input_ids),
+            jnp.asarray(positions),
+            jnp.asarray(key_valid),
+            self.config.jnp_dtype,
+            cache=cache,
+            cache_index=cache_index,
+            embeddings=embeddings,
+        )
+
+    # ---------------------------------------------------------------------------------------- full forward
+
+    def __call__(self, *args, **kwargs) -> LlavaOutput:
+        """The forward pass of transformers' LlavaForConditionalGeneration (its argument names), logits out."""
+        return LlavaOutput(logits=self.language_model.logits(self.last_hidden_state(*args, **kwargs)))
+
+    def last_hidden_state(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None) -> jax.Array:
+        """The decoder's final-norm hidden states [B, S, D]."""
+        input_ids = jnp.asarray(input_ids)
+        b, s = input_ids.shape
+        features = None if pixel_values is None else self.encode_images(pixel_values)
+        key_valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        positions = jnp.broadcast_to(jnp.arange(s), (b, s)) if position_ids is None else jnp.asarray(position_ids)
+        hidden, _ = self.language_model(
+            input_ids,
+            positions,
+            key_valid,
+            self.config.jnp_dtype,
+            embeddings=self.embed(input_ids, features),
+            return_hidden=True,
+        )
+        return hidden

@@ -1,0 +1,83 @@
+"""The llava family (LLaVA-1.5) against transformers' LlavaForConditionalGeneration: logits of tiny random models
+in fp32, conversion of their checkpoints, and full-size parameter counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from llava_cot_jax.models.llava import hf_reference, params
+from llava_cot_jax.models.llava.config import LlavaConfig
+from llava_cot_jax.models.llava.model import LlavaForConditionalGeneration
+from llava_cot_jax.models.mllama import layout
+from llava_cot_jax.models.mllama.model import count_params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(config, transformers model, its checkpoint directory, our model loaded from that directory)."""
+    config = LlavaConfig.tiny()
+    hf_model = hf_reference.build_hf_model(config)
+    return config, hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    config, hf_model = tiny
+    path = str(tmp_path_factory.mktemp("llava_hf"))
+    hf_model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(hf_reference.PARITY_CASES))
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_logits_match_transformers(tiny, tiny_dir, case, scan_layers):
+    config, hf_model = tiny
+    ours = params.from_hf(tiny_dir, scan_layers=scan_layers)
+    seq, images, starts, pad = hf_reference.PARITY_CASES[case]
+    inputs = hf_reference.random_inputs(config, np.random.default_rng(len(case)), seq, images, starts, pad)
+    with torch.no_grad():
+        want = hf_model(**{k: torch.as_tensor(v) for k, v in inputs.items() if v is not None}).logits.numpy()
+    got = np.asarray(ours(**inputs).logits)
+    valid = inputs["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_image_token_count_must_match_the_images(tiny, tiny_dir):
+    config, _ = tiny
+    ours = params.from_hf(tiny_dir)
+    inputs = hf_reference.random_inputs(config, np.random.default_rng(0), 12, [1], [[2]])
+    inputs["input_ids"][0, 2] = 5  # one image token fewer than the image's features
+    with pytest.raises(ValueError, match=f"{config.image_tokens - 1} image tokens"):
+        ours(**inputs)
+
+
+def test_checkpoint_round_trip_is_bit_exact(tiny, tiny_dir):
+    config, hf_model = tiny
+    loaded = params.load_hf_params(tiny_dir, config)
+    exported = dict(params.hf_tensors(loaded, config))
+    state = {params.hub_name(k): v.numpy() for k, v in hf_model.state_dict().items()}
+    assert sorted(exported) == sorted(state)
+    for name, value in exported.items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
+    model = layout.model_from_params(config, loaded, None, LlavaForConditionalGeneration)
+    again = layout.model_params(model)
+    assert all(np.array_equal(np.asarray(again[k]), loaded[k]) for k in loaded)
+
+
+@pytest.mark.parametrize("preset", ["llava15_7b", "llava15_13b"])
+def test_full_size_parameter_counts_equal_transformers(preset):
+    config = getattr(LlavaConfig, preset)()
+    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    with torch.device("meta"):
+        hf_model = transformers.LlavaForConditionalGeneration(hf_reference.hf_config(config))
+    assert count_params(abstract) == sum(p.numel() for p in hf_model.parameters())
+
+
+def test_hf_config_round_trip(tiny_dir):
+    config = LlavaConfig.from_hf_config(tiny_dir)
+    assert config == LlavaConfig.tiny()
+    assert LlavaConfig.from_json(config.to_json()) == config
