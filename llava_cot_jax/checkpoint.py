@@ -1,7 +1,7 @@
-"""Model weights on disk: Orbax checkpoints of the Mllama parameters, and conversion to/from HF safetensors.
+"""Model weights on disk: Orbax checkpoints of a model family's parameters, and conversion to/from HF safetensors.
 
 A converted checkpoint directory holds:
-  llava_cot_config.json   the MllamaConfig
+  llava_cot_config.json   the architecture config (its "family" key names the family; none: Mllama)
   params/                 an Orbax (OCDBT) checkpoint of the parameters, nested by module path
   tokenizer / processor files copied from the HF directory, so MllamaProcessor.from_pretrained(dir) works
 
@@ -22,11 +22,11 @@ import shutil
 
 import numpy as np
 
+from llava_cot_jax import families
 from llava_cot_jax.files import atomic_directory
 from llava_cot_jax.models import reward
 from llava_cot_jax.models.mllama import layout, quant
-from llava_cot_jax.models.mllama import params as hf_params
-from llava_cot_jax.models.mllama.config import MllamaConfig
+from llava_cot_jax.models.mllama import params as safetensors_io  # the family-independent safetensors reading
 
 CONFIG_FILE = "llava_cot_config.json"
 PARAMS_DIR = "params"
@@ -83,7 +83,7 @@ def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
 
 
 def save_checkpoint(
-    out_dir: str, config: MllamaConfig, params: Params, side_files_from: str | None = None, overwrite: bool = False
+    out_dir: str, config, params: Params, side_files_from: str | None = None, overwrite: bool = False
 ) -> str:
     """Writes config + parameters (numpy or jax arrays) as an Orbax checkpoint directory, atomically."""
     import jax  # pylint: disable=g-import-not-at-top
@@ -131,12 +131,12 @@ def side_files_dir(ckpt_dir: str) -> str:
     return ckpt_dir
 
 
-def load_config(ckpt_dir: str) -> MllamaConfig:
+def load_config(ckpt_dir: str):
     path = _config_path(ckpt_dir)
     if path is None:
         raise FileNotFoundError(f"{ckpt_dir} is not a llava_cot_jax checkpoint: {CONFIG_FILE} is missing")
     with open(path) as f:
-        return MllamaConfig.from_json(f.read())
+        return families.config_from_json(f.read())
 
 
 def _check_chunks(ckpt_dir: str, params_dir: str) -> None:
@@ -166,7 +166,7 @@ def _param_reader(ckpt_dir: str):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
     config = load_config(ckpt_dir)
-    expected = hf_params.abstract_params(config)
+    expected = families.of(config).weights.abstract_params(config)
     path = os.path.join(ckpt_dir, PARAMS_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {PARAMS_DIR}/ directory: it is incomplete")
@@ -227,7 +227,7 @@ def load_reward_head(ckpt_dir: str) -> dict:
     return tree[reward.HEAD_KEY]
 
 
-def load_params(ckpt_dir: str) -> tuple[MllamaConfig, Params]:
+def load_params(ckpt_dir: str) -> tuple[object, Params]:
     """Reads a checkpoint's parameters as host numpy arrays, checked against the config's shapes."""
     config, read, paths = _param_reader(ckpt_dir)
     return config, read(paths)
@@ -243,7 +243,7 @@ def load_model(
     quantize: str | None = None,
 ):
     """Builds the model from a converted checkpoint; `dtype` overrides the stored parameter dtype;
-    `scan_layers=False` loads the text layers unscanned, as decoding wants them (MllamaConfig.scan_layers).
+    `scan_layers=False` loads the text layers unscanned, as decoding wants them (the config's `scan_layers`).
 
     With a `mesh`, every parameter is read straight into its shards as `rules` (default: the training table;
     decoding passes `sharding.inference_rules(...)`) place it: each device's slice is read from disk by itself,
@@ -264,10 +264,10 @@ def load_model(
     if mesh is not None:
         return _load_onto_mesh(ckpt_dir, config, mesh, rules, quantize)
     _, params = load_params(ckpt_dir)
-    return layout.model_from_params(config, params, quantize)
+    return layout.model_from_params(config, params, quantize, families.of(config).model_class)
 
 
-def _load_onto_mesh(ckpt_dir: str, config: MllamaConfig, mesh, rules, quantize: str | None):
+def _load_onto_mesh(ckpt_dir: str, config, mesh, rules, quantize: str | None):
     """`load_model` on a mesh. The checkpoint stores layers stacked; an unscanned model's layer i is sliced from the
     stacked parameter on the devices (one stacked parameter in flight at a time)."""
     import jax  # pylint: disable=g-import-not-at-top
@@ -279,7 +279,7 @@ def _load_onto_mesh(ckpt_dir: str, config: MllamaConfig, mesh, rules, quantize: 
     from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
 
     _, read, _ = _param_reader(ckpt_dir)  # checks names and shapes against the config first
-    stored = hf_params.abstract_params(config)
+    stored = families.of(config).weights.abstract_params(config)
     abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     targets = dict(nnx.to_flat_state(sharding.param_shardings(state, mesh, rules or sharding.LOGICAL_AXIS_RULES)))
@@ -331,12 +331,13 @@ def convert_hf_to_orbax(
     into preallocated arrays, so peak memory is about one copy of the weights."""
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-    config = MllamaConfig.from_hf_config(hf_dir)
-    stored_dtype = hf_params.stored_dtype(hf_dir)
+    family = families.of_hf_dir(hf_dir)
+    config = family.config_class.from_hf_config(hf_dir)
+    stored_dtype = safetensors_io.stored_dtype(hf_dir)
     config = config.replace(param_dtype=dtype or stored_dtype, dtype=dtype or stored_dtype)
-    total = sum(os.path.getsize(f) for f in hf_params.safetensors_files(hf_dir))
+    total = sum(os.path.getsize(f) for f in safetensors_io.safetensors_files(hf_dir))
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading HF tensors", disable=not progress) as bar:
-        params = hf_params.load_hf_params(hf_dir, config, progress=bar.update)
+        params = family.weights.load_hf_params(hf_dir, config, progress=bar.update)
     return save_checkpoint(out_dir, config, params, side_files_from=hf_dir, overwrite=overwrite)
 
 
@@ -352,10 +353,11 @@ def export_to_hf(
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
     config, read, _ = _param_reader(ckpt_dir)
+    weights = families.of(config).weights
     by_param: dict[tuple[str, ...], list[str]] = {}
-    for name, entry in hf_params.hf_table(config).items():
+    for name, entry in weights.hf_table(config).items():
         by_param.setdefault(entry.path, []).append(name)
-    shapes = hf_params.abstract_params(config)
+    shapes = weights.abstract_params(config)
     itemsize = np.dtype(config.param_dtype).itemsize
     total = sum(int(np.prod(shape)) * itemsize for shape, _ in shapes.values())
 
@@ -381,7 +383,7 @@ def export_to_hf(
 
         for path, names in by_param.items():
             value = read([path])[path]
-            for name, tensor in hf_params.hf_tensors({path: value}, config, names):
+            for name, tensor in weights.hf_tensors({path: value}, config, names):
                 if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
                     flush()
                 shard[name] = tensor

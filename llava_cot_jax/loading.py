@@ -38,15 +38,15 @@ def weights_format(path: str) -> str:
 
 
 def stored_config(model_cfg):
-    """The architecture as stored with `model.weights`, else `model.preset`'s; dtypes and layout untouched."""
-    fam = family(model_cfg)
+    """The architecture as stored with `model.weights` (whose family the weights themselves tell), else
+    `model.preset`'s of `model.family`; dtypes and layout untouched."""
     if model_cfg.weights:
         if weights_format(model_cfg.weights) == CONVERTED:
             return checkpoint.load_config(model_cfg.weights)
-        return fam.config_class.from_hf_config(model_cfg.weights)
+        return families.of_hf_dir(model_cfg.weights).config_class.from_hf_config(model_cfg.weights)
     if not model_cfg.preset:
         raise ValueError("set model.weights (a checkpoint directory) or model.preset (an architecture)")
-    return fam.preset(model_cfg.preset)
+    return family(model_cfg).preset(model_cfg.preset)
 
 
 def arch_config(model_cfg, *, training: bool = False):
@@ -62,7 +62,6 @@ def load_model(model_cfg, mesh=None):
     """The inference model `model.weights` holds, unscanned, in the config's dtype (int8 text decoder with
     `model.quantize`). On a `mesh`, a converted checkpoint is read straight into each device's shards as the
     decoding rules place them; an HF directory is read on the host first."""
-    fam = family(model_cfg)
     if not model_cfg.weights:
         raise ValueError("model.weights is required: a converted checkpoint, a training checkpoint or an HF directory")
     dtype, quantize = config_schema.param_dtype(model_cfg), model_cfg.quantize or None
@@ -80,7 +79,7 @@ def load_model(model_cfg, mesh=None):
             rules=rules,
             quantize=quantize,
         )
-    return fam.from_hf(
+    return families.of_hf_dir(model_cfg.weights).weights.from_hf(
         model_cfg.weights, dtype=dtype, compute_dtype=model_cfg.dtype, quantize=quantize, scan_layers=False
     )
 
@@ -100,7 +99,6 @@ def initial_params(model_cfg, arch, seed: int, mesh=None) -> dict:
     arrays (an HF directory is read on the host); without weights, a random init of `arch`."""
     from flax import nnx
 
-    fam = family(model_cfg)
     weights = model_cfg.weights
     if weights and weights_format(weights) == CONVERTED:
         if mesh is not None:
@@ -111,17 +109,19 @@ def initial_params(model_cfg, arch, seed: int, mesh=None) -> dict:
         _, params = checkpoint.load_params(weights)
         return checkpoint.nested(params)
     if weights:
-        return checkpoint.nested(fam.load_hf_params(weights, arch))
-    model = fam.model_class(arch, rngs=nnx.Rngs(seed))
+        return checkpoint.nested(families.of(arch).weights.load_hf_params(weights, arch))
+    model = families.of(arch).model_class(arch, rngs=nnx.Rngs(seed))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def load_processor(model_cfg, arch=None):
     """The tokenizer + image processor: `model.processor`, else the files beside `model.weights`, else (small
     presets only) the family's built-in one for `arch`."""
-    fam = family(model_cfg)
+    fam = families.of(arch) if arch is not None else family(model_cfg)
     source = model_cfg.processor or (checkpoint.side_files_dir(model_cfg.weights) if model_cfg.weights else "")
     if source:
+        if fam.processor_class is None:
+            raise NotImplementedError(f"the {fam.name} family has no processor yet")
         return fam.processor_class.from_pretrained(source)
     if fam.built_in_processor is None or model_cfg.preset not in fam.built_in_processor_presets:
         raise ValueError("model.processor (a directory with tokenizer files) is required without model.weights")

@@ -181,9 +181,9 @@ def test_shape_mismatch_names_expected_and_found(single_file_checkpoint, tmp_pat
 def test_unsupported_model_type(single_file_checkpoint, tmp_path):
     cfg_path = os.path.join(single_file_checkpoint, "config.json")
     d = json.load(open(cfg_path))
-    d["model_type"] = "llava"
+    d["model_type"] = "qwen2_vl"
     json.dump(d, open(cfg_path, "w"))
-    _convert_fails(single_file_checkpoint, tmp_path, r"unsupported model_type 'llava'")
+    _convert_fails(single_file_checkpoint, tmp_path, r"model_type 'qwen2_vl' is not one this package reads")
 
 
 def test_truncated_safetensors(single_file_checkpoint, tmp_path):
