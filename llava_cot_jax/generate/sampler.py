@@ -215,9 +215,10 @@ def _take_state_rows(state: DecodeState, rows) -> DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
 def encode(graphdef, params, pixel_values, aspect_ratio_ids, aspect_ratio_mask, *, rules=None):
-    """Vision tower + projector + every cross-attention layer's K/V, once per image batch."""
+    """What decoding reads of an image batch (`model.image_context`), once per batch: Mllama's vision tower,
+    projector and every cross-attention layer's K/V; LLaVA's projected image features."""
     model = nnx.merge(graphdef, params)
-    return _shard_kv(model.cross_kv(model.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)), rules)
+    return _shard_kv(model.image_context(pixel_values, aspect_ratio_ids, aspect_ratio_mask), rules)
 
 
 def _extend(model, state: DecodeState, input_ids, attention_mask, cross_kv, cross_attention_mask) -> DecodeState:
@@ -332,7 +333,9 @@ def decode(graphdef, params, state: DecodeState, args: DecodeArgs, *, rules=None
     b = state.positions.shape[0]
     budget = jnp.minimum(args.budget, jnp.minimum(args.max_new, state.cache_len - state.cursor))
     window, filled = stop_lib.init_window(b, args.stop_table)
-    xmask = state.xmask if args.cross_kv is not None else None
+    # A model that reads its images only in the prompt (LLaVA) decodes without them.
+    step_images = args.cross_kv if model.cross_attends_images else None
+    xmask = state.xmask if step_images is not None else None
 
     def cond(carry):
         i, _, _, done, *_ = carry
@@ -367,7 +370,7 @@ def decode(graphdef, params, state: DecodeState, args: DecodeArgs, *, rules=None
         def run_model(st):
             key_valid = st.key_valid.at[:, st.cursor].set(write)
             logits, cache = model.forward_cached(
-                token[:, None], st.positions[:, None], st.cache, st.cursor, key_valid, args.cross_kv, xmask
+                token[:, None], st.positions[:, None], st.cache, st.cursor, key_valid, step_images, xmask
             )
             return DecodeState(
                 cache=_shard_kv(cache, rules),
@@ -502,27 +505,36 @@ class Sampler:
         ids = list(eos_ids or [])
         return np.asarray((ids + [-1] * 4)[: max(4, len(ids))], np.int32)
 
-    def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
-        if aspect_ratio_mask is None:
-            aspect_ratio_mask = np.ones(np.shape(pixel_values)[:3], np.int32)
+    def encode_images(self, pixel_values, aspect_ratio_ids=None, aspect_ratio_mask=None):
+        """The image context of a batch of prompts' images (Mllama's take aspect-ratio ids and mask)."""
+        if self.model.cross_attends_images:
+            if aspect_ratio_mask is None:
+                aspect_ratio_mask = np.ones(np.shape(pixel_values)[:3], np.int32)
+            aspect_ratio_ids, aspect_ratio_mask = np.asarray(aspect_ratio_ids), np.asarray(aspect_ratio_mask)
         with self.on_mesh():
             return encode(
                 self.graphdef,
                 self.params,
                 np.asarray(pixel_values),
-                np.asarray(aspect_ratio_ids),
-                np.asarray(aspect_ratio_mask),
+                aspect_ratio_ids,
+                aspect_ratio_mask,
                 rules=self.rules,
             )
+
+    def _image_mask(self, cross_kv, cross_attention_mask):
+        """The cross-attention mask a call runs with: required with images by a model that cross-attends."""
+        if cross_kv is None or not self.model.cross_attends_images:
+            return None
+        if cross_attention_mask is None:
+            raise ValueError("cross_attention_mask is required with images")
+        return np.asarray(cross_attention_mask)
 
     def prefill(
         self, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, *, cache_len: int, rows=None
     ):
         """A fresh decode state of `cache_len` slots holding the prompts [B, S]; with `rows` [R], row r holds
         prompt `rows[r]` (computed once per prompt)."""
-        if cross_kv is not None and cross_attention_mask is None:
-            raise ValueError("cross_attention_mask is required with images")
-        xmask = None if cross_kv is None else np.asarray(cross_attention_mask)
+        xmask = self._image_mask(cross_kv, cross_attention_mask)
         with self.on_mesh():
             return prefill(
                 self.graphdef,
@@ -538,9 +550,7 @@ class Sampler:
 
     def extend(self, state, input_ids, attention_mask, cross_kv=None, cross_attention_mask=None, rows=None):
         """A new state: rows `rows` of `state` (all when None) continued by the chunk [R, S]; `state` is kept."""
-        if cross_kv is not None and cross_attention_mask is None:
-            raise ValueError("cross_attention_mask is required with images")
-        xmask = None if cross_kv is None else np.asarray(cross_attention_mask)
+        xmask = self._image_mask(cross_kv, cross_attention_mask)
         with self.on_mesh():
             return extend(
                 self.graphdef,
@@ -661,14 +671,15 @@ def generate(
     s = input_ids.shape[1]
     bucket = bucket_length(s)
     has_images = pixel_values is not None
-    extra = [np.asarray(cross_attention_mask)] if has_images else []
-    if has_images and cross_attention_mask is None:
+    cross_attends = has_images and sampler.model.cross_attends_images
+    if cross_attends and cross_attention_mask is None:
         raise ValueError("cross_attention_mask is required with pixel_values")
+    extra = [np.asarray(cross_attention_mask)] if cross_attends else []
     ids, mask, _, extras = left_align(input_ids, attention_mask, bucket, sampler.pad_token_id, *extra)
 
     cross_kv = sampler.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask) if has_images else None
     max_new = bucket_length(max_new_tokens)  # the program's size; the budget below is exact
-    state = sampler.prefill(ids, mask, cross_kv, extras[0] if has_images else None, cache_len=bucket + max_new)
+    state = sampler.prefill(ids, mask, cross_kv, extras[0] if extras else None, cache_len=bucket + max_new)
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p if do_sample else 1.0, top_k=top_k)
     context = streaming(streamer) if streamer else contextlib.nullcontext()
     with context:

@@ -3,7 +3,7 @@
 Each image becomes `config.image_tokens` feature vectors that replace, in order, the embeddings of the image
 tokens in `input_ids` (the prompt holds one image token per feature, as transformers' llava processor writes it).
 The decoder is Mllama's text model without cross-attention layers, so cached decoding is the same code: the
-image features enter once, with the prompt, through `forward_cached(..., embeddings=)`.
+image features enter once, with the prompt, through `forward_cached(..., image_context=)`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class Projector(nnx.Module):
 
 
 class LlavaForConditionalGeneration(nnx.Module):
+    # The image enters once, spliced into the prompt's embeddings; decode steps do not read it (see
+    # MllamaForConditionalGeneration.cross_attends_images).
+    cross_attends_images = False
+
     def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs):
         self.config = config
         pdt = config.jnp_param_dtype
@@ -82,6 +86,17 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     # ------------------------------------------------------------------------------------------ inference
 
+    def image_context(self, pixel_values, aspect_ratio_ids=None, aspect_ratio_mask=None) -> jax.Array:
+        """What decoding reads of a batch of images: pixel_values [B, I, 3, H, W] (I images per prompt row) ->
+        each row's image features in order, [B, 1, I * image_tokens, D]. The singleton axis gives the array the
+        layout of one layer's cross-attention K/V ([B, K, T, hd]), so the sampler gathers and shards it as it
+        does Mllama's. The aspect-ratio arguments are Mllama's tiling; a LLaVA image is one square."""
+        del aspect_ratio_ids, aspect_ratio_mask
+        pixel_values = jnp.asarray(pixel_values)
+        b, i = pixel_values.shape[:2]
+        features = self.encode_images(pixel_values.reshape(b * i, *pixel_values.shape[2:]))
+        return features.reshape(b, 1, i * features.shape[1], features.shape[2])
+
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
         """An empty KV cache, as MllamaForConditionalGeneration.init_cache."""
         t = self.config.text
@@ -92,11 +107,23 @@ class LlavaForConditionalGeneration(nnx.Module):
             return {"k": jnp.zeros((layers, *shape), dtype), "v": jnp.zeros((layers, *shape), dtype)}
         return {name: tuple(jnp.zeros(shape, dtype) for _ in range(layers)) for name in ("k", "v")}
 
-    def forward_cached(self, input_ids, positions, cache, cache_index, key_valid, embeddings=None):
+    def forward_cached(
+        self, input_ids, positions, cache, cache_index, key_valid, image_context=None, cross_attention_mask=None
+    ):
         """Runs S new tokens per row against the cache (see MllamaForConditionalGeneration.forward_cached);
-        `embeddings` (from `embed`) carry the image features of a prompt. Returns (logits fp32, new cache)."""
+        with `image_context` (from `image_context`), row b's image tokens take row b's features in order.
+        `cross_attention_mask` is Mllama's and unused. Returns (logits [B, S, V] fp32, new cache)."""
+        del cross_attention_mask
+        input_ids = jnp.asarray(input_ids)
+        embeddings = None
+        if image_context is not None:
+            features = image_context[:, 0]
+            is_image = input_ids == self.config.image_token_id
+            order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+            spliced = jnp.take_along_axis(features, order[..., None], axis=1).astype(self.config.jnp_dtype)
+            embeddings = jnp.where(is_image[..., None], spliced, self.embed(input_ids))
         return self.language_model(
-            jnp.asarray(input_ids),
+            input_ids,
             jnp.asarray(positions),
             jnp.asarray(key_valid),
             self.config.jnp_dtype,

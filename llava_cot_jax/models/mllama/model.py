@@ -28,6 +28,10 @@ class MllamaOutput:
 
 
 class MllamaForConditionalGeneration(nnx.Module):
+    # The decoder reads the image through cross-attention at every step, masked by cross_attention_mask (the
+    # sampler passes `image_context` to each decode step; a LLaVA model reads it once, in the prompt).
+    cross_attends_images = True
+
     def __init__(self, config: MllamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         pdt = config.jnp_param_dtype
@@ -54,6 +58,11 @@ class MllamaForConditionalGeneration(nnx.Module):
             dt
         )
         return projected.reshape(projected.shape[0], -1, projected.shape[-1])
+
+    def image_context(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> dict:
+        """What decoding reads of a batch of images (the sampler's family-independent entry): every
+        cross-attention layer's keys/values of the projected vision tokens (see `cross_kv`)."""
+        return self.cross_kv(self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
 
     def cross_kv(self, vision_states: jax.Array) -> dict:
         """{'k', 'v'}: [num_cross_layers, B, kv_heads, N_vision, head_dim]; rows (axis 1) can be gathered freely."""
