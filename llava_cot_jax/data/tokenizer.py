@@ -108,8 +108,9 @@ shiny matte large small big tiny cube sphere cylinder cone square circle rectang
 
 
 @functools.lru_cache(maxsize=8)
-def _train_tiny_bpe(num_base_tokens: int) -> str:
-    """Train the byte-level BPE once per size; returns its JSON (Tokenizer objects are mutable, JSON is not)."""
+def _train_tiny_bpe(num_base_tokens: int, leading_specials: tuple[str, ...] = ()) -> str:
+    """Train the byte-level BPE once per size; returns its JSON (Tokenizer objects are mutable, JSON is not).
+    `leading_specials` take the first ids and count towards `num_base_tokens`."""
     tokenizer = Tokenizer(models.BPE(fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -123,7 +124,7 @@ def _train_tiny_bpe(num_base_tokens: int) -> str:
         min_frequency=1,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
+        special_tokens=list(leading_specials),
     )
     tokenizer.train_from_iterator([_TINY_CORPUS], trainer=trainer)
     trained = tokenizer.get_vocab_size()
@@ -166,6 +167,35 @@ def build_tiny_tokenizer(
     if not isinstance(num_base_tokens, int) or num_base_tokens < 257:
         raise ValueError(f"num_base_tokens must be an int >= 257 (256 byte tokens + merges), got {num_base_tokens}")
     return _wrap(Tokenizer.from_str(_train_tiny_bpe(num_base_tokens)), add_bos_token)
+
+
+# Llama-2's (Vicuna v1.5's) special tokens at ids 0, 1, 2, and the two llava-hf appends after its vocabulary.
+VICUNA_SPECIALS = ("<unk>", "<s>", "</s>")
+LLAVA_IMAGE = "<image>"
+LLAVA_PAD = "<pad>"
+
+
+def build_tiny_vicuna_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A small tokenizer with llava-hf's id layout: `<unk>` 0, `<s>` 1, `</s>` 2, byte-level BPE text up to
+    `vocab_size - 3`, `<image>` `vocab_size - 2`, `<pad>` `vocab_size - 1` (32000 and 32001 in llava-hf's 32,064).
+    It adds `<s>` on `add_special_tokens=True`, as Llama-2's does. For tests and tiny LLaVA models."""
+    if not isinstance(vocab_size, int) or vocab_size < 262:
+        raise ValueError(f"vocab_size must be an int >= 262 (3 specials, 256 bytes, <image>, <pad>), got {vocab_size}")
+    tokenizer = Tokenizer.from_str(_train_tiny_bpe(vocab_size - 2, VICUNA_SPECIALS))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (LLAVA_IMAGE, LLAVA_PAD)])
+    if tokenizer.token_to_id(LLAVA_PAD) != vocab_size - 1:
+        raise RuntimeError(f"{LLAVA_PAD} got id {tokenizer.token_to_id(LLAVA_PAD)}, expected {vocab_size - 1}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token=LLAVA_PAD,
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
 
 
 def save_tiny_tokenizer(directory: str | os.PathLike, num_base_tokens: int = DEFAULT_TINY_BASE_TOKENS) -> str:

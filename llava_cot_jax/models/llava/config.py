@@ -143,7 +143,8 @@ class LlavaConfig:
 
     @classmethod
     def tiny(cls, vocab_size: int = 1024, **kwargs) -> LlavaConfig:
-        """A few-MB model for tests: 4 image tokens per 28-px image, image token id == vocab_size - 1."""
+        """A few-MB model for tests: 4 image tokens per 28-px image; ids as `build_tiny_vicuna_tokenizer`'s
+        (`<image>` vocab_size - 2, `<pad>` vocab_size - 1, as llava-hf appends them)."""
         vision = ClipVisionConfig(
             hidden_size=32, num_hidden_layers=3, attention_heads=4, intermediate_size=64, image_size=28
         )
@@ -154,10 +155,10 @@ class LlavaConfig:
             num_attention_heads=4,
             num_key_value_heads=4,
             intermediate_size=128,
-            pad_token_id=vocab_size - 2,
+            pad_token_id=vocab_size - 1,
             max_position_embeddings=2048,
         )
-        return cls(vision=vision, text=text, image_token_id=vocab_size - 1, **kwargs)
+        return cls(vision=vision, text=text, image_token_id=vocab_size - 2, **kwargs)
 
     # ------------------------------------------------------------------------------------- HF conversion
 

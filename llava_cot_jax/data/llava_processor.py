@@ -1,0 +1,95 @@
+"""`LlavaProcessor`: text + images -> the numpy inputs of the llava family, under transformers' names.
+
+As transformers' LlavaProcessor does, each `<image>` in the text becomes one `<image>` token per image feature
+(576 for CLIP-L/14 at 336 px), so the model splices the features in place. Pixel values are per prompt row,
+[batch, images, 3, H, W] (transformers flattens them to [images, 3, H, W]; the model takes either).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from llava_cot_jax.data import vicuna
+from llava_cot_jax.data.image import nest_images
+from llava_cot_jax.data.llava_image import LlavaImageProcessor
+
+
+class LlavaProcessor:
+    """A Llama-2 tokenizer (transformers fast tokenizer with `<image>`) and `LlavaImageProcessor`."""
+
+    def __init__(self, image_processor: LlavaImageProcessor, tokenizer, image_tokens: int, system: str = ""):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.image_tokens, self.system = image_tokens, system
+        self.image_token = vicuna.IMAGE
+        self.image_token_id = tokenizer.convert_tokens_to_ids(vicuna.IMAGE)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {vicuna.IMAGE} token")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, image_mode: str = "pad") -> LlavaProcessor:
+        """Tokenizer files and preprocessor_config.json of a local llava-hf directory; the image tokens per image
+        follow the crop size and the 14-px patches of CLIP-L/14 (the class token dropped)."""
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)
+        images = LlavaImageProcessor.from_pretrained(directory, mode=image_mode)
+        return cls(images, tokenizer, image_tokens=(images.size // 14) ** 2)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        import json
+
+        self.tokenizer.save_pretrained(directory)
+        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+            json.dump(self.image_processor.to_dict(), f, indent=2)
+
+    def __call__(self, images=None, text: str | Sequence[str] | None = None, *, padding: bool | str = False) -> dict:
+        """Tokenise `text` (one string or a batch; `<image>` where each image goes) and preprocess `images` (one
+        image, the images of one sample, or a list per sample). Returns input_ids, attention_mask [B, L] int64 and
+        pixel_values [B, I, 3, H, W] float32."""
+        if text is None and images is None:
+            raise ValueError("give text, images or both")
+        outputs = {}
+        batch_images = nest_images(images) if images is not None else None
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise ValueError("text must be a string or a non-empty list of strings")
+            in_text = [t.count(vicuna.IMAGE) for t in texts]
+            given = [len(sample) for sample in batch_images] if batch_images is not None else [0] * len(texts)
+            if in_text != given:
+                raise ValueError(
+                    f"each text needs one {vicuna.IMAGE} per image of its sample: found {in_text} markers and "
+                    f"{given} images per sample"
+                )
+            wide = [t.replace(vicuna.IMAGE, vicuna.IMAGE * self.image_tokens) for t in texts]
+            encoding = self.tokenizer(wide, padding=padding)
+            lengths = {len(ids) for ids in encoding["input_ids"]}
+            if len(lengths) > 1:
+                raise ValueError(f"texts tokenise to different lengths {sorted(lengths)}; pass padding=True")
+            outputs["input_ids"] = np.asarray(encoding["input_ids"], np.int64)
+            outputs["attention_mask"] = np.asarray(encoding["attention_mask"], np.int64)
+        if batch_images is not None:
+            outputs.update(self.image_processor(batch_images))
+        return outputs
+
+    def apply_chat_template(self, conversations: Sequence[Mapping], add_generation_prompt: bool = True, **kwargs):
+        """`vicuna.render_prompt` with this processor's system sentence; LLaVA records or chat messages."""
+        has_image = kwargs.pop("has_image", None)
+        if has_image is None:
+            has_image = any(
+                isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"])
+                for m in conversations
+            )
+        kwargs.setdefault("system", self.system)
+        return vicuna.render_prompt(conversations, has_image, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def decode(self, token_ids, **kwargs) -> str:
+        return self.tokenizer.decode(np.asarray(token_ids).tolist(), **kwargs)
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(np.asarray(sequences).tolist(), **kwargs)
