@@ -139,3 +139,40 @@ def test_greedy_generation_matches_transformers(tiny, tiny_dir):
     got = generate(ours, ids, mask, pixel_values=pixels, max_new_tokens=12)[:, seq:]
     assert got.shape[1] >= 6  # the comparison covers real decoding, not an immediate EOS
     np.testing.assert_array_equal(got, want[:, : got.shape[1]])
+
+
+@pytest.mark.parametrize("layout", ["transformers", "per_row"])
+def test_loss_and_gradients_equal_transformers(tiny, tiny_dir, layout):
+    """Images in two rows of a right-padded batch, answers labelled; pixel values in transformers' flat layout or
+    the training pipeline's per-row one (row 2 holds a padding image slot that no token reads)."""
+    import jax
+
+    from llava_cot_jax.train import loss as loss_lib
+
+    config, hf_model = tiny
+    inputs = hf_reference.random_inputs(config, np.random.default_rng(3), 16, [1, 2], [[1], [1, 8]], [0, 3])
+    labels = np.where(inputs["attention_mask"] == 1, inputs["input_ids"], -100)
+    labels[inputs["input_ids"] == config.image_token_id] = -100
+    labels[:, :6] = -100  # the prompt part
+    batch = {**inputs, "labels": labels}
+
+    hf_model.zero_grad()
+    ref = hf_model(**{k: torch.as_tensor(v) for k, v in batch.items()})
+    ref.loss.backward()
+    ref_grads = {params.hub_name(n): p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
+
+    if layout == "per_row":  # [B, I, 3, H, W]: row 0's one image and an all-zero slot, row 1's two images
+        pixels = inputs["pixel_values"]
+        batch["pixel_values"] = np.stack([np.stack([pixels[0], np.zeros_like(pixels[0])]), pixels[1:3]])
+    graphdef, state = nnx.split(params.from_hf(tiny_dir))
+    (loss, _), grads = jax.value_and_grad(
+        lambda s: loss_lib.loss_fn(nnx.merge(graphdef, s), batch, chunk_size=5), has_aux=True
+    )(state)
+    assert abs(float(loss) - ref.loss.item()) < 1e-5
+    flat = {tuple(str(k) for k in path): np.asarray(v) for path, v in nnx.to_flat_state(grads)}
+    ours = dict(params.hf_tensors(flat, config))
+    scale = max(float(np.abs(g).max()) for g in ref_grads.values())
+    worst = max((float(np.abs(ours[n] - g).max()), n) for n, g in ref_grads.items())
+    assert worst[0] <= 1e-5 * max(scale, 1.0), worst
+    for name in ("vision_tower.vision_model.embeddings.class_embedding", "multi_modal_projector.linear_1.weight"):
+        assert np.abs(ref_grads[name]).max() > 1e-6  # the image path receives gradient

@@ -66,7 +66,7 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def embed(self, input_ids, image_features=None) -> jax.Array:
         """Token embeddings [B, S, D] with the image tokens' rows replaced, in reading order, by the rows of
-        `image_features` [N, image_tokens, D] (every image's features, images in order)."""
+        `image_features` [N, image_tokens, D] (every image's features, images in order: transformers' layout)."""
         input_ids = jnp.asarray(input_ids)
         x = self.language_model.embed(input_ids).astype(self.config.jnp_dtype)
         if image_features is None:
@@ -83,6 +83,17 @@ class LlavaForConditionalGeneration(nnx.Module):
         order = jnp.cumsum(is_image.reshape(-1)) - 1  # the feature row each image token takes
         spliced = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(x.shape)
         return jnp.where(is_image[..., None], spliced, x)
+
+    def embed_rows(self, input_ids, image_context) -> jax.Array:
+        """Token embeddings [B, S, D] with row b's image tokens replaced, in order, by row b's features of
+        `image_context` [B, 1, M, D] (see `image_context`); features beyond a row's image tokens (padding image
+        slots) are not read."""
+        input_ids = jnp.asarray(input_ids)
+        features = image_context[:, 0]
+        is_image = input_ids == self.config.image_token_id
+        order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+        spliced = jnp.take_along_axis(features, order[..., None], axis=1).astype(self.config.jnp_dtype)
+        return jnp.where(is_image[..., None], spliced, self.language_model.embed(input_ids).astype(spliced.dtype))
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -115,13 +126,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         `cross_attention_mask` is Mllama's and unused. Returns (logits [B, S, V] fp32, new cache)."""
         del cross_attention_mask
         input_ids = jnp.asarray(input_ids)
-        embeddings = None
-        if image_context is not None:
-            features = image_context[:, 0]
-            is_image = input_ids == self.config.image_token_id
-            order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
-            spliced = jnp.take_along_axis(features, order[..., None], axis=1).astype(self.config.jnp_dtype)
-            embeddings = jnp.where(is_image[..., None], spliced, self.embed(input_ids))
+        embeddings = None if image_context is None else self.embed_rows(input_ids, image_context)
         return self.language_model(
             input_ids,
             jnp.asarray(positions),
@@ -139,10 +144,16 @@ class LlavaForConditionalGeneration(nnx.Module):
         return LlavaOutput(logits=self.language_model.logits(self.last_hidden_state(*args, **kwargs)))
 
     def last_hidden_state(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None) -> jax.Array:
-        """The decoder's final-norm hidden states [B, S, D]."""
+        """The decoder's final-norm hidden states [B, S, D]. `pixel_values` in transformers' layout [N, 3, H, W]
+        (images in reading order over the batch) or per row [B, I, 3, H, W] (the training pipeline's)."""
         input_ids = jnp.asarray(input_ids)
         b, s = input_ids.shape
-        features = None if pixel_values is None else self.encode_images(pixel_values)
+        if pixel_values is None:
+            embeddings = self.embed(input_ids)
+        elif jnp.ndim(pixel_values) == 5:
+            embeddings = self.embed_rows(input_ids, self.image_context(pixel_values))
+        else:
+            embeddings = self.embed(input_ids, self.encode_images(pixel_values))
         key_valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         positions = jnp.broadcast_to(jnp.arange(s), (b, s)) if position_ids is None else jnp.asarray(position_ids)
         hidden, _ = self.language_model(
@@ -150,7 +161,7 @@ class LlavaForConditionalGeneration(nnx.Module):
             positions,
             key_valid,
             self.config.jnp_dtype,
-            embeddings=self.embed(input_ids, features),
+            embeddings=embeddings,
             return_hidden=True,
         )
         return hidden
