@@ -26,7 +26,7 @@ class Family:
     # load_hf_params(dir, config, dtype=, progress=), hf_tensors(params, config, names),
     # from_hf(dir, dtype=, compute_dtype=, quantize=, scan_layers=).
     weights: ModuleType
-    processor_class: type | None  # .from_pretrained(dir); None while the family has no processor
+    processor_class: type  # .from_pretrained(dir)
     # A processor for a random init without a tokenizer directory (small presets only): (config) -> processor.
     built_in_processor: Callable[[Any], Any] | None = None
     built_in_processor_presets: tuple[str, ...] = ()
@@ -70,6 +70,9 @@ def _mllama() -> Family:
 
 
 def _llava() -> Family:
+    from llava_cot_jax.data.llava_image import LlavaImageProcessor
+    from llava_cot_jax.data.llava_processor import LlavaProcessor
+    from llava_cot_jax.data.tokenizer import build_tiny_vicuna_tokenizer
     from llava_cot_jax.models.llava import params
     from llava_cot_jax.models.llava.config import LlavaConfig
     from llava_cot_jax.models.llava.model import LlavaForConditionalGeneration
@@ -86,7 +89,12 @@ def _llava() -> Family:
             "llava15_13b": LlavaConfig.llava15_13b,
         },
         weights=params,
-        processor_class=None,
+        processor_class=LlavaProcessor,
+        built_in_processor=lambda config: LlavaProcessor(
+            LlavaImageProcessor(size=config.vision.image_size, patch_size=config.vision.patch_size),
+            build_tiny_vicuna_tokenizer(config.text.vocab_size),
+        ),
+        built_in_processor_presets=("llava15_tiny",),
     )
 
 

@@ -120,8 +120,6 @@ def load_processor(model_cfg, arch=None):
     fam = families.of(arch) if arch is not None else family(model_cfg)
     source = model_cfg.processor or (checkpoint.side_files_dir(model_cfg.weights) if model_cfg.weights else "")
     if source:
-        if fam.processor_class is None:
-            raise NotImplementedError(f"the {fam.name} family has no processor yet")
         return fam.processor_class.from_pretrained(source)
     if fam.built_in_processor is None or model_cfg.preset not in fam.built_in_processor_presets:
         raise ValueError("model.processor (a directory with tokenizer files) is required without model.weights")
@@ -132,10 +130,14 @@ def check_processor(processor, arch) -> None:
     """A tokenizer that does not belong to the model fails here rather than training or decoding wrong ids."""
     problems = []
     if processor.image_token_id != arch.image_token_id:
-        problems.append(f"<|image|> is id {processor.image_token_id}, the model's image token is {arch.image_token_id}")
+        problems.append(
+            f"{processor.image_token} is id {processor.image_token_id}, the model's image token: {arch.image_token_id}"
+        )
     if len(processor.tokenizer) > arch.text.embedding_rows:
         problems.append(f"{len(processor.tokenizer)} tokens, the model embeds {arch.text.embedding_rows}")
-    if processor.image_processor.tile_size != arch.vision.image_size:
-        problems.append(f"tiles of {processor.image_processor.tile_size} px, the model's are {arch.vision.image_size}")
+    if processor.image_processor.image_size != arch.vision.image_size:
+        problems.append(
+            f"images (tiles) of {processor.image_processor.image_size} px, the model's are {arch.vision.image_size}"
+        )
     if problems:
         raise ValueError("the tokenizer/image processor does not match the model: " + "; ".join(problems))

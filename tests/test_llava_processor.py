@@ -90,7 +90,7 @@ def test_processor_matches_transformers_llava_processor(tokenizer):
     rng = np.random.default_rng(0)
     images = [PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 30), (28, 60))]
     texts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nAnd this one, left of the cube? ASSISTANT:"]
-    ours = LlavaProcessor(LlavaImageProcessor(size=28, mode="crop"), tokenizer, image_tokens=4)
+    ours = LlavaProcessor(LlavaImageProcessor(size=28, mode="crop"), tokenizer)
     got = ours(images=[[images[0]], [images[1]]], text=texts, padding=True)
     tokenizer.padding_side = "right"
     want = _transformers_processor(tokenizer, 28)(images=images, text=texts, padding=True, return_tensors="np")
@@ -100,7 +100,7 @@ def test_processor_matches_transformers_llava_processor(tokenizer):
 
 
 def test_processor_checks_markers_against_images(tokenizer):
-    ours = LlavaProcessor(LlavaImageProcessor(size=28), tokenizer, image_tokens=4)
+    ours = LlavaProcessor(LlavaImageProcessor(size=28), tokenizer)
     image = PIL.Image.new("RGB", (30, 30))
     with pytest.raises(ValueError, match=r"found \[2\] markers and \[1\] images"):
         ours(images=image, text="<image><image> two?")

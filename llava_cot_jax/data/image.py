@@ -196,6 +196,11 @@ class MllamaImageProcessor:
         self.do_rescale = do_rescale
         self.do_normalize = do_normalize
 
+    @property
+    def image_size(self) -> int:
+        """The side of the squares the vision tower takes (one tile)."""
+        return self.tile_size
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> MllamaImageProcessor:
         """Read `preprocessor_config.json` (Hugging Face format) from a checkpoint directory."""

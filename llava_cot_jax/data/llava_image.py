@@ -35,6 +35,7 @@ class LlavaImageProcessor:
         image_std: Sequence[float] = CLIP_STD,
         rescale_factor: float = DEFAULT_RESCALE_FACTOR,
         resample: int = PIL.Image.Resampling.BICUBIC,
+        patch_size: int = 14,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -45,6 +46,17 @@ class LlavaImageProcessor:
         self.image_std = tuple(float(s) for s in image_std)
         self.rescale_factor = float(rescale_factor)
         self.resample = PIL.Image.Resampling(resample)
+        self.patch_size = int(patch_size)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the squares the vision tower takes."""
+        return self.size
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per image in the prompt: one per patch of the vision tower (its class token dropped)."""
+        return (self.size // self.patch_size) ** 2
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, mode: str = "pad") -> LlavaImageProcessor:

@@ -20,9 +20,9 @@ from llava_cot_jax.data.llava_image import LlavaImageProcessor
 class LlavaProcessor:
     """A Llama-2 tokenizer (transformers fast tokenizer with `<image>`) and `LlavaImageProcessor`."""
 
-    def __init__(self, image_processor: LlavaImageProcessor, tokenizer, image_tokens: int, system: str = ""):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.image_tokens, self.system = image_tokens, system
+    def __init__(self, image_processor: LlavaImageProcessor, tokenizer, system: str = ""):
+        self.image_processor, self.tokenizer, self.system = image_processor, tokenizer, system
+        self.image_tokens = image_processor.image_tokens
         self.image_token = vicuna.IMAGE
         self.image_token_id = tokenizer.convert_tokens_to_ids(vicuna.IMAGE)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -30,15 +30,13 @@ class LlavaProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, image_mode: str = "pad") -> LlavaProcessor:
-        """Tokenizer files and preprocessor_config.json of a local llava-hf directory; the image tokens per image
-        follow the crop size and the 14-px patches of CLIP-L/14 (the class token dropped)."""
+        """Tokenizer files and preprocessor_config.json of a local llava-hf directory."""
         from transformers import AutoTokenizer
 
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"checkpoint directory not found: {directory}")
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)
-        images = LlavaImageProcessor.from_pretrained(directory, mode=image_mode)
-        return cls(images, tokenizer, image_tokens=(images.size // 14) ** 2)
+        return cls(LlavaImageProcessor.from_pretrained(directory, mode=image_mode), tokenizer)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         import json

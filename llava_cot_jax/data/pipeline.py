@@ -35,8 +35,9 @@ import grain
 import numpy as np
 from PIL import Image
 
-from llava_cot_jax.data import chat, sources, tfds_builder
+from llava_cot_jax.data import chat, sources, tfds_builder, vicuna
 from llava_cot_jax.data.image import MllamaImageProcessor, choose_canvas, fit_size, to_rgb
+from llava_cot_jax.data.llava_image import LlavaImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +92,18 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def decode_image(data: bytes, processor: MllamaImageProcessor, draft: bool = False) -> Image.Image:
+def decode_image(data: bytes, processor, draft: bool = False) -> Image.Image:
     """Encoded bytes → RGB PIL image. With `draft`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
     still at least as large as the size the processor will resize it to, which skips most of the decode work."""
     try:
         image = Image.open(io.BytesIO(data))
         if draft and image.format == "JPEG":
             width, height = image.size
+            if isinstance(processor, LlavaImageProcessor):  # one square: decode at about the size it is cut to
+                scale = processor.size / min(width, height)
+                image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+                image.load()
+                return to_rgb(image)
             tile = processor.tile_size
             rows, cols = choose_canvas(height, width, processor.max_image_tiles, tile)
             target_h, target_w = fit_size(height, width, rows * tile, cols * tile, tile)
@@ -178,12 +184,50 @@ class ExampleEncoder:
         }
 
 
+class LlavaExampleEncoder(ExampleEncoder):
+    """`ExampleEncoder` for the llava family: the Vicuna v1 template (LLaVA-1.5's), `<image>` widened to one token
+    per image feature, pixel values [max_images, 3, H, W] (padding slots zero; the model reads as many features as
+    a row has image tokens), uint8 or float32 as `pixel_dtype` says; no cross-attention mask or aspect ratios."""
+
+    def _encode(self, record, sample_id: str) -> dict[str, np.ndarray]:
+        config, processor = self.config, self.image_processor
+        conversations = json.loads(_text(record["conversations"]))
+        image_bytes = record["image"]
+        if isinstance(image_bytes, np.ndarray):
+            image_bytes = image_bytes.item()
+        uint8 = config.pixel_dtype == "uint8"
+        pixel_values = np.zeros(
+            (config.max_images, 3, processor.size, processor.size), np.uint8 if uint8 else np.float32
+        )
+        if image_bytes:
+            square = processor.square(decode_image(image_bytes, processor, draft=config.jpeg_draft))
+            pixel_values[0] = np.moveaxis(square, -1, 0) if uint8 else processor.normalize(square)
+        encoded = vicuna.encode_training_example(
+            self.tokenizer, conversations, has_image=bool(image_bytes), image_tokens=processor.image_tokens
+        )
+        input_ids, labels = encoded["input_ids"], encoded["labels"]
+        limit = config.seq_buckets[-1]
+        if len(input_ids) > limit:
+            message = f"{len(input_ids)} tokens exceed the largest sequence bucket ({limit})"
+            if config.overlong == "error":
+                raise ValueError(message)
+            if (input_ids[limit:] == self.tokenizer.convert_tokens_to_ids(vicuna.IMAGE)).any():
+                raise ValueError(f"{message}, and cutting them would cut into the image's tokens")
+            logger.warning("sample %r: %s; truncated", sample_id, message)
+            input_ids, labels = input_ids[:limit], labels[:limit]
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+
+
+# The example encoder of each family's image processor.
+ENCODERS = {MllamaImageProcessor: ExampleEncoder, LlavaImageProcessor: LlavaExampleEncoder}
+
+
 class PairEncoder:
     """A pair record ({id, image bytes, question, chosen, rejected}, `data/pairs.py`) -> [chosen sample, rejected
     sample], each encoded as `ExampleEncoder` encodes a conversation (question, then that answer)."""
 
-    def __init__(self, tokenizer, image_processor: MllamaImageProcessor, config: PipelineConfig):
-        self.encoder = ExampleEncoder(tokenizer, image_processor, config)
+    def __init__(self, tokenizer, image_processor, config: PipelineConfig):
+        self.encoder = ENCODERS[type(image_processor)](tokenizer, image_processor, config)
 
     def __call__(self, record: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
         from llava_cot_jax.data.pairs import pair_conversations
@@ -225,23 +269,24 @@ class PadBatch:
         input_ids = np.full((batch, length), self.pad_id, np.int32)
         labels = np.full((batch, length), chat.IGNORE_INDEX, np.int32)
         attention_mask = np.zeros((batch, length), np.int32)
-        cross_shape = samples[0]["cross_attention_mask"].shape[1:]
-        cross_mask = np.zeros((batch, length) + cross_shape, np.int32)
+        cross_mask = None
+        if "cross_attention_mask" in samples[0]:  # Mllama's; a llava sample has none
+            cross_mask = np.zeros((batch, length) + samples[0]["cross_attention_mask"].shape[1:], np.int32)
         for row, sample in enumerate(samples):
             n = len(sample["input_ids"])
             input_ids[row, :n] = sample["input_ids"]
             labels[row, :n] = sample["labels"]
             attention_mask[row, :n] = 1
-            cross_mask[row, :n] = sample["cross_attention_mask"]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "pixel_values": np.stack([s["pixel_values"] for s in samples]),
-            "aspect_ratio_ids": np.stack([s["aspect_ratio_ids"] for s in samples]),
-            "aspect_ratio_mask": np.stack([s["aspect_ratio_mask"] for s in samples]),
-            "cross_attention_mask": cross_mask,
-        }
+            if cross_mask is not None:
+                cross_mask[row, :n] = sample["cross_attention_mask"]
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # Per-sample arrays without a sequence axis are stacked as they are.
+        for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+            if key in samples[0]:
+                out[key] = np.stack([s[key] for s in samples])
+        if cross_mask is not None:
+            out["cross_attention_mask"] = cross_mask
+        return out
 
 
 class PadPairs(PadBatch):
@@ -310,7 +355,7 @@ def record_dataset(
 def build_dataset(
     source,
     tokenizer,
-    image_processor: MllamaImageProcessor,
+    image_processor,
     config: PipelineConfig,
     *,
     process_index: int | None = None,
@@ -324,7 +369,7 @@ def build_dataset(
     (`PadPairs`).
     """
     dataset = record_dataset(source, config, process_index=process_index, process_count=process_count)
-    encoder, pad = (PairEncoder, PadPairs) if pairs else (ExampleEncoder, PadBatch)
+    encoder, pad = (PairEncoder, PadPairs) if pairs else (ENCODERS[type(image_processor)], PadBatch)
     dataset = dataset.map(encoder(tokenizer, image_processor, config))
     dataset = dataset.batch(
         config.batch_size,

@@ -14,7 +14,7 @@ a save too, leaves only complete steps, and `latest_step()` is the last of them.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 
 import grain
@@ -52,7 +52,7 @@ def save(manager: ocp.CheckpointManager, state: dict, iterator, model_config: Ml
     step = int(jax.device_get(state["step"]))
     params = {**state["params"], **state["frozen"]}
     train_state = {"step": state["step"], "opt_state": state["opt_state"], "rng": state["rng"]}
-    config_dict = dataclasses.asdict(model_config.replace(scan_layers=True))
+    config_dict = json.loads(model_config.replace(scan_layers=True).to_json())  # the family's own JSON
     return manager.save(
         step,
         args=ocp.args.Composite(

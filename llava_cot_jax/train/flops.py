@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from llava_cot_jax.models.llava.config import LlavaConfig
 from llava_cot_jax.models.mllama.config import MllamaConfig
 
 # Dense bf16 peak FLOP/s per device, by the start of `jax.Device.device_kind` (vendor data sheets).
@@ -48,9 +49,34 @@ class ForwardFlops:
     language: float
 
 
-def forward_flops(config: MllamaConfig, seq_len: int, max_images: int, with_images: bool = True) -> ForwardFlops:
+def forward_flops(config, seq_len: int, max_images: int, with_images: bool = True) -> ForwardFlops:
+    if isinstance(config, LlavaConfig):
+        return _llava_forward_flops(config, seq_len, max_images if with_images else 0)
+    return _mllama_forward_flops(config, seq_len, max_images if with_images else 0)
+
+
+def _decoder_layer_flops(t, seq_len: int) -> float:
+    """One self-attention decoder layer over `seq_len` tokens (projections, scores and values, MLP)."""
+    D, F, hd = t.hidden_size, t.intermediate_size, t.head_dim
+    H, K, L = t.num_attention_heads, t.num_key_value_heads, seq_len
+    return 2 * L * D * (2 * H + 2 * K) * hd + 4 * L * L * H * hd + 2 * L * 3 * D * F
+
+
+def _llava_forward_flops(config: LlavaConfig, seq_len: int, images: int) -> ForwardFlops:
+    """The CLIP layers that run (to the selected hidden state) over patches + class token per image slot; the
+    two-layer projector per image token; the decoder over the whole sequence, image tokens included."""
     v, t = config.vision, config.text
-    images = max_images if with_images else 0
+    tokens, d, f = v.num_patches + 1, v.hidden_size, v.intermediate_size
+    layer = 2 * tokens * (4 * d * d + 2 * d * f) + 4 * tokens * tokens * d
+    patch = 2 * v.num_patches * v.num_channels * v.patch_size**2 * d
+    vision = images * (patch + v.layers_run(config.vision_feature_layer) * layer)
+    projector = images * 2 * config.image_tokens * (d * t.hidden_size + t.hidden_size * t.hidden_size)
+    language = t.num_hidden_layers * _decoder_layer_flops(t, seq_len) + 2 * seq_len * t.hidden_size * t.vocab_size
+    return ForwardFlops(float(vision), float(projector), float(language))
+
+
+def _mllama_forward_flops(config: MllamaConfig, seq_len: int, images: int) -> ForwardFlops:
+    v, t = config.vision, config.text
     tiles = v.max_num_tiles
     vision_tokens = tiles * v.padded_num_patches  # per image, as the encoder runs them
     patch_tokens = tiles * (v.num_patches - 1)
@@ -65,7 +91,7 @@ def forward_flops(config: MllamaConfig, seq_len: int, max_images: int, with_imag
     D, F, hd = t.hidden_size, t.intermediate_size, t.head_dim
     H, K, L = t.num_attention_heads, t.num_key_value_heads, seq_len
     mlp = 2 * L * 3 * D * F
-    self_layer = 2 * L * D * (2 * H + 2 * K) * hd + 4 * L * L * H * hd + mlp
+    self_layer = _decoder_layer_flops(t, seq_len)
     cross_layer = 2 * L * 2 * D * H * hd + mlp
     if image_tokens:  # text-only input skips the cross-attention layers
         cross_layer += 2 * image_tokens * 2 * D * K * hd + 4 * L * image_tokens * H * hd
@@ -87,7 +113,7 @@ def train_flops_per_sample(forward: ForwardFlops, frozen_groups: tuple[str, ...]
 
 
 def train_step_flops(
-    config: MllamaConfig, global_batch: int, seq_len: int, max_images: int, frozen_groups: tuple[str, ...] = ()
+    config, global_batch: int, seq_len: int, max_images: int, frozen_groups: tuple[str, ...] = ()
 ) -> float:
     """FLOPs of one optimizer step over `global_batch` samples padded to `seq_len` tokens."""
     return global_batch * train_flops_per_sample(forward_flops(config, seq_len, max_images), frozen_groups)

@@ -74,8 +74,8 @@ def model_inputs(batch: Mapping[str, jax.Array], dtype) -> dict[str, jax.Array]:
     if pixels is not None and pixels.dtype == jnp.uint8:
         inputs["pixel_values"] = normalize_on_device(
             pixels,
-            aspect_ratio_ids=inputs["aspect_ratio_ids"],
-            aspect_ratio_mask=inputs["aspect_ratio_mask"],
+            aspect_ratio_ids=inputs.get("aspect_ratio_ids"),  # Mllama's padding tiles are zeroed with these
+            aspect_ratio_mask=inputs.get("aspect_ratio_mask"),
             dtype=dtype,
         )
     return inputs

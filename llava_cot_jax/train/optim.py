@@ -15,7 +15,7 @@ import optax
 
 # Parameter groups a config can freeze, and the top-level parameter names of each.
 GROUPS = {
-    "vision": ("vision_model",),
+    "vision": ("vision_model", "vision_tower"),  # Mllama's and LLaVA's names
     "projector": ("multi_modal_projector", "multi_modal_projector_bias"),
     "language": ("language_model",),
     "reward_head": ("reward_head",),  # a reward model's scalar head (models/reward.py; train.objective=pairwise)
