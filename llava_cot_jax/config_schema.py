@@ -3,11 +3,13 @@ the top-level `mode`, `seed` and `compilation_cache`. A key means the same thing
 defaults (`train/config.py`, `generate/config.py`, `eval/config.py`) build on these and configs/*.py state only what
 differs.
 
-    model.family       the model family (models/families.py): mllama
+    model.family       the model family (families.py) of model.preset: mllama | llava (LLaVA-1.5); weights
+                       carry their own family
     model.weights      weights to load: a converted checkpoint, a training checkpoint DIR/checkpoints/STEP, or an
                        HF directory; empty: random init of model.preset
     model.preset       the family's architecture preset for a random init or an AOT compile (mllama: tiny | demo |
-                       bench | 11b | 90b); with weights set, ignored
+                       bench | 11b | 90b; llava: llava15_tiny | llava15_bench | llava15_7b | llava15_13b); with
+                       weights set, ignored
     model.processor    tokenizer/image-processor directory; empty: the files beside the weights
     model.dtype        compute dtype (activations, matmuls)
     model.param_dtype  storage dtype of the parameters; empty: model.dtype

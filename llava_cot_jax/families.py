@@ -22,6 +22,7 @@ class Family:
     config_class: type  # architecture config: .replace(**kw), .from_hf_config(dir), .from_json(text)
     model_class: type  # model_class(config, rngs=...)
     presets: Mapping[str, Callable[[], Any]]  # preset name -> architecture config
+    tiny_preset: str  # the preset of smoke runs and tests (`runlocal`)
     # The HF weights table and its readers/writers: hf_table(config), abstract_params(config),
     # load_hf_params(dir, config, dtype=, progress=), hf_tensors(params, config, names),
     # from_hf(dir, dtype=, compute_dtype=, quantize=, scan_layers=).
@@ -62,6 +63,7 @@ def _mllama() -> Family:
             "11b": MllamaConfig.llama_11b,
             "90b": MllamaConfig.llama_90b,
         },
+        tiny_preset="tiny",
         weights=params,
         processor_class=MllamaProcessor,
         built_in_processor=tiny_processor,
@@ -88,6 +90,7 @@ def _llava() -> Family:
             "llava15_7b": LlavaConfig.llava15_7b,
             "llava15_13b": LlavaConfig.llava15_13b,
         },
+        tiny_preset="llava15_tiny",
         weights=params,
         processor_class=LlavaProcessor,
         built_in_processor=lambda config: LlavaProcessor(

@@ -22,6 +22,10 @@ CONFIG_ARGS = {
     "study.py": (None, "runlocal"),
     "sft_llava_cot_11b.py": (None, "tpu", "gpu8", "runlocal"),
     "sft_llava_cot_90b.py": (None, "tpu", "gpu8x4", "runlocal"),
+    "llava15_pretrain_7b.py": (None, "tpu", "gpu8", "runlocal"),
+    "llava15_finetune_7b.py": (None, "tpu", "gpu8", "runlocal"),
+    "llava15_finetune_13b.py": (None, "tpu", "gpu8", "runlocal"),
+    "sft_llava_cot_llava15_7b.py": (None, "tpu", "gpu8", "runlocal"),
 }
 INFERENCE_MODES = ("infer", "eval", "demo", "study", "serve")
 

@@ -41,6 +41,7 @@ from llava_cot_jax.data.llava_image import LlavaImageProcessor
 
 logger = logging.getLogger(__name__)
 
+# The keys of a batch (PadBatch): Mllama's, and the llava family's (its image enters through the prompt).
 BATCH_KEYS = (
     "input_ids",
     "attention_mask",
@@ -50,6 +51,7 @@ BATCH_KEYS = (
     "aspect_ratio_mask",
     "cross_attention_mask",
 )
+LLAVA_BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,10 @@ class PipelineConfig:
     overlong: Literal["truncate", "error"] = "truncate"
     jpeg_draft: bool = False  # decode big JPEGs at reduced scale (faster; pixels differ slightly from full decode)
     bos: str = chat.DEFAULT_BOS  # "transformers": two BOS, as LLaVA-CoT trained (chat module docstring)
+    # The llava family's conversation format ("vicuna_v1", or "plain" for LLaVA-1.5's stage 1) and the system
+    # sentence in front of a Vicuna conversation (data/vicuna.py); Mllama has one template and ignores both.
+    template: str = "vicuna_v1"
+    system: str = ""
     read_threads: int = 2  # threads per process (or per worker) running the encode step
     prefetch_buffer_size: int = 8
     worker_count: int = 0  # worker processes (grain mp_prefetch); 0 encodes in this process's threads
@@ -83,6 +89,8 @@ class PipelineConfig:
             raise ValueError(f"overlong must be 'truncate' or 'error', got {self.overlong!r}")
         if self.bos not in chat.BOS_MODES:
             raise ValueError(f"bos must be one of {chat.BOS_MODES}, got {self.bos!r}")
+        if self.template not in vicuna.TEMPLATES:
+            raise ValueError(f"template must be one of {vicuna.TEMPLATES}, got {self.template!r}")
 
 
 def _text(value: Any) -> str:
@@ -203,7 +211,12 @@ class LlavaExampleEncoder(ExampleEncoder):
             square = processor.square(decode_image(image_bytes, processor, draft=config.jpeg_draft))
             pixel_values[0] = np.moveaxis(square, -1, 0) if uint8 else processor.normalize(square)
         encoded = vicuna.encode_training_example(
-            self.tokenizer, conversations, has_image=bool(image_bytes), image_tokens=processor.image_tokens
+            self.tokenizer,
+            conversations,
+            has_image=bool(image_bytes),
+            image_tokens=processor.image_tokens,
+            template=config.template,
+            system=config.system,
         )
         input_ids, labels = encoded["input_ids"], encoded["labels"]
         limit = config.seq_buckets[-1]

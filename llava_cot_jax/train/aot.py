@@ -14,6 +14,7 @@ import numpy as np
 from llava_cot_jax import loading
 from llava_cot_jax.aot import Program, gib_per_device
 from llava_cot_jax.data import pipeline
+from llava_cot_jax.models.llava.config import LlavaConfig
 from llava_cot_jax.train import flops, optim
 from llava_cot_jax.train import step as step_lib
 
@@ -22,18 +23,23 @@ def abstract_batch(config, model_config, mesh) -> dict:
     """The batch the pipeline would feed at the longest sequence bucket, as ShapeDtypeStructs [micro, B/micro, ...]."""
     c, v = config, model_config.vision
     micro = c.train.micro_batches
-    b, seq, images, tiles = c.train.global_batch // micro, c.data.seq_buckets[-1], c.data.max_images, v.max_num_tiles
+    b, seq, images = c.train.global_batch // micro, c.data.seq_buckets[-1], c.data.max_images
     pixel_dtype = np.uint8 if c.data.pixel_dtype == "uint8" else np.float32
     shapes = {
         "input_ids": ((b, seq), np.int32),
         "attention_mask": ((b, seq), np.int32),
         "labels": ((b, seq), np.int32),
-        "pixel_values": ((b, images, tiles, 3, v.image_size, v.image_size), pixel_dtype),
-        "aspect_ratio_ids": ((b, images), np.int32),
-        "aspect_ratio_mask": ((b, images, tiles), np.int32),
-        "cross_attention_mask": ((b, seq, images, tiles), np.int32),
     }
-    assert set(shapes) == set(pipeline.BATCH_KEYS)
+    if isinstance(model_config, LlavaConfig):
+        shapes["pixel_values"] = ((b, images, 3, v.image_size, v.image_size), pixel_dtype)
+        assert set(shapes) == set(pipeline.LLAVA_BATCH_KEYS)
+    else:
+        tiles = v.max_num_tiles
+        shapes["pixel_values"] = ((b, images, tiles, 3, v.image_size, v.image_size), pixel_dtype)
+        shapes["aspect_ratio_ids"] = ((b, images), np.int32)
+        shapes["aspect_ratio_mask"] = ((b, images, tiles), np.int32)
+        shapes["cross_attention_mask"] = ((b, seq, images, tiles), np.int32)
+        assert set(shapes) == set(pipeline.BATCH_KEYS)
     sharding = step_lib.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct((micro, *shape), dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from llava_cot_jax import config_schema
+from llava_cot_jax import config_schema, families
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -37,6 +37,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.synthetic_image_size = 224
     c.data.seq_buckets = (512, 1024, 2048)  # batches pad to the smallest bucket that fits (one compile per bucket)
     c.data.max_images = 1
+    # The llava family's conversation format: vicuna_v1 (instruction tuning) | plain (LLaVA-1.5's stage 1,
+    # image then caption), and the system sentence in front of a Vicuna conversation (data/vicuna.py).
+    c.data.template = "vicuna_v1"
+    c.data.system = ""
     c.data.shuffle_seed = 0
     c.data.pixel_dtype = "uint8"  # uint8 tiles to the device, normalised there (4x fewer bytes than float32)
     c.data.read_threads = 4
@@ -63,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "step"  # step (x epoch_decay per epoch) | cosine | constant
     c.optimizer.epoch_decay = 0.85
     c.optimizer.warmup_steps = 0
+    c.optimizer.warmup_fraction = 0.0  # > 0: the warmup is this fraction of the run's steps instead
     c.optimizer.final_lr_fraction = 0.0  # cosine: the last step's lr as a fraction of learning_rate
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
@@ -93,10 +98,31 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def llava15_recipe(stage: str, preset: str) -> ml_collections.ConfigDict:
+    """LLaVA-1.5's two-stage recipe (Liu et al. 2023, arXiv 2310.03744; haotian-liu/LLaVA scripts/v1_5/):
+    "pretrain" trains the projector alone on captions in the plain format (lr 1e-3, global batch 256); "finetune"
+    trains the projector and the decoder with the CLIP tower frozen, on Vicuna v1 conversations (lr 2e-5, global
+    batch 128). Both: 1 epoch, 3% warmup then cosine decay to 0, no weight decay, bf16, sequences up to 2048."""
+    c = default_config()
+    c.model.family, c.model.preset = "llava", preset
+    c.data.seq_buckets = (1024, 2048)
+    c.train.epochs = 1
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_fraction = 0.03
+    if stage == "pretrain":
+        c.data.template = "plain"
+        c.train.global_batch, c.train.freeze, c.optimizer.learning_rate = 256, "vision,language", 1e-3
+    elif stage == "finetune":
+        c.train.global_batch, c.train.freeze, c.optimizer.learning_rate = 128, "vision", 2e-5
+    else:
+        raise ValueError(f"stage must be 'pretrain' or 'finetune', not {stage!r}")
+    return c
+
+
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a config to a few CPU steps on synthetic data with the tiny architecture (smoke runs)."""
     c.model.weights = ""
-    c.model.preset = "tiny"
+    c.model.preset = families.get(c.model.family).tiny_preset
     c.model.dtype = "float32"
     c.model.remat = "none"
     c.data.train = ""

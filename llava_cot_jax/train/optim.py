@@ -48,19 +48,24 @@ def split_params(params: Mapping, frozen_groups: tuple[str, ...]) -> tuple[dict,
 def learning_rate_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """cfg.schedule:
     "step"      LLaVA-CoT's recipe (llama-recipes StepLR, gamma 0.85 per epoch): lr * gamma ** epoch, no warmup;
-    "cosine"    linear warmup over cfg.warmup_steps to lr, then cosine decay to lr * cfg.final_lr_fraction;
-    "constant"  lr (after the warmup, if any)."""
+    "cosine"    linear warmup to lr, then cosine decay to lr * cfg.final_lr_fraction;
+    "constant"  lr (after the warmup, if any).
+    The warmup lasts cfg.warmup_steps, or, when cfg.warmup_fraction > 0, that fraction of the run's steps
+    (LLaVA-1.5's recipe: 3%)."""
     lr = float(cfg.learning_rate)
+    warmup_steps = cfg.warmup_steps
+    if cfg.get("warmup_fraction", 0.0) > 0:
+        warmup_steps = round(cfg.warmup_fraction * total_steps)
     if cfg.schedule == "step":
         decay = optax.exponential_decay(lr, max(steps_per_epoch, 1), cfg.epoch_decay, staircase=True)
-        return _with_warmup(decay, lr, cfg.warmup_steps)
+        return _with_warmup(decay, lr, warmup_steps)
     if cfg.schedule == "cosine":
-        warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+        warmup = min(warmup_steps, max(total_steps - 1, 0))
         return optax.warmup_cosine_decay_schedule(
             0.0 if warmup else lr, lr, warmup, max(total_steps, warmup + 1), lr * cfg.final_lr_fraction
         )
     if cfg.schedule == "constant":
-        return _with_warmup(optax.constant_schedule(lr), lr, cfg.warmup_steps)
+        return _with_warmup(optax.constant_schedule(lr), lr, warmup_steps)
     raise ValueError(f"optimizer.schedule={cfg.schedule!r}; choose one of {SCHEDULES}")
 
 

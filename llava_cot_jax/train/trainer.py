@@ -352,6 +352,8 @@ class Trainer:
             pixel_dtype=c.data.pixel_dtype,
             read_threads=c.data.read_threads,
             worker_count=c.data.worker_count,
+            template=c.data.template,
+            system=c.data.system,
         )
         self.spec = step_lib.build_step_spec(
             self.model_config,
