@@ -16,4 +16,5 @@ from llava_cot_jax.train.config import llava15_recipe, with_arg
 def get_config(arg: str | None = None):
     c = llava15_recipe("finetune", "llava15_7b")
     c.train.global_batch, c.train.epochs = 32, 3
+    c.data.record_filter = "llava_cot"  # the records LLaVA-CoT's loader trains on
     return with_arg(c, arg, {"tpu": (1, -1, 0), "gpu8": (1, 8, 1)})

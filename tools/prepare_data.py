@@ -1,12 +1,13 @@
 """LLaVA-CoT JSONL + image root → TFDS ArrayRecord dataset that the training pipeline reads.
 
     python tools/prepare_data.py --jsonl DATA/train.jsonl --image_root DATA/images --out_dir DATA/tfds \
-        [--num_shards 16] [--on_error skip|fail] [--record_filter llava_cot|strict] \
+        [--num_shards 16] [--on_error skip|fail] [--record_filter llava_cot|strict|llava] \
         [--tokenizer TOKENIZER_DIR --max_tokens 2048] [--overwrite]
 
 Prints a summary of every skipped sample and why, and of every irregular sample kept (also saved as
 validation_report.txt next to the shards). `--record_filter llava_cot` (default) keeps the records LLaVA-CoT trained
-on; `strict` keeps only single-turn records with four well-formed stages (llava_cot_jax/data/sources.py).
+on; `strict` keeps only single-turn records with four well-formed stages; `llava` reads LLaVA-1.5's data (text-only
+and multi-turn conversations kept; llava_cot_jax/data/sources.py).
 The dataset appears at OUT_DIR/llava_cot/1.0.0 only once complete; an interrupted run can simply be rerun.
 """
 
@@ -21,7 +22,7 @@ from llava_cot_jax.data import sources, tfds_builder
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jsonl", required=True, help="LLaVA-CoT JSONL file (one sample per line)")
+    parser.add_argument("--jsonl", required=True, help="LLaVA-CoT JSONL file (one sample per line) or LLaVA JSON array")
     parser.add_argument("--image_root", required=True, help="directory the samples' 'image' paths are relative to")
     parser.add_argument("--out_dir", required=True, help="TFDS data directory to write into")
     parser.add_argument("--split", default="train")

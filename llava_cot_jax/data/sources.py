@@ -1,4 +1,5 @@
-"""Reading LLaVA-CoT-100k as published: a JSONL file plus an image root directory.
+"""Reading LLaVA-CoT-100k as published (a JSONL file plus an image root directory) and LLaVA's conversation data
+(a JSON array of the same records, e.g. llava_v1_5_mix665k.json).
 
 `validate_jsonl` reads every line, checks it, and returns the usable samples together with a `ValidationReport`
 that counts every problem by kind and keeps a few examples of each (with file:line). Problems are never skipped
@@ -14,6 +15,11 @@ Which records train is `record_filter`:
                          by kind in the report. Records without an image are left out, as their loader does.
   "strict"               exactly one human question and one gpt answer with the four stages well formed; such a
                          record may be text-only. Everything else is left out, by kind.
+  "llava"                LLaVA-1.5's data: any number of human/gpt pairs, text-only records kept, stage tags not
+                         looked at; turns that do not alternate human, gpt, human, gpt... are left out.
+
+A file whose first character is `[` is read as one JSON array (LLaVA's format); its records are located as
+`file[index]` in the report. Otherwise it is JSONL, located as `file:line`.
 
 `JsonlSource` is a random-access source over the validated samples (`len` + `__getitem__`), small enough to hold in
 memory and accepted by `grain.MapDataset.source`; its records have the same fields as the TFDS dataset that
@@ -41,8 +47,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 OnError = Literal["skip", "fail"]
-RecordFilter = Literal["llava_cot", "strict"]
-RECORD_FILTERS = ("llava_cot", "strict")
+RecordFilter = Literal["llava_cot", "strict", "llava"]
+RECORD_FILTERS = ("llava_cot", "strict", "llava")
 # Counts the tokens of one sample: (conversations, has_image) -> int.
 TokenCounter = Callable[[Sequence[dict], bool], int]
 
@@ -207,6 +213,8 @@ def _parse_record(
 
     irregular = []  # (kind, message): kept and counted under "llava_cot", left out under "strict"
     if roles != ["human", "gpt"] * (len(roles) // 2):
+        if record_filter == "llava":
+            return fail("turn_layout", f"turns {roles} do not alternate human/gpt", sample_id)
         irregular.append(("turn_layout", f"turns {roles} train as {len(pairs)} question/answer pair(s)"))
     elif len(pairs) > 1:
         irregular.append(("multi_turn", f"{len(roles)} turns ({', '.join(roles)})"))
@@ -226,7 +234,7 @@ def _parse_record(
     if placeholders > 1:
         irregular.append(("placeholders", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders in the text"))
 
-    for index, (_, answer) in enumerate(pairs):
+    for index, (_, answer) in enumerate(pairs if record_filter != "llava" else ()):
         kind_and_message = stage_issue(answer)
         if kind_and_message:
             kind, message = kind_and_message
@@ -242,7 +250,21 @@ def _parse_record(
 
 
 def _read_lines(path: Path, report: ValidationReport) -> Iterable[tuple[str, Any]]:
-    """Yields (location, parsed JSON) per non-blank line; malformed lines go to the report."""
+    """Yields (location, parsed JSON) per record: per non-blank line of JSONL (malformed lines go to the report), or
+    per element of a JSON array file (one that does not parse is an error naming where it breaks)."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        with open(path, encoding="utf-8") as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as err:
+                where = f"{err.msg} at line {err.lineno}, column {err.colno}"
+                raise ValueError(f"{path}: not a valid JSON array ({where})") from err
+        for index, record in enumerate(records):
+            report.lines += 1
+            yield f"{path}[{index}]", record
+        return
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             report.lines += 1
@@ -273,7 +295,8 @@ def validate_jsonl(
     num_threads: int = 4,
     progress: bool = False,
 ) -> tuple[list[Sample], ValidationReport]:
-    """Checks every line of a LLaVA-CoT JSONL file; returns (usable samples in file order, report).
+    """Checks every record of a LLaVA-CoT JSONL file or a LLaVA JSON array; returns (usable samples in file order,
+    report).
 
     Args:
       on_error: "skip" leaves bad samples out; "fail" raises `DataValidationError` (after checking everything)

@@ -26,8 +26,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # tools/prepare_data.py output dir, a JSONL file (+ image_root), or a dir with train.jsonl
     c.data.image_root = ""
-    # Which records of a JSONL file train: "llava_cot" (every record with an image, as LLaVA-CoT's loader) or
-    # "strict" (one question, one answer with four well-formed stages). A prepared TFDS set was filtered by
+    # Which records of a JSONL file train: "llava_cot" (every record with an image, as LLaVA-CoT's loader),
+    # "strict" (one question, one answer with four well-formed stages) or "llava" (LLaVA-1.5's data: text-only
+    # and multi-turn conversations too, turns strictly alternating). A prepared TFDS set was filtered by
     # tools/prepare_data.py --record_filter.
     c.data.record_filter = "llava_cot"
     c.data.eval = ""  # optional held-out set, same forms
@@ -105,6 +106,7 @@ def llava15_recipe(stage: str, preset: str) -> ml_collections.ConfigDict:
     batch 128). Both: 1 epoch, 3% warmup then cosine decay to 0, no weight decay, bf16, sequences up to 2048."""
     c = default_config()
     c.model.family, c.model.preset = "llava", preset
+    c.data.record_filter = "llava"  # text-only and multi-turn conversations train too
     c.data.seq_buckets = (1024, 2048)
     c.train.epochs = 1
     c.optimizer.schedule = "cosine"
