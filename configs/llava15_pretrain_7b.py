@@ -5,9 +5,9 @@
     python -m llava_cot_jax.main --config configs/llava15_pretrain_7b.py \
         --config.model.weights=ckpt/llava15_7b_init --config.data.train=DATA/pretrain_tfds --workdir runs/pretrain
 
-`model.weights`: a llava checkpoint holding CLIP's tower and Vicuna's decoder (docs/llava.md says how to assemble
-one); its projector is where training starts. Args: tpu (default: FSDP over the slice), gpu8 (one 8-GPU host),
-runlocal (a CPU smoke run of the tiny architecture).
+`model.weights`: a llava checkpoint holding CLIP's tower and Vicuna's decoder with a fresh projector
+(`tools/convert_llava_original.py --projector=random`, docs/llava.md).
+Args: tpu (default: FSDP over the slice), gpu8 (one 8-GPU host), runlocal (a CPU smoke run of the tiny architecture).
 """
 
 from llava_cot_jax.train.config import llava15_recipe, with_arg

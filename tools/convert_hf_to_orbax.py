@@ -1,4 +1,5 @@
-"""Converts an HF Llama-3.2-Vision (Mllama) checkpoint directory into a llava_cot_jax Orbax checkpoint.
+"""Converts an HF checkpoint directory (Llama-3.2-Vision, or LLaVA-1.5 in the llava-hf layout: the family is read
+from its config.json) into a llava_cot_jax Orbax checkpoint.
 
   python tools/convert_hf_to_orbax.py --hf_dir DIR --out DIR [--dtype bfloat16] [--overwrite]
 

@@ -27,6 +27,7 @@ from llava_cot_jax.models.mllama.params import (
     SAME,
     Entry,
     Layout,
+    iter_hf_tensors,
     read_by_table,
     tensors_by_table,
 )
@@ -119,7 +120,8 @@ def abstract_params(config: LlavaConfig) -> dict[tuple[str, ...], tuple[tuple[in
 def load_hf_params(hf_dir: str, config: LlavaConfig, dtype=None, progress=None) -> dict[tuple[str, ...], np.ndarray]:
     """Reads an llava-hf checkpoint into {parameter path: numpy array} in our layout (every problem reported)."""
     target_dtype = np.dtype(dtype or config.param_dtype)
-    return read_by_table(hf_dir, hf_table(config), abstract_params(config), target_dtype, hub_name, progress, _ignored)
+    table, shapes = hf_table(config), abstract_params(config)
+    return read_by_table(iter_hf_tensors(hf_dir), hf_dir, table, shapes, target_dtype, hub_name, progress, _ignored)
 
 
 def hf_tensors(

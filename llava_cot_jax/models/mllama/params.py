@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from flax import nnx
@@ -250,11 +250,14 @@ def load_hf_params(hf_dir: str, config: MllamaConfig, dtype=None, progress=None)
     """Reads an HF checkpoint into {parameter path: numpy array} in our layout (see `read_by_table`).
     `dtype` converts each tensor as it is read (default: the config's param_dtype)."""
     target_dtype = np.dtype(dtype or config.param_dtype)
-    return read_by_table(hf_dir, hf_table(config), abstract_params(config), target_dtype, hub_name, progress)
+    return read_by_table(
+        iter_hf_tensors(hf_dir), hf_dir, hf_table(config), abstract_params(config), target_dtype, hub_name, progress
+    )
 
 
 def read_by_table(
-    hf_dir: str,
+    tensors: Iterable[tuple[str, str, np.ndarray]],
+    where: str,
     table: dict[str, Entry],
     shapes: dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]],
     target_dtype: np.dtype,
@@ -262,14 +265,15 @@ def read_by_table(
     progress=None,
     ignored: Callable[[str], bool] = lambda name: False,
 ) -> dict[tuple[str, ...], np.ndarray]:
-    """Reads the tensors of an HF checkpoint that `table` names (after `rename`) into preallocated arrays of
-    `shapes`, converted to `target_dtype`; any family's weight reader is this with its own table.
+    """Reads `tensors` ((file, stored name, array), e.g. `iter_hf_tensors(dir)`) that `table` names (after `rename`)
+    into preallocated arrays of `shapes`, converted to `target_dtype`; any family's weight reader is this with its
+    own table. `where` names the checkpoint in errors.
 
     Every problem is collected and reported at once: tensors the architecture does not have (unless `ignored`),
     tensors it needs but the checkpoint lacks, and shape mismatches (with expected and found shapes)."""
     out = {path: np.empty(shape, target_dtype) for path, (shape, _) in shapes.items()}
     seen, unexpected, mismatched = set(), [], []
-    for file, stored_name, array in iter_hf_tensors(hf_dir):
+    for file, stored_name, array in tensors:
         name = rename(stored_name)
         entry = table.get(name)
         if entry is None:
@@ -301,7 +305,7 @@ def read_by_table(
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:20]))
     if problems:
-        raise layout.CheckpointError(f"checkpoint {hf_dir} does not match its config:\n  " + "\n  ".join(problems))
+        raise layout.CheckpointError(f"checkpoint {where} does not match its config:\n  " + "\n  ".join(problems))
     return out
 
 
