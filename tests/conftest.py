@@ -1,5 +1,6 @@
-"""Fixtures shared by several test modules: the tokenizers and a tiny HF checkpoint directory."""
+"""Fixtures shared by several test modules: the tokenizers, a tiny HF checkpoint directory, a compilation cache."""
 
+import jax
 import pytest
 
 from llava_cot_jax.data.tokenizer import build_llama3_tokenizer, build_tiny_tokenizer
@@ -34,3 +35,13 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     image_processor = MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=config.vision.max_num_tiles)
     MllamaProcessor(image_processor, build_tiny_tokenizer()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's processes: the same train step compiles once."""
+    path = str(tmp_path_factory.mktemp("xla"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield path
+    jax.config.update("jax_compilation_cache_dir", None)

@@ -17,16 +17,6 @@ from llava_cot_jax.train import trainer as trainer_lib
 
 
 @pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    """One persistent compilation cache for this module: the same train step compiles once."""
-    path = str(tmp_path_factory.mktemp("xla"))
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield path
-    jax.config.update("jax_compilation_cache_dir", None)
-
-
-@pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return synthetic.write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", 48, image_size=56)
 

@@ -13,9 +13,7 @@ import dataclasses
 import json
 from typing import Any
 
-import jax.numpy as jnp
-
-from llava_cot_jax.models.mllama.config import TextConfig, _as_dict, _scalar_size, _tuples
+from llava_cot_jax.models.mllama.config import ArchConfig, TextConfig, _as_dict, _scalar_size, _tuples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +67,7 @@ def llama2_text(**kwargs) -> TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig:
+class LlavaConfig(ArchConfig):
     vision: ClipVisionConfig = ClipVisionConfig()
     text: TextConfig = dataclasses.field(default_factory=llama2_text)
     image_token_id: int = 32000
@@ -95,17 +93,6 @@ class LlavaConfig:
     def image_tokens(self) -> int:
         """Image tokens per image in the prompt (576 for CLIP-L/14 at 336 px)."""
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
-
-    @property
-    def jnp_param_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    @property
-    def jnp_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    def replace(self, **kwargs) -> LlavaConfig:
-        return dataclasses.replace(self, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- presets
 

@@ -29,7 +29,7 @@ from llava_cot_jax.models.llava.config import ClipVisionConfig, LlavaConfig, lla
 from llava_cot_jax.models.llava.params import abstract_params, hf_table
 from llava_cot_jax.models.mllama import layout
 from llava_cot_jax.models.mllama.config import _as_dict
-from llava_cot_jax.models.mllama.params import iter_hf_tensors, read_by_table
+from llava_cot_jax.models.mllama.params import iter_hf_tensors, read_by_table, rename
 
 LLAVA_HF_EXTRA_ROWS = 64  # llava-hf pads the 32,000-token table to 32,064 (<image>, <pad>, then padding)
 
@@ -51,10 +51,8 @@ _NOT_LLAVA = re.compile(
 
 
 def hub_name(name: str) -> str:
-    for pattern, replacement in _TO_HUB:
-        if pattern.match(name):
-            return pattern.sub(replacement, name, count=1)
-    return name
+    """An original checkpoint's tensor name -> the llava-hf Hub name."""
+    return rename(name, _TO_HUB)
 
 
 def config_from_original(lm_dir: str, clip_dir: str | None = None, **kwargs) -> LlavaConfig:

@@ -27,8 +27,10 @@ from llava_cot_jax.models.mllama.params import (
     SAME,
     Entry,
     Layout,
+    add_decoder_layer,
     iter_hf_tensors,
     read_by_table,
+    rename,
     tensors_by_table,
 )
 from llava_cot_jax.models.mllama.params import abstract_params as _abstract_params
@@ -80,13 +82,7 @@ def hf_table(config: LlavaConfig) -> dict[str, Entry]:
     add(f"{lm}.lm_head.weight", (lm, "lm_head"), LINEAR)
     for i in range(t.num_hidden_layers):
         layer, ours = f"{lm}.model.layers.{i}", (lm, "self_layers")
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            add(f"{layer}.self_attn.{proj}.weight", (*ours, proj), HEADS_OUT, i)
-        add(f"{layer}.self_attn.o_proj.weight", (*ours, "o_proj"), HEADS_IN, i)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            add(f"{layer}.mlp.{proj}.weight", (*ours, "mlp", proj), LINEAR, i)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            add(f"{layer}.{norm}.weight", (*ours, norm, "scale"), SAME, i)
+        add_decoder_layer(add, layer, ours, i)
     return table
 
 
@@ -101,10 +97,7 @@ _NEW_TO_HUB = (
 
 def hub_name(name: str) -> str:
     """Maps either naming scheme to the Hub's."""
-    for pattern, replacement in _NEW_TO_HUB:
-        if pattern.match(name):
-            return pattern.sub(replacement, name, count=1)
-    return name
+    return rename(name, _NEW_TO_HUB)
 
 
 def _ignored(name: str) -> bool:

@@ -113,8 +113,23 @@ class TextConfig:
             )
 
 
+class ArchConfig:
+    """What every family's architecture config (a frozen dataclass with `param_dtype` and `dtype`) offers."""
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **kwargs):
+        return dataclasses.replace(self, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
-class MllamaConfig:
+class MllamaConfig(ArchConfig):
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     image_token_id: int = 128256
@@ -127,17 +142,6 @@ class MllamaConfig:
     # what training wants). False: a Python loop over per-layer weights. Small-batch decoding wants False on
     # CPU: XLA copies a scanned layer's weight slice before each matmul, tripling the bytes read per token.
     scan_layers: bool = True
-
-    @property
-    def jnp_param_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    @property
-    def jnp_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    def replace(self, **kwargs) -> MllamaConfig:
-        return dataclasses.replace(self, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- presets
 

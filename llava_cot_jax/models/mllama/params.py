@@ -114,14 +114,20 @@ def hf_table(config: MllamaConfig) -> dict[str, Entry]:
             add(f"{hf}.cross_attn_mlp_gate", (*ours, "cross_attn_mlp_gate"), SAME, i)
         else:
             i, ours, attn = t.self_attention_layers.index(layer), (lm, "self_layers"), "self_attn"
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            add(f"{hf}.{attn}.{proj}.weight", (*ours, proj), HEADS_OUT, i)
-        add(f"{hf}.{attn}.o_proj.weight", (*ours, "o_proj"), HEADS_IN, i)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            add(f"{hf}.mlp.{proj}.weight", (*ours, "mlp", proj), LINEAR, i)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            add(f"{hf}.{norm}.weight", (*ours, norm, "scale"), SAME, i)
+        add_decoder_layer(add, hf, ours, i, attn)
     return table
+
+
+def add_decoder_layer(add, hf: str, ours: tuple[str, ...], index: int, attn: str = "self_attn") -> None:
+    """The entries of one Llama decoder layer (attention `attn`, SwiGLU MLP, two RMSNorms) at `index` of the stack
+    `ours`: Mllama's self- and cross-attention layers and LLaVA's layers alike."""
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        add(f"{hf}.{attn}.{proj}.weight", (*ours, proj), HEADS_OUT, index)
+    add(f"{hf}.{attn}.o_proj.weight", (*ours, "o_proj"), HEADS_IN, index)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        add(f"{hf}.mlp.{proj}.weight", (*ours, "mlp", proj), LINEAR, index)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        add(f"{hf}.{norm}.weight", (*ours, norm, "scale"), SAME, index)
 
 
 # transformers >= 4.52 saves `model.language_model.*`, `model.vision_model.*`, `model.multi_modal_projector.*`
@@ -134,12 +140,17 @@ _NEW_TO_HUB = (
 )
 
 
-def hub_name(name: str) -> str:
-    """Maps either naming scheme to the Hub's."""
-    for pattern, replacement in _NEW_TO_HUB:
+def rename(name: str, rules) -> str:
+    """`name` with the first of `rules` ((pattern, replacement), ...) that matches its start applied."""
+    for pattern, replacement in rules:
         if pattern.match(name):
             return pattern.sub(replacement, name, count=1)
     return name
+
+
+def hub_name(name: str) -> str:
+    """Maps either naming scheme to the Hub's."""
+    return rename(name, _NEW_TO_HUB)
 
 
 def abstract_params(
