@@ -501,6 +501,7 @@ class Scheduler:
             if row and id(row.ticket) in tickets:
                 self.rows[r], freed[r] = None, True
         self.slots = dataclasses.replace(self.slots, done=self.slots.done | freed)
+        self.stats["busy_slots"] = sum(row is not None for row in self.rows)
         for key, ticket in tickets.items():
             self._left.pop(key, None)
             self._results.pop(key, None)
