@@ -171,9 +171,13 @@ def build_engine(config):
     searcher = cli.build_searcher(config)
     serve = config.serve
     base = generate_config.search_config(config.search, config.seed)
+    use_continuous = serve.continuous and searcher.sampler.mesh is None
+    if serve.continuous and not use_continuous:
+        # The slots' arrays carry no sharding rules yet: on a mesh, plain requests run batch-at-a-time.
+        print("serve.continuous: off on a device mesh (one device only); plain requests run batch-at-a-time")
     # Plain requests run batch-at-a-time only without the continuous batch (or with several images, or a long
     # prompt: those compile when first asked).
-    methods = [serve.plain_method] if serve.warmup and not serve.continuous else []
+    methods = [serve.plain_method] if serve.warmup and not use_continuous else []
     methods += [base.method] if serve.warmup_search else []
     for method in methods:
         searcher.config = dataclasses.replace(base, method=method)
@@ -182,7 +186,7 @@ def build_engine(config):
             print(f"warmup: {method}, batch {size}, one image: {seconds:.1f} s", flush=True)
     searcher.config = base
     continuous = None
-    if serve.continuous:
+    if use_continuous:
         continuous = {
             "num_slots": serve.max_batch,
             "steps": serve.decode_steps,

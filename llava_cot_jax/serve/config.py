@@ -9,7 +9,8 @@ defaults a request starts from and the limits it may not exceed (`search.max_new
     serve.plain_method       what a request without the `search` extension runs: sample (greedy at temperature 0)
     serve.max_batch          rows (requests x n) decoded together at most: the continuous batch's slots, and the
                              largest batch-at-a-time batch (padded to a power of two)
-    serve.continuous         run plain requests (greedy / sample, at most one image) in the continuous batch
+    serve.continuous         run plain requests (greedy / sample, at most one image) in the continuous batch (on
+                             one device; on a mesh they run batch-at-a-time)
     serve.decode_steps       tokens the continuous batch decodes between two scheduling points (joins, leaves,
                              streamed text)
     serve.slot_prompt_tokens the longest prompt a slot holds (rounded up to a power of two, at least 128); a longer
