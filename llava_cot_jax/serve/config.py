@@ -17,7 +17,8 @@ defaults a request starts from and the limits it may not exceed (`search.max_new
                              plain request runs batch-at-a-time. A slot's cache is this plus search.max_new_tokens
     serve.batch_window_ms    how long the worker waits for more requests of the same settings before it runs
     serve.max_queue          requests admitted at once (waiting or running); one more gets 429
-    serve.stream_interval_ms  a streamed answer's text is sent at most this often (it is decoded inside the loop)
+    serve.stream_interval_ms  batch-at-a-time: a streamed answer's text is sent at most this often (it is decoded
+                             inside the loop); the continuous batch sends it after every serve.decode_steps tokens
     serve.image_dir          local image paths in requests are allowed only under this directory ("" : none)
     serve.max_image_bytes    the largest image a request may send (decoded bytes of its data: URL or file)
     serve.warmup             compile the continuous batch's programs (one image, a prompt of the first bucket)
