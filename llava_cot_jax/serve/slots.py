@@ -30,6 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 from flax import nnx
 
 from llava_cot_jax.data import chat
@@ -70,12 +71,37 @@ def _row_token(logits, key, values, mode, top_k: int):
     return jnp.select([mode == GREEDY, mode == SAMPLE], [greedy, plain], nucleus)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "top_k", "pad_id"), donate_argnames=("slots",))
-def advance(graphdef, params, slots: Slots, stop_table, eos_ids, *, steps: int, top_k: int, pad_id: int):
-    """Up to `steps` decode steps of every live row; returns (slots, tokens [B, steps], pad where a row drew none).
-    Stops early when no row is live. A row ends as the sampler's rows do: at an EOS id (not written), at a stop
-    string (written) or at its budget."""
-    model = nnx.merge(graphdef, params)
+def _map_rows(fn, *trees: Slots) -> Slots:
+    """fn(row axis, *leaves) over the arrays of one or more `Slots` (caches and image K/V keep their rows 4 axes from
+    the end, every other array first)."""
+    kv = lambda *ts: jax.tree.map(lambda *xs: fn(xs[0].ndim - 4, *xs), *ts)
+    field = lambda objs, name: fn(0, *(getattr(o, name) for o in objs))
+    states = [t.state for t in trees]
+    state_fields = ("key_valid", "cursor", "positions", "logits", "xmask")
+    state = sampler_lib.DecodeState(
+        cache=kv(*(st.cache for st in states)), **{name: field(states, name) for name in state_fields}
+    )
+    others = [f.name for f in dataclasses.fields(Slots) if f.name not in ("state", "cross_kv")]
+    return Slots(
+        state=state, cross_kv=kv(*(t.cross_kv for t in trees)), **{name: field(trees, name) for name in others}
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "steps", "top_k", "pad_id", "width"), donate_argnames=("slots",)
+)
+def advance(graphdef, params, slots: Slots, stop_table, eos_ids, *, steps: int, top_k: int, pad_id: int, width: int):
+    """Up to `steps` decode steps of the live rows among the first `width` (the others are free: the scheduler fills
+    rows from the first); returns (slots, tokens [width, steps], pad where a row drew none). Stops early when no row
+    is live. A row ends as the sampler's rows do: at an EOS id (not written), at a stop string (written) or at its
+    budget. `width` (a power of two) keeps a lightly loaded batch from computing every free slot."""
+    part = _map_rows(lambda axis, x: jax.lax.slice_in_dim(x, 0, width, axis=axis), slots)
+    part, tokens = _advance(nnx.merge(graphdef, params), part, stop_table, eos_ids, steps, top_k, pad_id)
+    put = lambda axis, whole, rows: jax.lax.dynamic_update_slice_in_dim(whole, rows, 0, axis)
+    return _map_rows(put, slots, part), tokens
+
+
+def _advance(model, slots: Slots, stop_table, eos_ids, steps: int, top_k: int, pad_id: int):
     b = slots.steps.shape[0]
     rows = jnp.arange(b)
     xmask = slots.state.xmask
@@ -309,18 +335,18 @@ class Scheduler:
             self._thread.join(timeout)
 
     def warmup(self) -> float:
-        """Compiles what a one-image request of a prompt in the first bucket runs (prefill, insert, advance)."""
+        """Compiles what a one-image request of a prompt in the first bucket runs (prefill, insert, advance at every
+        width)."""
         start = time.perf_counter()
         vision = self.sampler.model.config.vision
         image = np.full((vision.image_size, vision.image_size, 3), 128, np.uint8)
-        import PIL.Image
-
         prompt = chat.render_prompt(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm"}]}]
         )
         inputs = self.processor(images=[[PIL.Image.fromarray(image)]], text=[prompt], padding=True)
         self._insert(0, inputs, seed=0, choice=0, budget=1, mode=NUCLEUS, values=(1.0, 0.9))
-        self._advance()
+        for width in sorted({min(1 << n.bit_length(), self.num_slots) for n in range(self.num_slots)}):
+            self._advance(width)
         self.slots = dataclasses.replace(self.slots, done=jnp.ones((self.num_slots,), bool))
         jax.block_until_ready(self.slots)
         return time.perf_counter() - start
@@ -438,7 +464,7 @@ class Scheduler:
         )
         return state, cross_kv
 
-    def _advance(self) -> np.ndarray:
+    def _advance(self, width: int | None = None) -> np.ndarray:
         with self.sampler.on_mesh():
             self.slots, tokens = advance(
                 self.sampler.graphdef,
@@ -449,8 +475,14 @@ class Scheduler:
                 steps=self.steps,
                 top_k=self.top_k,
                 pad_id=int(self.sampler.pad_token_id),
+                width=width or self._width(),
             )
         return tokens
+
+    def _width(self) -> int:
+        """The rows `advance` computes: the next power of two past the last busy row (rows fill from the first)."""
+        last = max((r for r, row in enumerate(self.rows) if row is not None), default=0)
+        return min(1 << last.bit_length(), self.num_slots)
 
     def _step(self) -> None:
         before = np.asarray(self.slots.steps)
