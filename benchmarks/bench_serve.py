@@ -6,7 +6,7 @@
 Starts the server in this process (the engine of `serve/app.py` with uvicorn on a thread, on a free local port),
 on `--weights` or on a random checkpoint of `--arch` built here (EOS is off, so with random weights every answer
 runs its whole budget and requests cost the same). Tokens are the answers' generated tokens, read from the trace.
-Each client sends one plain request after another (one image,
+Each client sends one plain request after another (one image, or none with `--images 0`;
 the same question, `max_tokens` tokens, temperature 0.6) for `--seconds`; the table gives completed requests per
 second, generated tokens per second and the p50 / p99 latency. The baseline asks the same searcher one question
 at a time, in a loop, for the same time. `--batching continuous` (the default) serves the plain requests in the
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--max_batch", type=int, default=16)
     parser.add_argument("--window_ms", type=float, default=None, help="serve.batch_window_ms; default: the config's")
     parser.add_argument("--batching", default="continuous", choices=("continuous", "batch"))
+    parser.add_argument("--images", type=int, default=1, choices=(0, 1), help="images per request (0: text only)")
     parser.add_argument("--decode_steps", type=int, default=None, help="serve.decode_steps; default: the config's")
     parser.add_argument(
         "--slot_prompt_tokens", type=int, default=128, help="serve.slot_prompt_tokens (the question fits 128)"
@@ -117,7 +118,8 @@ def main() -> None:
         "messages": [
             {
                 "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": QUESTION}],
+                "content": [{"type": "image_url", "image_url": {"url": image_url}}] * args.images
+                + [{"type": "text", "text": QUESTION}],
             }
         ],
         "max_tokens": args.max_tokens,
@@ -128,7 +130,7 @@ def main() -> None:
     plain = dataclasses.replace(searcher.config, method="sample", max_new_tokens=args.max_tokens)
     levels = [int(c) for c in args.clients.split(",")]
     results = {"weights": weights if args.weights else f"random {args.arch}", "max_tokens": args.max_tokens}
-    results["batching"] = args.batching
+    results["batching"], results["images"] = args.batching, args.images
     results["window_ms"] = config.serve.batch_window_ms
     results["decode_steps"] = config.serve.decode_steps
     results["slot_prompt_tokens"] = config.serve.slot_prompt_tokens
@@ -142,7 +144,7 @@ def main() -> None:
     while time.perf_counter() - start < args.seconds:
         searcher.config = dataclasses.replace(plain, seed=len(latencies))
         t0 = time.perf_counter()
-        tokens += generated(searcher.ask([QUESTION], [[image]])[0].trace)
+        tokens += generated(searcher.ask([QUESTION], [[image]] if args.images else None)[0].trace)
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
     results["sequential"] = {
