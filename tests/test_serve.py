@@ -184,7 +184,10 @@ def test_n_choices(client):
     assert texts == [c.message.content for c in reply.choices]
 
 
-def test_stage_search_extension(client):
+def test_stage_search_extension(server, client):
+    """A search runs batch-at-a-time (not in the continuous batch), with its trace in the `search` field."""
+    health = lambda: httpx.get(server["url"] + "/health").json()["stats"]
+    before = health()
     reply = client.chat.completions.create(
         model=MODEL, messages=user(), seed=7, extra_body={"search": {"method": "stage", "num_candidates": 2}}
     )
@@ -196,6 +199,9 @@ def test_stage_search_extension(client):
     assert all("winner" in step and "matches" in step for step in result["trace"])
     accepted = "".join(step["candidates"][step["winner"]]["text"] for step in result["trace"])
     assert reply.choices[0].message.content == accepted
+    after = health()
+    assert after["batches"] == before["batches"] + 1
+    assert after["continuous"]["requests"] == before["continuous"]["requests"]
     streamed = client.chat.completions.create(
         model=MODEL,
         messages=user(),
