@@ -1,14 +1,17 @@
 """Serving benchmark: the server under 1, 4 and 16 concurrent clients against sequential `Searcher.ask` calls.
 
-    python benchmarks/bench_serve.py [--weights DIR] [--arch tiny|bench] [--seconds 20] [--max_tokens 32]
+    python benchmarks/bench_serve.py [--weights DIR] [--arch tiny|bench] [--seconds 20] [--max_tokens 32] \
+        [--batching continuous|batch]
 
 Starts the server in this process (the engine of `serve/app.py` with uvicorn on a thread, on a free local port),
 on `--weights` or on a random checkpoint of `--arch` built here (EOS is off, so with random weights every answer
 runs its whole budget and requests cost the same). Tokens are the answers' generated tokens, read from the trace.
-Each client sends one plain request after another (one image,
+Each client sends one plain request after another (one image, or none with `--images 0`;
 the same question, `max_tokens` tokens, temperature 0.6) for `--seconds`; the table gives completed requests per
 second, generated tokens per second and the p50 / p99 latency. The baseline asks the same searcher one question
-at a time, in a loop, for the same time. Every level first warms up (its batch sizes compiled) outside the timing.
+at a time, in a loop, for the same time. `--batching continuous` (the default) serves the plain requests in the
+continuous batch of `--max_batch` slots, `batch` batch-at-a-time (`serve.continuous=false`). Everything is compiled
+before the timing (the server's warmup, and the baseline's batch of one; batch-at-a-time: every padded batch size).
 Bounded: at most `--seconds` per level, plus the model load and compiles.
 """
 
@@ -61,6 +64,12 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--max_batch", type=int, default=16)
     parser.add_argument("--window_ms", type=float, default=None, help="serve.batch_window_ms; default: the config's")
+    parser.add_argument("--batching", default="continuous", choices=("continuous", "batch"))
+    parser.add_argument("--images", type=int, default=1, choices=(0, 1), help="images per request (0: text only)")
+    parser.add_argument("--decode_steps", type=int, default=None, help="serve.decode_steps; default: the config's")
+    parser.add_argument(
+        "--slot_prompt_tokens", type=int, default=128, help="serve.slot_prompt_tokens (the question fits 128)"
+    )
     parser.add_argument("--out", default="", help="also write the results here as JSON")
     args = parser.parse_args()
 
@@ -69,7 +78,6 @@ def main() -> None:
 
     from llava_cot_jax import config_file
     from llava_cot_jax.serve import app as app_lib
-    from llava_cot_jax.serve import engine as engine_lib
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tmp = tempfile.mkdtemp(prefix="bench_serve_")
@@ -82,7 +90,11 @@ def main() -> None:
     config.serve.max_queue = 1024
     if args.window_ms is not None:
         config.serve.batch_window_ms = args.window_ms
-    config.serve.warmup = False  # each level warms its own sizes below
+    config.serve.continuous = args.batching == "continuous"
+    config.serve.slot_prompt_tokens = args.slot_prompt_tokens
+    if args.decode_steps is not None:
+        config.serve.decode_steps = args.decode_steps
+    config.serve.warmup = True  # continuous: its programs; batch-at-a-time: every padded batch size
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         config.serve.port = s.getsockname()[1]
@@ -106,7 +118,8 @@ def main() -> None:
         "messages": [
             {
                 "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": QUESTION}],
+                "content": [{"type": "image_url", "image_url": {"url": image_url}}] * args.images
+                + [{"type": "text", "text": QUESTION}],
             }
         ],
         "max_tokens": args.max_tokens,
@@ -117,18 +130,25 @@ def main() -> None:
     plain = dataclasses.replace(searcher.config, method="sample", max_new_tokens=args.max_tokens)
     levels = [int(c) for c in args.clients.split(",")]
     results = {"weights": weights if args.weights else f"random {args.arch}", "max_tokens": args.max_tokens}
+    results["batching"], results["images"] = args.batching, args.images
     results["window_ms"] = config.serve.batch_window_ms
-    for size in engine_lib.batch_sizes(args.max_batch):  # every padded size a batch can have, as the server warms
+    results["decode_steps"] = config.serve.decode_steps
+    results["slot_prompt_tokens"] = config.serve.slot_prompt_tokens
+    if engine.continuous:  # the baseline's batch of one (batch-at-a-time compiled it with every size)
         searcher.config = plain
-        print(f"warmup batch {size}: {searcher.warmup(batch_size=size, num_images=1):.1f} s", flush=True)
+        print(f"warmup batch 1: {searcher.warmup(batch_size=1, num_images=1):.1f} s", flush=True)
 
     image = PIL.Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     generated = lambda trace: trace[-1]["candidates"][trace[-1]["winner"]]["num_tokens"]
+    # One untimed request each way: the warmups above compile for one image, a text-only request compiles its own.
+    searcher.config = plain
+    searcher.ask([QUESTION], [[image]] if args.images else None)
+    httpx.post(url, json=body, timeout=600).raise_for_status()
     latencies, tokens, start = [], 0, time.perf_counter()
     while time.perf_counter() - start < args.seconds:
         searcher.config = dataclasses.replace(plain, seed=len(latencies))
         t0 = time.perf_counter()
-        tokens += generated(searcher.ask([QUESTION], [[image]])[0].trace)
+        tokens += generated(searcher.ask([QUESTION], [[image]] if args.images else None)[0].trace)
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
     results["sequential"] = {
@@ -143,6 +163,7 @@ def main() -> None:
     for clients in levels:
         stop_at = time.perf_counter() + args.seconds
         batches_before = engine.stats["batches"]
+        joined_before = engine.continuous.stats["joined_mid_decode"] if engine.continuous else 0
 
         def client(_, stop_at=stop_at):
             out, tokens = [], 0
@@ -168,6 +189,10 @@ def main() -> None:
             "p99_s": percentile(latencies, 99),
             "batches": engine.stats["batches"] - batches_before,
         }
+        if engine.continuous:
+            results[f"clients_{clients}"]["joined_mid_decode"] = (
+                engine.continuous.stats["joined_mid_decode"] - joined_before
+            )
         print(f"{clients} clients:", json.dumps(results[f"clients_{clients}"]), flush=True)
 
     server.should_exit = True

@@ -1,6 +1,8 @@
 """`mode = "serve"`: the real server (`python -m llava_cot_jax.main --config configs/serve.py`) on a tiny random
 checkpoint, asked over HTTP with OpenAI's own client and with httpx: answers, streaming, n, the search extension,
-equality with `Searcher.ask`, bad inputs, the queue limit and a SIGTERM that lets an in-flight request finish."""
+equality with `Searcher.ask` (also for requests that overlap in the continuous batch), bad inputs, a client that
+goes away mid-stream, the queue limit, the page in headless Chromium, and a SIGTERM that lets an in-flight request
+finish."""
 
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def overrides(ckpt: str, tmp: str, port: int) -> list[str]:
         f"--config.serve.max_queue={MAX_QUEUE}",
         "--config.serve.max_batch=2",
         "--config.serve.stream_interval_ms=0",  # every token: the tiny model writes an answer in milliseconds
-        "--config.search.max_new_tokens=24",
+        "--config.serve.decode_steps=2",  # many scheduling points: requests join and leave mid-answer
+        "--config.search.max_new_tokens=160",  # room for an answer long enough to join or leave in the middle of
         "--config.search.stage_max_new_tokens=6",
         "--config.search.judge_max_new_tokens=4",
         "--config.max_prompt_tokens=200",
@@ -181,7 +184,10 @@ def test_n_choices(client):
     assert texts == [c.message.content for c in reply.choices]
 
 
-def test_stage_search_extension(client):
+def test_stage_search_extension(server, client):
+    """A search runs batch-at-a-time (not in the continuous batch), with its trace in the `search` field."""
+    health = lambda: httpx.get(server["url"] + "/health").json()["stats"]
+    before = health()
     reply = client.chat.completions.create(
         model=MODEL, messages=user(), seed=7, extra_body={"search": {"method": "stage", "num_candidates": 2}}
     )
@@ -193,6 +199,9 @@ def test_stage_search_extension(client):
     assert all("winner" in step and "matches" in step for step in result["trace"])
     accepted = "".join(step["candidates"][step["winner"]]["text"] for step in result["trace"])
     assert reply.choices[0].message.content == accepted
+    after = health()
+    assert after["batches"] == before["batches"] + 1
+    assert after["continuous"]["requests"] == before["continuous"]["requests"]
     streamed = client.chat.completions.create(
         model=MODEL,
         messages=user(),
@@ -205,20 +214,94 @@ def test_stage_search_extension(client):
     assert chunks[-1].model_extra["search"]["choices"][0]["trace"] == result["trace"]
 
 
-def test_answer_equals_searcher_ask(server, client):
-    """A request that runs alone, with a seed, answers what `Searcher.ask` answers with that seed and settings."""
+@pytest.fixture(scope="module")
+def searcher(server):
+    """The server's searcher, built in this process from the same settings."""
     from llava_cot_jax.generate import cli
 
+    return cli.build_searcher(load_config(server["args"]))
+
+
+def expected_answer(searcher, question, images, **settings) -> str:
+    searcher.config = dataclasses.replace(searcher.config, **settings)
+    return searcher.ask([question], [images] if images else None)[0].text
+
+
+def test_answer_equals_searcher_ask(server, client, searcher):
+    """A sampled request with a seed answers what `Searcher.ask` answers with that seed and settings."""
     image_path = os.path.join(server["tmp"], "images", "cubes.png")
     reply = client.chat.completions.create(
         model=MODEL, messages=user(image=image_path), max_tokens=12, seed=11, temperature=0.8
     )
-    config = load_config(server["args"])
-    searcher = cli.build_searcher(config)
-    searcher.config = dataclasses.replace(searcher.config, method="sample", max_new_tokens=12, seed=11, temperature=0.8)
     image = PIL.Image.open(image_path).convert("RGB")
-    expected = searcher.ask([QUESTION], [[image]])[0]
-    assert reply.choices[0].message.content == expected.text
+    expected = expected_answer(
+        searcher, QUESTION, [image], method="sample", max_new_tokens=12, seed=11, temperature=0.8
+    )
+    assert reply.choices[0].message.content == expected
+
+
+def stream_lines(server, body):
+    """An open streamed completion: (the response context, its `data:` payloads as they come)."""
+    response = httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=300)
+    opened = response.__enter__()
+    payloads = (line[len("data: ") :] for line in opened.iter_lines() if line.startswith("data: "))
+    return response, payloads
+
+
+def first_text(payloads) -> str:
+    """Reads a stream up to its first piece of answer text."""
+    for payload in payloads:
+        chunk = json.loads(payload)
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            return chunk["choices"][0]["delta"]["content"]
+    raise AssertionError("the stream ended without text")
+
+
+def continuous_stats(server) -> dict:
+    return httpx.get(server["url"] + "/health").json()["stats"]["continuous"]
+
+
+def test_overlapping_greedy_requests_equal_searcher_ask(server, searcher):
+    """A short text-only request joins the continuous batch while a long one with an image is mid-answer and leaves
+    before it; both answers equal `Searcher.ask` greedy, each run alone."""
+    long_question, short_question = "Describe every cube on the table, one by one.", "Hi?"
+    joined = continuous_stats(server)["joined_mid_decode"]
+    body = {"model": MODEL, "messages": user(long_question), "max_tokens": 160, "temperature": 0, "stream": True}
+    response, payloads = stream_lines(server, body)
+    try:
+        texts = [first_text(payloads)]  # the long answer is being decoded
+        short = post(
+            server, {"model": MODEL, "messages": user(short_question, image=""), "max_tokens": 5, "temperature": 0}
+        )
+        for payload in payloads:
+            chunk = json.loads(payload) if payload != "[DONE]" else {"choices": []}
+            texts += [c["delta"].get("content") or "" for c in chunk["choices"]]
+    finally:
+        response.__exit__(None, None, None)
+    assert continuous_stats(server)["joined_mid_decode"] > joined
+    image = PIL.Image.open(io.BytesIO(png())).convert("RGB")
+    assert "".join(texts) == expected_answer(searcher, long_question, [image], method="greedy", max_new_tokens=160)
+    assert short.json()["choices"][0]["message"]["content"] == expected_answer(
+        searcher, short_question, None, method="greedy", max_new_tokens=5
+    )
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    """A client that closes its stream mid-answer gives its slot back: afterwards as many requests as there are
+    slots are served at once."""
+    cancelled = continuous_stats(server)["cancelled"]
+    body = {"model": MODEL, "messages": user(), "max_tokens": 160, "seed": 1, "stream": True}
+    response, payloads = stream_lines(server, body)
+    first_text(payloads)
+    response.__exit__(None, None, None)  # hang up mid-answer
+    deadline = time.monotonic() + 60
+    while continuous_stats(server)["cancelled"] == cancelled or httpx.get(server["url"] + "/health").json()["admitted"]:
+        assert time.monotonic() < deadline, continuous_stats(server)
+        time.sleep(0.05)
+    assert continuous_stats(server)["busy_slots"] == 0
+    short = {"model": MODEL, "messages": user(), "max_tokens": 4}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # serve.max_batch = 2 slots
+        assert [r.status_code for r in pool.map(lambda _: post(server, short), range(2))] == [200, 200]
 
 
 @pytest.mark.parametrize(
@@ -342,6 +425,59 @@ def test_page_asks_and_shows_the_search(server, tmp_path):
     assert "stage, N = 2, seed 9" in shown["trace"]
     kept = re.findall(r"candidate (\d) kept", shown["trace"])
     assert len(kept) == 4 and re.findall(r"→ #(\d)", shown["trace"]) == kept  # N = 2: one match, its winner kept
+
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless, and nothing that reaches for the network (closed here): no background services, updates or sync.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_page_in_a_browser(server, tmp_path):
+    """The page in headless Chromium (Debian's package): upload an image, ask for a streamed stage search, and find
+    the four stages on the screen with the answer the API gives for the same request, and one trace panel each."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)")
+    image = tmp_path / "cubes.png"
+    image.write_bytes(png())
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server["url"] + "/")
+            sync_api.expect(page.locator("#model")).to_have_text(MODEL)
+            page.set_input_files("#file", str(image))
+            sync_api.expect(page.locator("#preview img")).to_have_count(1)
+            page.fill("#question", QUESTION)
+            page.select_option("#method", "stage")
+            page.fill("#candidates", "2")
+            page.fill("#temperature", "0.6")
+            page.fill("#seed", "9")
+            page.check("#stream")
+            page.click("#go")
+            sync_api.expect(page.locator("#status")).to_have_text(re.compile(r" s$"), timeout=120_000)
+            headings = page.locator("#stages .stage h3").all_text_contents()
+            shown = page.locator("#stages .stage p").all_text_contents()
+            raw = page.locator("#raw").text_content()
+            panels = page.locator("#trace details").count()
+        finally:
+            browser.close()
+    assert headings == ["SUMMARY", "CAPTION", "REASONING", "CONCLUSION"]
+    body = {"model": MODEL, "messages": user(), "seed": 9, "temperature": 0.6}
+    reply = post(server, {**body, "search": {"method": "stage", "num_candidates": 2}}).json()
+    assert raw == reply["choices"][0]["message"]["content"]
+    stages = reply["search"]["choices"][0]["stages"]
+    assert [text.strip() for text in shown] == [stages[name].strip() for name in headings]
+    assert panels == 4
 
 
 def test_helpers():

@@ -117,6 +117,16 @@ def create_app(engine: engine_lib.Engine, config, context: int = 0) -> FastAPI:
 async def _stream(cid, model_name, job, events, future, include_usage, count):
     """The chunks of a streamed completion: the role, text deltas as they come, each choice's finish, then a
     chunk with no choices that carries the `search` extension (and `usage` when asked), then [DONE]."""
+    try:
+        async for event in _events(cid, model_name, job, events, future, include_usage, count):
+            yield event
+    finally:
+        # The client went away (the response was cancelled) before the answer: its rows are freed at the next step.
+        if not future.done():
+            future.cancel()
+
+
+async def _events(cid, model_name, job, events, future, include_usage, count):
     chunk = lambda choices, **extra: _sse(protocol.chunk_body(cid, model_name, job, choices, **extra))
     texts = [protocol.StreamText(job.stops) for _ in range(job.n)]
     yield chunk(
@@ -161,15 +171,39 @@ def build_engine(config):
     searcher = cli.build_searcher(config)
     serve = config.serve
     base = generate_config.search_config(config.search, config.seed)
-    methods = ([serve.plain_method] if serve.warmup else []) + ([base.method] if serve.warmup_search else [])
+    use_continuous = serve.continuous and searcher.sampler.mesh is None
+    if serve.continuous and not use_continuous:
+        # The slots' arrays carry no sharding rules yet: on a mesh, plain requests run batch-at-a-time.
+        print("serve.continuous: off on a device mesh (one device only); plain requests run batch-at-a-time")
+    # Plain requests run batch-at-a-time only without the continuous batch (or with several images, or a long
+    # prompt: those compile when first asked).
+    methods = [serve.plain_method] if serve.warmup and not use_continuous else []
+    methods += [base.method] if serve.warmup_search else []
     for method in methods:
         searcher.config = dataclasses.replace(base, method=method)
         for size in engine_lib.batch_sizes(serve.max_batch):
             seconds = searcher.warmup(batch_size=size, num_images=1)
             print(f"warmup: {method}, batch {size}, one image: {seconds:.1f} s", flush=True)
+    searcher.config = base
+    continuous = None
+    if use_continuous:
+        continuous = {
+            "num_slots": serve.max_batch,
+            "steps": serve.decode_steps,
+            "slot_prompt_tokens": serve.slot_prompt_tokens,
+            "max_new_tokens": config.search.max_new_tokens,
+        }
     engine = engine_lib.Engine(
-        searcher, serve.max_batch, serve.batch_window_ms / 1000, serve.max_queue, serve.stream_interval_ms / 1000
+        searcher,
+        serve.max_batch,
+        serve.batch_window_ms / 1000,
+        serve.max_queue,
+        serve.stream_interval_ms / 1000,
+        continuous=continuous,
     )
+    if engine.continuous and serve.warmup:
+        seconds = engine.continuous.warmup()
+        print(f"warmup: continuous batch of {serve.max_batch} slots, one image: {seconds:.1f} s", flush=True)
     return engine.start(), cli.model_context(config)
 
 
@@ -180,8 +214,8 @@ def run(config, workdir: str = "") -> int:
     serve = config.serve
     if serve.plain_method not in ("greedy", "sample"):
         raise ValueError(f"serve.plain_method must be greedy or sample, got {serve.plain_method!r}")
-    if serve.max_batch < 1 or serve.max_queue < 1:
-        raise ValueError("serve.max_batch and serve.max_queue must be >= 1")
+    if serve.max_batch < 1 or serve.max_queue < 1 or serve.decode_steps < 1:
+        raise ValueError("serve.max_batch, serve.max_queue and serve.decode_steps must be >= 1")
     engine, context = build_engine(config)
     app = create_app(engine, config, context)
     server = uvicorn.Server(uvicorn.Config(app, host=serve.host, port=serve.port, log_level="warning"))

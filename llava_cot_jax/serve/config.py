@@ -7,13 +7,21 @@ defaults a request starts from and the limits it may not exceed (`search.max_new
     serve.host, serve.port   where to listen (127.0.0.1: this machine only)
     serve.model_name         the model id `GET /v1/models` lists and requests must name (or omit)
     serve.plain_method       what a request without the `search` extension runs: sample (greedy at temperature 0)
-    serve.max_batch          rows (requests x n) decoded together at most; batches are padded to a power of two
+    serve.max_batch          rows (requests x n) decoded together at most: the continuous batch's slots, and the
+                             largest batch-at-a-time batch (padded to a power of two)
+    serve.continuous         run plain requests (greedy / sample, at most one image) in the continuous batch (on
+                             one device; on a mesh they run batch-at-a-time)
+    serve.decode_steps       tokens the continuous batch decodes between two scheduling points (joins, leaves,
+                             streamed text)
+    serve.slot_prompt_tokens the longest prompt a slot holds (rounded up to a power of two, at least 128); a longer
+                             plain request runs batch-at-a-time. A slot's cache is this plus search.max_new_tokens
     serve.batch_window_ms    how long the worker waits for more requests of the same settings before it runs
     serve.max_queue          requests admitted at once (waiting or running); one more gets 429
-    serve.stream_interval_ms  a streamed answer's text is sent at most this often (it is decoded inside the loop)
+    serve.stream_interval_ms  batch-at-a-time: a streamed answer's text is sent at most this often (it is decoded
+                             inside the loop); the continuous batch sends it after every serve.decode_steps tokens
     serve.image_dir          local image paths in requests are allowed only under this directory ("" : none)
     serve.max_image_bytes    the largest image a request may send (decoded bytes of its data: URL or file)
-    serve.warmup             compile the plain method's programs for every padded batch size before serving
+    serve.warmup             compile the continuous batch's programs (one image, a prompt of the first bucket)
     serve.warmup_search      also those of `search.method` at its settings (a first search then compiles nothing)
 """
 
@@ -32,6 +40,9 @@ def serve_group() -> ml_collections.ConfigDict:
     g.model_name = "llava-cot"
     g.plain_method = "sample"
     g.max_batch = 8
+    g.continuous = True
+    g.decode_steps = 8
+    g.slot_prompt_tokens = 512
     g.batch_window_ms = 10.0
     g.max_queue = 64
     g.stream_interval_ms = 20.0

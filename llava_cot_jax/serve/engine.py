@@ -1,24 +1,28 @@
-"""The worker that owns the model: requests wait in one queue, and a single thread takes them in batches and runs
-each batch as one `Searcher` call.
+"""The worker side of the server: requests are admitted here (`Engine.submit`) and run on one of two paths.
 
-Batching is batch-at-a-time, not continuous. The worker takes the oldest waiting request; when the last batch held
-more than one request it waits up to `serve.batch_window_ms` for more with the same settings (method, sampling,
-budgets, seed when given, the number of images); it takes up to `serve.max_batch` questions of them (a request
-with `n` choices is `n` questions) and runs them to the end together; requests that arrive meanwhile wait for the
-next batch. A batch is padded to the next power of two (copies of its last question, whose answers are dropped)
-so that a handful of compiled programs serve every batch size. Searches (`search.method` stage, best_of_n,
-sentence) share the queue and the worker with plain requests: there is one model and one device, and a search is
-itself a batched program over questions x candidates, so searches of equal settings batch together like plain
-requests do.
+Plain requests (method greedy or sample, at most one image, a prompt within `serve.slot_prompt_tokens`) run in a
+continuous batch (`slots.Scheduler`): `serve.max_batch` slots decoded together `serve.decode_steps` tokens at a
+time, with a cache cursor per slot; a request joins free slots between those steps (its prompt prefilled alone and
+copied in) and leaves as soon as its answer ends, so a short answer never waits for a long one, and a client that
+goes away frees its slots at the next step.
 
-Why not continuous: the sampler's decode is one `lax.while_loop` per call over a fixed set of rows, with one
-shared cache cursor (sampler.py), so rows cannot join or leave between steps. Continuous batching would need a
-decode program that runs a few steps at a time over fixed slots with a cursor per row, a prefill that writes a new
-request into a free slot of the running cache, and a scheduler between those calls (docs/serving.md).
+Searches (`search.method` stage, best_of_n, sentence), and plain requests with several images or a longer prompt,
+run batch-at-a-time on a second worker thread, as `Searcher` calls. Searches stay off the continuous batch because
+a search is not one stream of tokens: each stage (or sentence) ends at a tournament on the host, in which judge
+prompts are prefilled and decoded against the question's cache and the winner's row is copied into its losers'
+rows, before the next stage's N candidates continue it. Fitting that into shared slots would need the judge calls
+and the row copies as slot operations too; on the batch path they are the Searcher's own, tested code. The two
+threads share the model; their programs interleave on the device.
 
-Requests without a seed run with a seed the engine draws per batch (returned in the response's `search.seed`);
-with a seed, the answer of a request that runs alone equals `Searcher.ask` with that seed. Rows of one batch draw
-different tokens, so `n` choices differ.
+The batch worker takes the oldest waiting request; when the last batch held more than one request it waits up to
+`serve.batch_window_ms` for more with the same settings (method, sampling, budgets, seed when given, the number of
+images); it takes up to `serve.max_batch` questions of them (a request with `n` choices is `n` questions) and runs
+them to the end together. A batch is padded to the next power of two (copies of its last question, whose answers
+are dropped) so that a handful of compiled programs serve every batch size.
+
+Requests without a seed run with one the engine draws (returned in the response's `search.seed`); with a seed, the
+answer of a plain request equals `Searcher.ask` with that seed, whoever shares the batch (each slot samples with
+its own key), and so does a search that runs alone.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import time
 import numpy as np
 
 from llava_cot_jax.generate import judge_runner, stage_search
-from llava_cot_jax.serve import protocol
+from llava_cot_jax.serve import protocol, slots
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,9 @@ class Outcome:
 class _Ticket:
     job: protocol.Job
     key: tuple
-    future: concurrent.futures.Future
+    future: concurrent.futures.Future  # cancelled by the server when the client goes away
+    seed: int = 0  # the request's, or one drawn for it
+    prompt_tokens: int = 0
 
 
 def padded_size(rows: int, max_batch: int) -> int:
@@ -65,7 +71,9 @@ def batch_sizes(max_batch: int) -> list[int]:
 
 
 class Engine:
-    """Admits requests (`submit`), batches and runs them on one worker thread, and drains on `close`."""
+    """Admits requests (`submit`), runs plain ones in the continuous batch and the others batch-at-a-time (module
+    docstring), and drains on `close`. `continuous`: the `slots.Scheduler` settings (num_slots, steps,
+    slot_prompt_tokens, max_new_tokens), or None to run everything batch-at-a-time."""
 
     def __init__(
         self,
@@ -74,6 +82,7 @@ class Engine:
         window_s: float,
         max_queue: int,
         stream_interval_s: float = 0.0,
+        continuous: dict | None = None,
     ):
         self.searcher = searcher
         self.stream_interval_s = stream_interval_s
@@ -81,15 +90,37 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: list[_Ticket] = []
         self._admitted = 0  # waiting or running
-        self._closed = False
+        self._closed = False  # admitting no more
+        self._stopping = False  # the batch worker exits once nothing waits
         self._seeds = random.Random()
         self._last_batch = 0  # requests in the last batch taken
         self._thread = threading.Thread(target=self._loop, name="serve-engine", daemon=True)
         self.stats = {"requests": 0, "batches": 0, "questions": 0, "padded": 0, "busy_s": 0.0}
+        self.continuous = None
+        if continuous:
+            self.continuous = slots.Scheduler(
+                searcher, **continuous, answer=self._answer, release=self._release, fallback=self._queue
+            )
+            self.stats["continuous"] = self.continuous.stats
 
     def start(self) -> Engine:
         self._thread.start()
+        if self.continuous:
+            self.continuous.start()
         return self
+
+    @staticmethod
+    def _answer(ticket: _Ticket, results: list) -> None:
+        ticket.future.set_result(Outcome(results, ticket.seed, ticket.prompt_tokens))
+
+    def _release(self, _ticket) -> None:
+        with self._cond:
+            self._admitted -= 1
+
+    def _queue(self, ticket: _Ticket) -> None:
+        with self._cond:
+            self._waiting.append(ticket)
+            self._cond.notify_all()
 
     @property
     def admitted(self) -> int:
@@ -99,7 +130,9 @@ class Engine:
     def submit(self, job: protocol.Job) -> concurrent.futures.Future:
         """Queues a job; its future's result is an `Outcome`. Raises APIError 429 when `max_queue` requests are
         already admitted, 503 once the engine is closing."""
-        ticket = _Ticket(job, job.batch_key(), concurrent.futures.Future())
+        seed = job.settings.seed if job.explicit_seed else self._seeds.randrange(2**31)
+        ticket = _Ticket(job, job.batch_key(), concurrent.futures.Future(), seed)
+        continuous = self.continuous is not None and self.continuous.accepts(job)
         with self._cond:
             if self._closed:
                 raise protocol.APIError("the server is shutting down", None, "shutting_down", 503)
@@ -112,14 +145,21 @@ class Engine:
                 )
             self._admitted += 1
             self.stats["requests"] += 1
-            self._waiting.append(ticket)
-            self._cond.notify_all()
+            if continuous:  # under the lock: a close cannot come between the check above and this
+                self.continuous.submit(ticket)
+            else:
+                self._waiting.append(ticket)
+                self._cond.notify_all()
         return ticket.future
 
     def close(self, timeout: float | None = None) -> None:
-        """Stops admitting; the worker finishes every admitted request, then exits."""
+        """Stops admitting; the workers finish every admitted request, then exit."""
         with self._cond:
             self._closed = True
+        if self.continuous:  # first: it may still hand a long prompt to the batch worker
+            self.continuous.close(timeout)
+        with self._cond:
+            self._stopping = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -129,7 +169,7 @@ class Engine:
     def _take(self) -> list[_Ticket] | None:
         """The next batch: the oldest waiting request and the ones of its settings, within the window."""
         with self._cond:
-            while not self._waiting and not self._closed:
+            while not self._waiting and not self._stopping:
                 self._cond.wait()
             if not self._waiting:
                 return None  # closed and drained
@@ -137,7 +177,7 @@ class Engine:
             # The window is waited only under concurrency (the last batch held more than one request): a lone
             # client gets no added latency, and concurrent clients, whose requests return together, rejoin.
             deadline = time.monotonic() + (self.window_s if self._last_batch > 1 else 0.0)
-            while not self._closed:
+            while not self._stopping:
                 rows = sum(t.job.n for t in self._waiting if t.key == key)
                 left = deadline - time.monotonic()
                 if rows >= self.max_batch or left <= 0:
@@ -192,7 +232,8 @@ class Engine:
         row = 0
         for ticket in batch:
             n = ticket.job.n
-            ticket.future.set_result(Outcome(results[row : row + n], seed, int(prompt_tokens[row])))
+            if not ticket.future.cancelled():  # the client went away (a batch runs to its end regardless)
+                ticket.future.set_result(Outcome(results[row : row + n], seed, int(prompt_tokens[row])))
             row += n
         self.stats["batches"] += 1
         self.stats["questions"] += len(owners)

@@ -85,9 +85,10 @@ class MllamaForConditionalGeneration(nnx.Module):
     ):
         """Runs S new tokens per row against the cache; returns (logits [B, S, V] fp32, new cache).
 
-        The tokens are written at slots [cache_index, cache_index + S) of every row; `key_valid` [B, max_len]
-        marks slots holding real tokens (including the new ones). Causality is by slot. Without `cross_kv`
-        the cross-attention layers are skipped, as the reference does for text-only input."""
+        The tokens are written at slots [cache_index, cache_index + S) of every row (of its own row, when cache_index
+        is [B]); `key_valid` [B, max_len] marks slots holding real tokens (including the new ones). Causality is
+        by slot. Without `cross_kv` the cross-attention layers are skipped, as the reference does for text-only
+        input."""
         return self.language_model(
             jnp.asarray(input_ids),
             jnp.asarray(positions),

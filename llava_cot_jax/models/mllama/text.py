@@ -9,8 +9,9 @@ With `scan_layers=False` the same layer modules are kept as per-layer lists and 
 (for small-batch decoding, see MllamaConfig.scan_layers).
 
 One code path serves the plain forward pass and cached decoding: with a KV cache, keys/values of the new
-tokens are written at slot `cache_index` (the same slot for every row: prompts are left-padded) and
-attention reads the whole cache, masked by slot order and by which slots hold real tokens.
+tokens are written at slot `cache_index` (the same slot for every row: prompts are left-padded; or one slot per row,
+for the server's continuous batch) and attention reads the whole cache, masked by slot order and by which slots
+hold real tokens.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class DecoderInputs:
     cos: jax.Array  # [B, S, head_dim]
     sin: jax.Array
     self_bias: jax.Array  # [B, 1, 1, S, T] additive self-attention mask
-    cache_index: jax.Array  # int32 scalar: cache slot of the first new token
+    cache_index: jax.Array  # int32 cache slot of the first new token: a scalar (every row), or [B] (one per row)
     cross_bias: jax.Array | None  # [B, 1, 1, S, N_vision] or None (attend to every vision token)
     cross_rows: jax.Array | None  # [B, S, 1]: 0 where a token sees no image tile (gates the cross MLP)
 
@@ -72,13 +73,19 @@ class SelfAttentionLayer(nnx.Module):
         k = apply_rope(heads_major(h, self.k_proj[...]), inputs.cos, inputs.sin)
         v = heads_major(h, self.v_proj[...])
         if cache_kv is not None:
-            start = (0, 0, inputs.cache_index, 0)
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
+            k, v = (write_cache(c, new.astype(c.dtype), inputs.cache_index) for c, new in zip(cache_kv, (k, v)))
             cache_kv = (k, v)
         out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
         x = x + project("bhsk,hkd->bsd", out, self.o_proj[...])
         return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL_AXES), cache_kv
+
+
+def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes new [B, K, S, hd] into cache [B, K, T, hd] at slot `index`: a scalar (every row), or [B] per row (a
+    continuous batch, whose rows are at different lengths)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i, 0)))(cache, new, index)
 
 
 class CrossAttentionLayer(nnx.Module):
@@ -187,9 +194,9 @@ class TextModel(nnx.Module):
         final-norm hidden states [B, S, D] instead of the logits (the training loss applies `logits` chunk by chunk)."""
         b, s = input_ids.shape
         cache_index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-        query_slot = cache_index + jnp.arange(s)
-        causal = jnp.arange(key_valid.shape[1])[None, :] <= query_slot[:, None]
-        allowed = causal[None] & key_valid[:, None, :].astype(bool)
+        query_slot = cache_index[..., None] + jnp.arange(s)  # [S], or [B, S] with a cursor per row
+        causal = jnp.arange(key_valid.shape[1]) <= query_slot[..., None]
+        allowed = causal & key_valid[:, None, :].astype(bool)
         inv_freq = llama3_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_llama3_scaling)
         cos, sin = rope_cos_sin(positions, inv_freq, dtype)
         cross_bias = cross_rows = None
