@@ -142,6 +142,14 @@ def hub_name(name: str) -> str:
     return name
 
 
+def new_name(name: str) -> str:
+    """A Hub name in transformers >= 4.52's scheme (the module names of a model built by today's transformers)."""
+    for pattern, replacement in _NEW_TO_HUB:
+        if name.startswith(replacement):
+            return pattern.pattern.lstrip("^").replace("\\.", ".") + name[len(replacement) :]
+    return name
+
+
 def abstract_params(config: MllamaConfig) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every parameter, by path, without allocating anything."""
     stacked = config.replace(scan_layers=True)  # the on-disk layout is always the stacked one
