@@ -217,7 +217,8 @@ def apply(params: dict, adapters: dict, config: LoraConfig, dropout_key: jax.Arr
         key = None
         if dropout_key is not None and config.dropout > 0:
             layers = _layer_axes(flat_params[path], ab["a"], ab["b"])
-            key = jax.random.key_data(jax.random.split(jax.random.fold_in(dropout_key, i), ab["a"].shape[:layers]))
+            key = jax.random.fold_in(dropout_key, i)  # a raw uint32 key: it slices with the layers in a scan
+            key = jax.random.split(key, ab["a"].shape[:layers]) if layers else key
         flat_params[path] = LoraWeight(flat_params[path], ab["a"], ab["b"], key, config.scale, config.dropout)
     return _nested(flat_params)
 
