@@ -30,6 +30,7 @@ setup(
         # torch is pinned: unpinned it pulls a multi-GB CUDA build (docs/design.md#pinned-torch-in-the-test-extra).
         # nbclient, nbformat, ipykernel: tests/test_notebook.py executes the Colab notebook.
         # fastapi, uvicorn, openai, httpx: tests/test_serve.py runs the server and asks it with OpenAI's client.
+        # peft: tests/test_lora.py checks our LoRA against peft's on transformers' Mllama and loads our export in it.
         # ruff is pinned so that CI's lint step (.ci/run) judges with the rule set the tree was checked against.
         "test": [
             "pytest",
@@ -45,6 +46,7 @@ setup(
             "uvicorn",
             "openai",
             "httpx",
+            "peft==0.21.2",
         ],
         "serve": ["fastapi", "uvicorn"],  # mode = "serve" (docs/serving.md)
         "tpu": ["jax[tpu]"],
