@@ -22,6 +22,7 @@ CONFIG_ARGS = {
     "study.py": (None, "runlocal"),
     "sft_llava_cot_11b.py": (None, "tpu", "gpu8", "runlocal"),
     "sft_llava_cot_90b.py": (None, "tpu", "gpu8x4", "runlocal"),
+    "lora_llava_cot_11b.py": (None, "chip", "runlocal"),
 }
 INFERENCE_MODES = ("infer", "eval", "demo", "study", "serve")
 
