@@ -31,6 +31,7 @@ setup(
         # nbclient, nbformat, ipykernel: tests/test_notebook.py executes the Colab notebook.
         # fastapi, uvicorn, openai, httpx: tests/test_serve.py runs the server and asks it with OpenAI's client;
         # playwright drives Debian's chromium (installed by .ci/run) through the page.
+        # peft: tests/test_lora.py checks our LoRA against peft's on transformers' Mllama and loads our export in it.
         # ruff is pinned so that CI's lint step (.ci/run) judges with the rule set the tree was checked against.
         "test": [
             "pytest",
@@ -47,6 +48,7 @@ setup(
             "openai",
             "httpx",
             "playwright",
+            "peft==0.21.2",
         ],
         "serve": ["fastapi", "uvicorn"],  # mode = "serve" (docs/serving.md)
         "tpu": ["jax[tpu]"],

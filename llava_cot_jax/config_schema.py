@@ -13,7 +13,9 @@ differs.
     model.processor    tokenizer/image-processor directory; empty: the files beside the weights
     model.dtype        compute dtype (activations, matmuls)
     model.param_dtype  storage dtype of the parameters; empty: model.dtype
-    model.quantize     "" | "int8": int8 text-decoder weights (inference)
+    model.quantize     "" | "int8": int8 text-decoder weights (inference; in training, the frozen base of LoRA)
+    model.adapter      LoRA adapters merged into model.weights at load (inference): a peft adapter directory
+                       (tools/export_lora.py) or a LoRA training checkpoint DIR/checkpoints/STEP
     model.scan_layers  decode with the text layers scanned (training always scans)
     model.remat        activation checkpointing per layer in training: none | full | dots
     model.loss_chunk   tokens per chunk of the training cross-entropy
@@ -52,6 +54,7 @@ def model_group() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"
     m.param_dtype = ""
     m.quantize = ""
+    m.adapter = ""
     m.scan_layers = False
     m.remat = "full"
     m.loss_chunk = 512

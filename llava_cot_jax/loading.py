@@ -65,6 +65,17 @@ def load_model(model_cfg, mesh=None):
     if not model_cfg.weights:
         raise ValueError("model.weights is required: a converted checkpoint, a training checkpoint or an HF directory")
     dtype, quantize = config_schema.param_dtype(model_cfg), model_cfg.quantize or None
+    if model_cfg.get("adapter"):
+        if mesh is not None:
+            raise ValueError(
+                "model.adapter is merged on the host, for one device: merge it into the weights first "
+                "(tools/export_lora.py --merge_into DIR) to load onto a mesh"
+            )
+        from llava_cot_jax.models.mllama import layout
+
+        arch = stored_config(model_cfg).replace(param_dtype=dtype, dtype=model_cfg.dtype, scan_layers=True)
+        merged = merged_params(model_cfg, arch)
+        return layout.model_from_params(arch.replace(scan_layers=False), merged, quantize)
     if weights_format(model_cfg.weights) == CONVERTED:
         rules = None
         if mesh is not None:
@@ -82,6 +93,56 @@ def load_model(model_cfg, mesh=None):
     return families.of_hf_dir(model_cfg.weights).weights.from_hf(
         model_cfg.weights, dtype=dtype, compute_dtype=model_cfg.dtype, quantize=quantize, scan_layers=False
     )
+
+
+def read_adapter(path: str, arch):
+    """(nested adapters, lora.LoraConfig) of a peft adapter directory or a LoRA training checkpoint
+    DIR/checkpoints/STEP, for a model of `arch`."""
+    import json
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from llava_cot_jax.models.mllama import lora, peft_format
+
+    abstract_state = nnx.state(abstract_model(arch.replace(scan_layers=True)))
+    if os.path.isfile(os.path.join(path, peft_format.CONFIG_NAME)):
+        return peft_format.read(path, arch, abstract_state)
+    settings = os.path.join(path, "lora", "lora_config.json")  # train/checkpointing.py's `lora` item
+    if not os.path.isfile(settings):
+        raise FileNotFoundError(
+            f"model.adapter={path} holds no adapters: expected {peft_format.CONFIG_NAME} (peft) or a LoRA training "
+            "checkpoint DIR/checkpoints/STEP"
+        )
+    import orbax.checkpoint as ocp
+
+    with open(settings) as f:
+        record = json.load(f)
+    config = lora.LoraConfig(record["rank"], record["alpha"], record["dropout"], record["targets"])
+    specs = lora.adapter_specs(abstract_state, [tuple(p) for p in record["paths"]], config.rank)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.join(os.path.abspath(path), "adapters"), lora.abstract_adapters(specs))
+    return jax.tree.map(np.asarray, restored), config
+
+
+def merged_params(model_cfg, arch) -> dict:
+    """{stacked parameter path: host array} of model.weights with model.adapter folded in (float32 merge)."""
+    from llava_cot_jax.models.mllama import lora
+
+    if weights_format(model_cfg.weights) == CONVERTED:
+        _, params = checkpoint.load_params(model_cfg.weights)
+    else:
+        params = family(model_cfg).load_hf_params(model_cfg.weights, arch)
+    adapters, config = read_adapter(model_cfg.adapter, arch)
+    merged = lora.merge(checkpoint.nested(params), adapters, config)
+    out = dict(params)
+    for path in lora.flatten(adapters):
+        node = merged
+        for key in path:
+            node = node[key]
+        out[path] = node
+    return out
 
 
 def abstract_model(arch):
@@ -141,3 +202,26 @@ def check_processor(processor, arch) -> None:
         )
     if problems:
         raise ValueError("the tokenizer/image processor does not match the model: " + "; ".join(problems))
+
+
+def export_adapter(adapter: str, out_dir: str, naming: str = "transformers", base_model: str = "") -> str:
+    """A LoRA training checkpoint (or peft directory) -> a peft adapter directory (tools/export_lora.py)."""
+    from llava_cot_jax.models.mllama import lora, peft_format
+
+    arch = checkpoint.load_config(adapter) if checkpoint.is_checkpoint(adapter) else None
+    if arch is None:
+        raise FileNotFoundError(f"{adapter} is not a LoRA training checkpoint DIR/checkpoints/STEP")
+    adapters, config = read_adapter(adapter, arch)
+    paths = sorted(lora.flatten(adapters))
+    return peft_format.write(out_dir, arch, adapters, config, paths, naming=naming, base_model=base_model)
+
+
+def merge_adapter(weights: str, adapter: str, out_dir: str, overwrite: bool = False) -> str:
+    """model.weights with `adapter` folded in, written as a converted checkpoint (export_to_hf takes it on)."""
+    model_cfg = config_schema.model_group()
+    model_cfg.weights, model_cfg.adapter = weights, adapter
+    arch = stored_config(model_cfg)
+    arch = arch.replace(dtype=arch.param_dtype, scan_layers=True)
+    merged = merged_params(model_cfg, arch)
+    side_files = checkpoint.side_files_dir(weights) if weights_format(weights) == CONVERTED else weights
+    return checkpoint.save_checkpoint(out_dir, arch, merged, side_files_from=side_files, overwrite=overwrite)

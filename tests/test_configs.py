@@ -26,6 +26,7 @@ CONFIG_ARGS = {
     "llava15_finetune_7b.py": (None, "tpu", "gpu8", "runlocal"),
     "llava15_finetune_13b.py": (None, "tpu", "gpu8", "runlocal"),
     "sft_llava_cot_llava15_7b.py": (None, "tpu", "gpu8", "runlocal"),
+    "lora_llava_cot_11b.py": (None, "chip", "runlocal"),
 }
 INFERENCE_MODES = ("infer", "eval", "demo", "study", "serve")
 

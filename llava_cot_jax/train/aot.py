@@ -15,6 +15,7 @@ from llava_cot_jax import loading
 from llava_cot_jax.aot import Program, gib_per_device
 from llava_cot_jax.data import pipeline
 from llava_cot_jax.models.llava.config import LlavaConfig
+from llava_cot_jax.models.mllama import lora
 from llava_cot_jax.train import flops, optim
 from llava_cot_jax.train import step as step_lib
 
@@ -60,6 +61,8 @@ def programs(config, mesh) -> list[Program]:
         steps_per_epoch,
         c.train.epochs * steps_per_epoch,
         loss_chunk=c.model.loss_chunk,
+        lora=lora.LoraConfig.from_config(c.train.lora),
+        quantize=c.model.quantize,
     )
     state = step_lib.abstract_state(spec)
     seq = c.data.seq_buckets[-1]

@@ -53,6 +53,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.epochs = 3
     c.train.num_steps = 0  # > 0 overrides epochs
     c.train.freeze = ""  # comma-separated groups kept fixed: vision, projector, language, reward_head
+    # LoRA (rank > 0): the whole model frozen, low-rank adapters on the text decoder's projections train (see
+    # docs/lora.md). targets: comma-separated dotted suffixes of parameter paths ("q_proj": every text layer's,
+    # "cross_layers.q_proj": the cross-attention layers' only). With model.quantize=int8 the frozen text decoder is
+    # int8 (QLoRA); the adapters and their AdamW moments stay float32.
+    c.train.lora = ml_collections.ConfigDict()
+    c.train.lora.rank = 0
+    c.train.lora.alpha = 16.0
+    c.train.lora.dropout = 0.0
+    c.train.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     # "sft": next-token loss on the answers | "pairwise": a reward model (the model + a scalar head on the last
     # token, models/reward.py) trained with the Bradley-Terry loss on data.train pairs (data/pairs.write_pairs)
     c.train.objective = "sft"

@@ -5,8 +5,11 @@ The train state is a plain dict pytree (what Orbax saves):
     params    the trainable parameters, nested by module path (nnx.to_pure_dict layout)
     frozen    the frozen parameters (never differentiated, never in the optimizer)
     opt_state optax state over `params`
-    rng       a uint32 PRNG key, split every step (the model has no dropout today; the key keeps a resumed run's
-              random stream identical to an uninterrupted one for anything stochastic added later)
+    rng       a uint32 PRNG key, split every step (LoRA dropout draws from it; a resumed run's random stream is
+              an uninterrupted one's)
+
+With LoRA (`StepSpec.lora`), `params` holds the adapters only (models/mllama/lora.py) and `frozen` every weight of
+the model, int8 where `quantize` asks (QLoRA); the adapters are differentiated and carry the optimizer state.
 
 A batch holds the pipeline's fields with a leading micro-batch axis: [micro_batches, batch / micro_batches, ...],
 split over (data, fsdp) on its second axis. Gradient accumulation scans the micro-batches summing the gradients
@@ -30,6 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llava_cot_jax import loading
 from llava_cot_jax import sharding as sharding_lib
 from llava_cot_jax.models import reward as reward_lib
+from llava_cot_jax.models.mllama import lora as lora_lib
+from llava_cot_jax.models.mllama import quant
 from llava_cot_jax.models.mllama.config import MllamaConfig
 from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 from llava_cot_jax.train import loss as loss_lib
@@ -53,6 +58,9 @@ class StepSpec:
     mesh: jax.sharding.Mesh
     loss_chunk: int
     objective: str = "sft"  # OBJECTIVES; "pairwise": the model is the reward model (models/reward.py)
+    lora: lora_lib.LoraConfig | None = None  # adapters train, the whole model is frozen
+    lora_paths: tuple = ()  # the adapted weights' parameter paths
+    quantize: str = ""  # "int8": the frozen base's text-decoder matrices in int8 (QLoRA; LoRA only)
 
 
 def abstract_model(config: MllamaConfig, objective: str = "sft"):
@@ -84,9 +92,18 @@ def build_step_spec(
     total_steps: int,
     loss_chunk: int = 512,
     objective: str = "sft",
+    lora: lora_lib.LoraConfig | None = None,
+    quantize: str = "",
 ) -> StepSpec:
     graphdef, abstract_state = abstract_model(config, objective)
     schedule = optim.learning_rate_schedule(optim_cfg, steps_per_epoch, total_steps)
+    if quantize and lora is None:
+        raise ValueError(
+            f"model.quantize={quantize!r} in training needs train.lora: int8 weights can only be a frozen base"
+        )
+    if lora is not None and (frozen_groups or objective != "sft"):
+        raise ValueError("train.lora trains adapters on a frozen model: leave train.freeze empty, objective sft")
+    lora_paths = lora_lib.target_paths(abstract_state, lora.targets) if lora is not None else ()
     return StepSpec(
         config,
         graphdef,
@@ -97,6 +114,9 @@ def build_step_spec(
         mesh,
         loss_chunk,
         objective,
+        lora,
+        lora_paths,
+        quantize or "",
     )
 
 
@@ -123,10 +143,80 @@ def abstract_params(spec: StepSpec) -> dict:
     return nnx.to_pure_dict(spec.abstract_state)
 
 
+# ------------------------------------------------------------------------------------------------------- LoRA
+
+
+def adapter_specs(spec: StepSpec) -> dict:
+    return lora_lib.adapter_specs(spec.abstract_state, spec.lora_paths, spec.lora.rank)
+
+
+def _quantized_abstract_state(spec: StepSpec) -> nnx.State:
+    """The abstract model state with the text decoder's matrices as abstract `Int8Weight`s."""
+    return nnx.map_state(
+        lambda path, var: var.replace(
+            jax.eval_shape(lambda v: quant.maybe_quantize(path, var, v, "int8"), var.get_value())
+        ),
+        spec.abstract_state,
+    )
+
+
+def frozen_base(spec: StepSpec) -> tuple[dict, dict]:
+    """(shapes, shardings) of a LoRA run's frozen model: every parameter, int8 where `quantize` asks."""
+    if spec.quantize:
+        state = _quantized_abstract_state(spec)
+        return nnx.to_pure_dict(state), nnx.to_pure_dict(
+            quant.param_shardings(state, spec.mesh, sharding_lib.LOGICAL_AXIS_RULES)
+        )
+    return abstract_params(spec), param_shardings(spec)
+
+
+def adapter_shardings(spec: StepSpec) -> dict:
+    """The adapters' NamedShardings from their logical axis names (a mesh axis that does not divide a dimension
+    is left out: the rank axis is replicated anyway)."""
+    names = lora_lib.adapter_names(adapter_specs(spec))
+    shapes = lora_lib.abstract_adapters(adapter_specs(spec))
+    return jax.tree.map(
+        lambda a, n: NamedSharding(spec.mesh, sharding_lib.dividing_spec(a.shape, n, spec.mesh)),
+        shapes,
+        names,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def place_frozen(spec: StepSpec, params: Mapping) -> dict:
+    """A LoRA run's frozen model on the mesh from a full parameter dict: placed, then quantized where asked."""
+    full = param_shardings(spec)
+    dtype_of = jax.tree.map(lambda a: a.dtype, abstract_params(spec))
+    placed = jax.tree.map(
+        lambda x, s, d: jax.device_put(np.asarray(x, d) if not isinstance(x, jax.Array) else x.astype(d), s),
+        dict(params),
+        full,
+        dtype_of,
+    )
+    if not spec.quantize:
+        return placed
+    _, shardings = frozen_base(spec)
+    state = jax.tree.map(lambda x: x, spec.abstract_state)
+    nnx.replace_by_pure_dict(state, placed)
+    del placed
+    return jax.device_put(nnx.to_pure_dict(quant.quantize_state(state)), shardings)
+
+
+def _model_params(spec: StepSpec, trainable, frozen, dropout_key=None) -> dict:
+    """The full parameter dict the model runs with: adapters applied to the frozen model under LoRA."""
+    if spec.lora is None:
+        return {**trainable, **frozen}
+    return lora_lib.apply(frozen, trainable, spec.lora, dropout_key)
+
+
 def state_shardings(spec: StepSpec) -> dict:
     """Shardings of the whole train state: optimizer moments follow their parameters; counters are replicated."""
-    trainable, frozen = optim.split_params(param_shardings(spec), spec.frozen_groups)
-    abstract_trainable, _ = optim.split_params(abstract_params(spec), spec.frozen_groups)
+    if spec.lora is not None:
+        trainable, abstract_trainable = adapter_shardings(spec), lora_lib.abstract_adapters(adapter_specs(spec))
+        frozen = frozen_base(spec)[1]
+    else:
+        trainable, frozen = optim.split_params(param_shardings(spec), spec.frozen_groups)
+        abstract_trainable, _ = optim.split_params(abstract_params(spec), spec.frozen_groups)
     abstract_opt = jax.eval_shape(spec.tx.init, abstract_trainable)
     opt = optax.tree_utils.tree_map_params(
         spec.tx, lambda _, s: s, abstract_opt, trainable, transform_non_params=lambda _: replicated(spec.mesh)
@@ -173,15 +263,20 @@ def check_heads(config: MllamaConfig, mesh) -> None:
 def init_state(spec: StepSpec, params: Mapping, seed: int) -> dict:
     """The train state for `params` (a full parameter dict of host or device arrays), placed on the mesh."""
     shardings = state_shardings(spec)
-    full = param_shardings(spec)
-    dtype_of = jax.tree.map(lambda a: a.dtype, abstract_params(spec))
-    placed = jax.tree.map(
-        lambda x, s, d: jax.device_put(np.asarray(x, d) if not isinstance(x, jax.Array) else x.astype(d), s),
-        dict(params),
-        full,
-        dtype_of,
-    )
-    trainable, frozen = optim.split_params(placed, spec.frozen_groups)
+    if spec.lora is not None:
+        frozen = place_frozen(spec, params)
+        adapters = lora_lib.init_adapters(adapter_specs(spec), jax.random.fold_in(jax.random.key(seed), 1))
+        trainable = jax.device_put(adapters, shardings["params"])
+    else:
+        full = param_shardings(spec)
+        dtype_of = jax.tree.map(lambda a: a.dtype, abstract_params(spec))
+        placed = jax.tree.map(
+            lambda x, s, d: jax.device_put(np.asarray(x, d) if not isinstance(x, jax.Array) else x.astype(d), s),
+            dict(params),
+            full,
+            dtype_of,
+        )
+        trainable, frozen = optim.split_params(placed, spec.frozen_groups)
     opt_state = jax.jit(spec.tx.init, out_shardings=shardings["opt_state"])(trainable)
     rep = shardings["step"]
     return {
@@ -196,7 +291,10 @@ def init_state(spec: StepSpec, params: Mapping, seed: int) -> dict:
 def abstract_state(spec: StepSpec) -> dict:
     """ShapeDtypeStructs (with shardings) of the train state: the restore target and the AOT compile input."""
     shardings = state_shardings(spec)
-    trainable, frozen = optim.split_params(abstract_params(spec), spec.frozen_groups)
+    if spec.lora is not None:
+        trainable, frozen = lora_lib.abstract_adapters(adapter_specs(spec)), frozen_base(spec)[0]
+    else:
+        trainable, frozen = optim.split_params(abstract_params(spec), spec.frozen_groups)
     opt = jax.eval_shape(spec.tx.init, trainable)
     shapes = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
@@ -211,8 +309,8 @@ def abstract_state(spec: StepSpec) -> dict:
 # ------------------------------------------------------------------------------------------------------- step
 
 
-def _micro_nll(spec: StepSpec, trainable, frozen, micro_batch):
-    model = merge_model(spec, {**trainable, **frozen})
+def _micro_nll(spec: StepSpec, trainable, frozen, micro_batch, dropout_key=None):
+    model = merge_model(spec, _model_params(spec, trainable, frozen, dropout_key))
     # The mesh as context while tracing: activations inside the model are pinned to it (sharding.constrain).
     with jax.sharding.use_abstract_mesh(spec.mesh.abstract_mesh):
         if spec.objective == "pairwise":  # (summed pair losses, pairs): the same accumulate-then-divide as tokens
@@ -221,33 +319,40 @@ def _micro_nll(spec: StepSpec, trainable, frozen, micro_batch):
         return loss_lib.nll_sum(model, micro_batch, spec.loss_chunk)
 
 
-def _accumulate(spec: StepSpec, trainable, frozen, batch):
-    """Summed NLL, supervised tokens and the gradient of the summed NLL (fp32) over the micro-batches."""
-    grad_fn = jax.value_and_grad(lambda p, mb: _micro_nll(spec, p, frozen, mb), has_aux=True)
+def _accumulate(spec: StepSpec, trainable, frozen, batch, key):
+    """Summed NLL, supervised tokens and the gradient of the summed NLL (fp32) over the micro-batches. `key`: the
+    step's random key (LoRA dropout; each micro-batch folds in its index)."""
+    uses_key = spec.lora is not None and spec.lora.dropout > 0
+    grad_fn = jax.value_and_grad(
+        lambda p, mb, i: _micro_nll(spec, p, frozen, mb, jax.random.fold_in(key, i) if uses_key else None),
+        has_aux=True,
+    )
     to_f32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
     micro_batches = jax.tree.leaves(batch)[0].shape[0]
     if micro_batches == 1:
-        (total, count), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch))
+        (total, count), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
         return total, count, to_f32(grads)
 
-    def body(carry, micro_batch):
+    def body(carry, xs):
         total, count, grads = carry
-        (t, c), g = grad_fn(trainable, micro_batch)
+        micro_batch, index = xs
+        (t, c), g = grad_fn(trainable, micro_batch, index)
         return (total + t, count + c, jax.tree.map(jnp.add, grads, to_f32(g))), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-    (total, count, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0), zeros), batch)
+    xs = (batch, jnp.arange(micro_batches))
+    (total, count, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0), zeros), xs)
     return total, count, grads
 
 
 def train_step(spec: StepSpec, state: dict, batch: Mapping) -> tuple[dict, dict]:
     """One optimizer update on one global batch; returns (new state, metrics of this step)."""
-    total, count, grads = _accumulate(spec, state["params"], state["frozen"], batch)
+    rng, step_key = jax.random.split(state["rng"])
+    total, count, grads = _accumulate(spec, state["params"], state["frozen"], batch, step_key)
     denominator = jnp.maximum(count, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    rng, _ = jax.random.split(state["rng"])
     new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
     metrics = {
         "loss": total / denominator,

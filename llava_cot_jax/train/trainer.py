@@ -29,6 +29,7 @@ import numpy as np
 from llava_cot_jax import checkpoint as weights
 from llava_cot_jax import files, loading, sharding
 from llava_cot_jax.data import pipeline
+from llava_cot_jax.models.mllama import lora as lora_lib
 from llava_cot_jax.train import checkpointing, flops, optim
 from llava_cot_jax.train import step as step_lib
 
@@ -49,6 +50,8 @@ RESUME_FIXED_KEYS = (
     "data.synthetic_seed",
     "train.global_batch",
     "train.freeze",
+    "train.lora.rank",
+    "train.lora.targets",
 )
 
 
@@ -324,6 +327,7 @@ class Trainer:
         if c.train.global_batch % jax.process_count():
             raise ValueError(f"global batch {c.train.global_batch} is not divisible by {jax.process_count()} processes")
         self.frozen_groups = optim.parse_groups(c.train.freeze)
+        self.lora = lora_lib.LoraConfig.from_config(c.train.lora)
         self.is_primary = jax.process_index() == 0
         os.makedirs(self.workdir, exist_ok=True)
 
@@ -364,6 +368,8 @@ class Trainer:
             self.total_steps,
             loss_chunk=c.model.loss_chunk,
             objective=c.train.objective,
+            lora=self.lora,
+            quantize=c.model.quantize,
         )
         step_lib.param_shardings(self.spec)  # a parameter dimension the mesh does not divide fails here, by name
         if c.checkpointing.every_steps < 1:
@@ -457,6 +463,12 @@ class Trainer:
             for key, (before, after) in changes.items():
                 print(f"  {key}: {before!r} → {after!r}")
 
+    def _lora_record(self) -> dict | None:
+        """What a LoRA checkpoint records of its adapters (tools/export_lora.py reads it)."""
+        if self.lora is None:
+            return None
+        return {**dataclasses.asdict(self.lora), "paths": [list(p) for p in self.spec.lora_paths]}
+
     def _config_json(self) -> dict:
         return json.loads(json.dumps(self.config.to_dict(), default=str))
 
@@ -519,7 +531,12 @@ class Trainer:
         abstract = step_lib.abstract_state(self.spec)
         resume_step = self.resume_step
         if resume_step is not None:
-            state = checkpointing.restore(self.manager, resume_step, abstract, iterator)
+            frozen = None
+            if self.lora is not None:  # the frozen model is not in a LoRA checkpoint: read it again
+                params = loading.initial_params(c.model, self.model_config, c.seed, self.spec.mesh)
+                frozen = step_lib.place_frozen(self.spec, params)
+                del params
+            state = checkpointing.restore(self.manager, resume_step, abstract, iterator, frozen)
             print(f"resumed from {self.manager.directory}/{resume_step}")
         else:
             params = loading.initial_params(c.model, self.model_config, c.seed, self.spec.mesh)
@@ -580,7 +597,9 @@ class Trainer:
                     if pending is not None:  # never save parameters a diverged step produced
                         last_time = self._finish(pending, metrics_writer, bar, last_time)
                         pending = None
-                    checkpointing.save(self.manager, state, iterator, self.model_config, force=True)
+                    checkpointing.save(
+                        self.manager, state, iterator, self.model_config, force=True, lora=self._lora_record()
+                    )
                 if preempted:
                     self.manager.wait_until_finished()
                     print(f"\npreempted: saved step {done} in {self.manager.directory}")

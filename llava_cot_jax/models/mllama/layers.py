@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_cot_jax.models.mllama.lora import LoraWeight
 from llava_cot_jax.models.mllama.quant import Int8Weight
 
 # Logical axes of the residual stream [batch, seq, embed]: batch-sharded, replicated along the sequence and the
@@ -58,7 +59,10 @@ def attention_projections(
 def project(spec: str, x: jax.Array, weight, **kwargs) -> jax.Array:
     """`jnp.einsum(spec, x, weight)` with the weight cast to x's dtype. An int8 weight (`quant.Int8Weight`) enters
     the matmul as its int8 values and its per-output-channel scale multiplies the product: the dequantized matrix
-    is never written out (scaling the weight first made XLA:TPU materialise it, 2.5x the bytes of bf16)."""
+    is never written out (scaling the weight first made XLA:TPU materialise it, 2.5x the bytes of bf16). An adapted
+    weight (`lora.LoraWeight`) adds its low-rank product to its frozen base's."""
+    if isinstance(weight, LoraWeight):
+        return project(spec, x, weight.base, **kwargs) + weight.delta(spec, x)
     if isinstance(weight, Int8Weight):
         return weight.scale_output(jnp.einsum(spec, x, weight.values.astype(x.dtype), **kwargs))
     return jnp.einsum(spec, x, weight.astype(x.dtype), **kwargs)

@@ -153,6 +153,14 @@ def hub_name(name: str) -> str:
     return rename(name, _NEW_TO_HUB)
 
 
+def new_name(name: str) -> str:
+    """A Hub name in transformers >= 4.52's scheme (the module names of a model built by today's transformers)."""
+    for pattern, replacement in _NEW_TO_HUB:
+        if name.startswith(replacement):
+            return pattern.pattern.lstrip("^").replace("\\.", ".") + name[len(replacement) :]
+    return name
+
+
 def abstract_params(
     config, model_class=MllamaForConditionalGeneration
 ) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
