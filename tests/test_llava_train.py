@@ -80,3 +80,28 @@ def test_resume_equals_an_uninterrupted_run_and_the_loss_falls(scenes, tmp_path,
     assert len(want) == len(got) == 6
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert np.mean(want[3:]) < np.mean(want[:3])
+
+
+def test_the_train_step_lowers_for_the_real_recipe_shapes():
+    """The AOT path (tools/aot_compile.py) builds the llava batch and lowers stage 2's step for the 7B shapes on
+    this host's devices without allocating them: parameters, optimizer state and batch are abstract."""
+    import importlib.util
+
+    from llava_cot_jax import aot_compile
+    from llava_cot_jax.data import pipeline
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llava15_finetune_7b.py"
+    )
+    spec = importlib.util.spec_from_file_location("llava15_finetune_7b", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.global_batch = len(jax.devices())
+    mesh = aot_compile.mesh_for(config, jax.devices())
+    (program,) = aot_compile.programs_for_config(config, mesh)
+    state, batch = program.args
+    assert set(batch) == set(pipeline.LLAVA_BATCH_KEYS) and batch["pixel_values"].shape[2:] == (1, 3, 336, 336)
+    assert set(state["params"]) == {"multi_modal_projector", "language_model"}  # the tower is frozen in stage 2
+    assert program.jitted.lower(*program.args, **program.kwargs).as_text()
+    assert program.notes["tflops_per_step"] > 0
