@@ -75,7 +75,8 @@ def load_model(model_cfg, mesh=None):
 
         arch = stored_config(model_cfg).replace(param_dtype=dtype, dtype=model_cfg.dtype, scan_layers=True)
         merged = merged_params(model_cfg, arch)
-        return layout.model_from_params(arch.replace(scan_layers=False), merged, quantize)
+        model_class = families.of(arch).model_class
+        return layout.model_from_params(arch.replace(scan_layers=False), merged, quantize, model_class)
     if weights_format(model_cfg.weights) == CONVERTED:
         rules = None
         if mesh is not None:
@@ -133,7 +134,7 @@ def merged_params(model_cfg, arch) -> dict:
     if weights_format(model_cfg.weights) == CONVERTED:
         _, params = checkpoint.load_params(model_cfg.weights)
     else:
-        params = family(model_cfg).load_hf_params(model_cfg.weights, arch)
+        params = families.of(arch).weights.load_hf_params(model_cfg.weights, arch)
     adapters, config = read_adapter(model_cfg.adapter, arch)
     merged = lora.merge(checkpoint.nested(params), adapters, config)
     out = dict(params)
