@@ -26,6 +26,8 @@ _SCRIPTS: dict[int, tuple[object, Callable[[str], str]]] = {}
 
 
 class ScriptedModel(nnx.Module):
+    cross_attends_images = True  # it reads the image context at every step, as Mllama does
+
     def __init__(self, tokenizer, reply_for: Callable[[str], str]):
         self.config = MllamaConfig.tiny(vocab_size=len(tokenizer) - 1, scan_layers=False)
         self.unused = nnx.Param(jnp.zeros(()))  # the sampler splits parameters; there are none to speak of

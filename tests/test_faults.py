@@ -213,12 +213,12 @@ def test_eval_oversized_row_is_a_bad_row_and_a_failed_start_claims_nothing(tiny_
 
 def test_convert_bad_inputs_leave_no_output(hf_model, tmp_path, capsys):
     out = tmp_path / "out"
-    not_mllama = _copy(hf_model, tmp_path / "llava")
-    config_path = os.path.join(not_mllama, "config.json")
+    unknown_family = _copy(hf_model, tmp_path / "llava")
+    config_path = os.path.join(unknown_family, "config.json")
     with open(config_path) as f:
         hf_config = json.load(f)
     with open(config_path, "w") as f:
-        json.dump({**hf_config, "model_type": "llava"}, f)
+        json.dump({**hf_config, "model_type": "qwen2_vl"}, f)
     header = _copy(hf_model, tmp_path / "header")
     (shard,) = safetensors_files(header)
     with open(shard, "r+b") as f:
@@ -230,7 +230,7 @@ def test_convert_bad_inputs_leave_no_output(hf_model, tmp_path, capsys):
     (taken / "keep.txt").write_text("mine")
     cases = [
         (str(tmp_path / "missing"), str(out), "missing"),
-        (not_mllama, str(out), "unsupported model_type 'llava'"),
+        (unknown_family, str(out), "model_type 'qwen2_vl' is not one this package reads"),
         (header, str(out), "truncated or corrupt"),
         (empty_config, str(out), "config.json"),
         (hf_model, str(taken), "already exists"),
