@@ -6,9 +6,12 @@ from __future__ import annotations
 import numpy as np
 import PIL.Image
 import pytest
-from transformers import CLIPImageProcessorPil
+import transformers
 
 from llava_cot_jax.data.llava_image import LlavaImageProcessor
+
+# transformers 5.x names the PIL-backed processor so; in 4.45 it is the only one, CLIPImageProcessor.
+CLIPImageProcessorPil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
 
 
 def _image(rng, width, height, mode="RGB"):

@@ -21,6 +21,24 @@ from llava_cot_jax.models.mllama.layout import CheckpointError
 VOCAB = 300
 
 
+def _names_of_transformers_5(state: dict) -> dict:
+    """transformers 4.45's Llava state-dict names renamed to 5.x's, so that the fixture reads under both."""
+    renames = (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.vision_model.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    )
+    renamed = {}
+    for name, value in state.items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+                break
+        renamed[name] = value
+    return renamed
+
+
 @pytest.fixture(scope="module")
 def original_dirs(tmp_path_factory):
     """(lm_dir, clip_dir, projector file, the same weights as a transformers Llava with a 364-token table)."""
@@ -32,8 +50,8 @@ def original_dirs(tmp_path_factory):
     reference = transformers.LlavaForConditionalGeneration(hf_config).eval()
     hf_reference.perturb_(reference, 4)
     with torch.no_grad():  # the original has 32,000-way rows only: the added rows are zero, as the reader makes them
-        reference.model.language_model.embed_tokens.weight[VOCAB:] = 0
-    state = {k: v.clone() for k, v in reference.state_dict().items()}
+        reference.get_input_embeddings().weight[VOCAB:] = 0
+    state = _names_of_transformers_5({k: v.clone() for k, v in reference.state_dict().items()})
 
     clip_dir = root / "clip"  # laid out as the Hub's CLIPModel checkpoint: `vision_model.*` (text half omitted)
     clip_dir.mkdir()

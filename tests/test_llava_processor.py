@@ -69,7 +69,9 @@ def test_bad_turn_orders_are_named(turns, message):
 
 
 def _transformers_processor(tokenizer, size):
-    image = transformers.CLIPImageProcessorPil(
+    # 5.x names the PIL-backed processor so; in 4.45 it is the only one.
+    pil_processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    image = pil_processor(
         **{
             k: v
             for k, v in LlavaImageProcessor(size=size, mode="crop").to_dict().items()

@@ -19,7 +19,7 @@ import os
 import struct
 import tempfile
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from llava_cot_jax.data import chat
@@ -136,6 +136,14 @@ def _train_tiny_bpe(num_base_tokens: int, leading_specials: tuple[str, ...] = ()
     return tokenizer.to_str()
 
 
+def _prepend_bos(tokenizer: Tokenizer, bos: str) -> None:
+    """BOS on `add_special_tokens=True` by the tokenizer's own post-processor: transformers 5.x would also add it
+    from `add_bos_token`, 4.45's PreTrainedTokenizerFast would not (only its Llama classes read that flag)."""
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+
+
 def _wrap(tokenizer: Tokenizer, add_bos_token: bool) -> PreTrainedTokenizerFast:
     """Append the Llama-3 specials and <|image|> in id order and wrap as a transformers tokenizer."""
     base = tokenizer.get_vocab_size()
@@ -145,6 +153,8 @@ def _wrap(tokenizer: Tokenizer, add_bos_token: bool) -> PreTrainedTokenizerFast:
     for offset, token in enumerate(specials):
         if tokenizer.token_to_id(token) != base + offset:
             raise RuntimeError(f"{token} got id {tokenizer.token_to_id(token)}, expected {base + offset}")
+    if add_bos_token:
+        _prepend_bos(tokenizer, chat.BOS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=chat.BOS,
@@ -185,6 +195,7 @@ def build_tiny_vicuna_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFa
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (LLAVA_IMAGE, LLAVA_PAD)])
     if tokenizer.token_to_id(LLAVA_PAD) != vocab_size - 1:
         raise RuntimeError(f"{LLAVA_PAD} got id {tokenizer.token_to_id(LLAVA_PAD)}, expected {vocab_size - 1}")
+    _prepend_bos(tokenizer, "<s>")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",

@@ -210,6 +210,9 @@ class LlavaConfig(ArchConfig):
             "architectures": ["LlavaForConditionalGeneration"],
             "model_type": "llava",
             "image_token_index": self.image_token_id,
+            # transformers 4.45 expands an <image> itself (its legacy path) when a row holds fewer image tokens
+            # than this; the default, 576, is right only for 336-px towers.
+            "image_seq_length": self.image_tokens,
             "projector_hidden_act": "gelu",
             "vision_feature_layer": self.vision_feature_layer,
             "vision_feature_select_strategy": self.vision_feature_select_strategy,

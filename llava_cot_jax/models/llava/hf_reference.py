@@ -29,6 +29,7 @@ def hf_config(config: LlavaConfig):
         vision_config=transformers.CLIPVisionConfig(**vision),
         text_config=transformers.LlamaConfig(**text),
         image_token_index=config.image_token_id,
+        image_seq_length=config.image_tokens,
         vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         projector_hidden_act="gelu",
