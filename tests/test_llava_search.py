@@ -170,10 +170,9 @@ MESH_SCRIPT = textwrap.dedent("""
         searcher.sampler.eos_token_ids = ()
         return rounded([r.as_dict() for r in searcher.ask({questions}, images)])
 
-    one = run(None)
-    for data, tensor in ((1, 2), (2, 1)):
-        mesh = sharding.make_mesh(data=data, fsdp=1, tensor=tensor, devices=jax.devices()[: data * tensor])
-        assert run(mesh) == one, (data, tensor)
+    # Tensor parallel: the kv heads split over 2 devices, the rows of every program replicated.
+    mesh = sharding.make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+    assert run(mesh) == run(None)
     print("OK")
 """)
 
