@@ -99,6 +99,34 @@ def test_stage_tags_are_plain_text_that_stop_strings_catch(llava):
     assert [h[0] for h in hits].index(True) == first_close - 1 and sum(h[0] for h in hits) == 1
 
 
+def test_stop_strings_read_sentencepiece_spaces():
+    """Llama-2's own vocabulary is SentencePiece: a `▁word` piece decoded alone loses its space, so the stop table
+    reads `▁` as a space (and `<0xNN>` as its byte) and a verdict phrase with spaces still stops a judge reply."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))
+    spm.pre_tokenizer, spm.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    words = "the cube is red better response one two a summary caption reasoning conclusion : 1 2 . < / >".split()
+    corpus = [" ".join(np.random.default_rng(i).choice(words, 12)) for i in range(200)]
+    spm.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    spm.add_tokens(["<0x0A>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    text = "the cube is red. better response: 1"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "\u2581response" in tokenizer.convert_ids_to_tokens(ids) and tokenizer.decode(ids[-3:-2]) == "response"
+    table_bytes = stop_lib.token_bytes(tokenizer)
+    assert b"".join(table_bytes[i] for i in ids) == b" " + text.encode()
+    assert table_bytes[tokenizer.convert_tokens_to_ids("<0x0A>")] == b"\n"
+    table = stop_lib.build_stop_table(table_bytes, ("better response: 1",))
+    window, filled = stop_lib.init_window(1, table)
+    fired = []
+    for token in ids:
+        window, filled, hit = stop_lib.step(table, window, filled, np.asarray([token]))
+        fired.append(bool(np.asarray(hit)[0, 0]))
+    assert fired == [False] * (len(ids) - 1) + [True]
+
+
 def test_greedy_search_equals_generate(llava):
     model, processor = llava
     searcher = _searcher(model, processor, method="greedy")
