@@ -105,3 +105,32 @@ def test_the_train_step_lowers_for_the_real_recipe_shapes():
     assert set(state["params"]) == {"multi_modal_projector", "language_model"}  # the tower is frozen in stage 2
     assert program.jitted.lower(*program.args, **program.kwargs).as_text()
     assert program.notes["tflops_per_step"] > 0
+
+
+def test_batches_grouped_by_modality_train_and_text_batches_skip_the_tower(scenes, tmp_path, xla_cache):
+    """LLaVA-1.5's finetune grouping on the trainer: 16 records with an image and 8 text-only ones, global batch 8,
+    one epoch: every step is one modality, the text-only step counts no vision FLOPs, and the loss stays finite."""
+    mixed = tmp_path / "mixed.jsonl"
+    with open(scenes.jsonl_path) as f, open(mixed, "w") as out:
+        lines = f.readlines()
+        out.writelines(lines[:16])
+        for line in lines[16:24]:
+            record = json.loads(line)
+            del record["image"]
+            record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>\n", "")
+            out.write(json.dumps(record) + "\n")
+    overrides = {"data.image_root": str(scenes.image_root), "data.record_filter": "llava", "train.num_steps": 3}
+    config = llava_config(mixed, **overrides, **{"data.group_by_modality": True})
+    workdir = str(tmp_path / "run")
+    trainer = trainer_lib.Trainer(config, workdir)
+    image_id = trainer.processor.image_token_id
+    iterator = iter(trainer._dataset(trainer.source, train=True))
+    for _ in range(3):
+        rows_with_image = (next(iterator)["input_ids"] == image_id).any(1)
+        assert rows_with_image.all() or not rows_with_image.any()
+    assert trainer_lib.run(config, workdir) == 0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+    text_only = [r["flops_per_step"] == trainer.step_flops(r["seq_len"], with_images=False) for r in records]
+    assert sum(text_only) == 1  # the text-only step counts the decoder alone

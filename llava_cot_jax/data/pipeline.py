@@ -1,7 +1,8 @@
 """The Grain training input pipeline: records → decoded, tiled, tokenised, padded batches.
 
     source (TFDS ArrayRecord or JSONL, random access)
-      → global order: seeded shuffle of all records, reshuffled every epoch, repeated
+      → global order: seeded shuffle of all records, reshuffled every epoch, repeated (or, with
+        `group_by_modality`, whole global batches of image records or of text-only ones: `ModalityGroupedOrder`)
       → this process's share: its batch_size-long slice of every global batch
       → encode: decode image, tile (MllamaImageProcessor), chat template + assistant-only labels
       → batch, padding the sequence to the smallest bucket that fits (a few shapes → a few compiles)
@@ -14,7 +15,8 @@ run see exactly the batches an uninterrupted one would (for a fixed source, conf
 Batch fields (per-process batch B, sequence bucket L, images I = max_images, tiles T = max_image_tiles):
     input_ids, attention_mask, labels        [B, L] int32 (labels -100 off the assistant answer and on padding)
     pixel_values                             [B, I, T, 3, H, W] float32, or uint8 with pixel_dtype="uint8"
-                                             (then normalise on the device with image.normalize_on_device)
+                                             (then normalise on the device with image.normalize_on_device);
+                                             the llava family's [B, I, 3, H, W], I = 0 when no row has an image
     aspect_ratio_ids                         [B, I] int32
     aspect_ratio_mask                        [B, I, T] int32
     cross_attention_mask                     [B, L, I, T] int32
@@ -75,8 +77,13 @@ class PipelineConfig:
     prefetch_buffer_size: int = 8
     worker_count: int = 0  # worker processes (grain mp_prefetch); 0 encodes in this process's threads
     worker_buffer_size: int = 2
+    # LLaVA-1.5's `group_by_modality_length`: every global batch holds only records with an image or only text-only
+    # ones (except the few at an epoch's end, `ModalityGroupedOrder`), so a text-only llava batch skips CLIP.
+    group_by_modality: bool = False
 
     def __post_init__(self):
+        if self.group_by_modality and not self.shuffle:
+            raise ValueError("group_by_modality draws its batches at random: it needs shuffle=True")
         if self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         if self.batch_size < 1:
@@ -195,7 +202,9 @@ class ExampleEncoder:
 class LlavaExampleEncoder(ExampleEncoder):
     """`ExampleEncoder` for the llava family: the Vicuna v1 template (LLaVA-1.5's), `<image>` widened to one token
     per image feature, pixel values [max_images, 3, H, W] (padding slots zero; the model reads as many features as
-    a row has image tokens), uint8 or float32 as `pixel_dtype` says; no cross-attention mask or aspect ratios."""
+    a row has image tokens) or [0, 3, H, W] for a text-only record (`PadBatch` gives a batch as many slots as its
+    most imaged row, so an all-text batch has none and CLIP does not run), uint8 or float32 as `pixel_dtype` says;
+    no cross-attention mask or aspect ratios."""
 
     def _encode(self, record, sample_id: str) -> dict[str, np.ndarray]:
         config, processor = self.config, self.image_processor
@@ -205,7 +214,8 @@ class LlavaExampleEncoder(ExampleEncoder):
             image_bytes = image_bytes.item()
         uint8 = config.pixel_dtype == "uint8"
         pixel_values = np.zeros(
-            (config.max_images, 3, processor.size, processor.size), np.uint8 if uint8 else np.float32
+            (config.max_images if image_bytes else 0, 3, processor.size, processor.size),
+            np.uint8 if uint8 else np.float32,
         )
         if image_bytes:
             square = processor.square(decode_image(image_bytes, processor, draft=config.jpeg_draft))
@@ -293,10 +303,12 @@ class PadBatch:
             if cross_mask is not None:
                 cross_mask[row, :n] = sample["cross_attention_mask"]
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        # Per-sample arrays without a sequence axis are stacked as they are.
+        # Per-sample arrays without a sequence axis are stacked, the image axis padded with zero slots to the
+        # longest (a text-only llava sample has no image slot; Mllama's samples all have max_images).
         for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
             if key in samples[0]:
-                out[key] = np.stack([s[key] for s in samples])
+                images = max(len(s[key]) for s in samples)
+                out[key] = np.stack([_pad_axis0(s[key], images - len(s[key])) for s in samples])
         if cross_mask is not None:
             out["cross_attention_mask"] = cross_mask
         return out
@@ -327,6 +339,68 @@ class ProcessSlice:
         return self.records[self.global_index(local_index)]
 
 
+def record_has_image(source) -> np.ndarray:
+    """Which records of `source` have an image: one bool per record, in record order, read without touching an image
+    (the validated samples of a JSON/JSONL source; the `has_image.npy` that `prepare_tfds` wrote next to a TFDS
+    dataset)."""
+    if isinstance(source, sources.JsonlSource):
+        flags = np.array([sample.image is not None for sample in source.samples], bool)
+    elif hasattr(source, "dataset_info"):  # a prepared TFDS dataset (tfds_builder.load_tfds_source)
+        flags = tfds_builder.read_has_image(source.dataset_info.data_dir)
+    else:
+        raise TypeError(
+            f"cannot tell which records of {source!r} have an image (a JSON/JSONL or prepared TFDS source can)"
+        )
+    if len(flags) != len(source):
+        raise ValueError(f"{len(flags)} has-image flags for the {len(source)} records of {source!r}")
+    return flags
+
+
+class ModalityGroupedOrder:
+    """Position in the repeated global order -> record index, every global batch of one modality (records with an
+    image, or text-only ones) as LLaVA-1.5's `group_by_modality_length` sampler draws them.
+
+    Each epoch, from (seed, epoch) alone: each modality's records are shuffled and cut into runs of `global_batch`,
+    the runs are shuffled, and the two modalities' leftovers (fewer than a global batch each, shuffled together)
+    go at the epoch's end. An epoch that does not start on a global-batch boundary (its length is not a multiple
+    of the global batch) first completes the batch the previous epoch left open, from its leftovers (one run is
+    broken up when there are too few). So every record comes once per epoch, global batches stay aligned with the
+    runs, and the only mixed global batches are at most two around the end of each epoch. Picklable (it goes to
+    grain workers); the current epochs' orders are cached."""
+
+    def __init__(self, has_image: np.ndarray, global_batch: int, seed: int):
+        self.has_image = np.asarray(has_image, bool)
+        self.global_batch, self.seed = int(global_batch), int(seed)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_orders": {}}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        size, batch = len(self.has_image), self.global_batch
+        rng = np.random.default_rng([self.seed, epoch])
+        runs, leftovers = [], []
+        for indices in (np.flatnonzero(self.has_image), np.flatnonzero(~self.has_image)):
+            indices = rng.permutation(indices)
+            whole = len(indices) // batch * batch
+            runs += np.split(indices[:whole], whole // batch) if whole else []
+            leftovers.append(indices[whole:])
+        runs = [runs[i] for i in rng.permutation(len(runs))]
+        pool = rng.permutation(np.concatenate(leftovers))
+        open_slots = -epoch * size % batch  # of the global batch the previous epoch left unfinished
+        while len(pool) < open_slots and runs:
+            pool = np.concatenate([pool, runs.pop()])
+        return np.concatenate([pool[:open_slots], *runs, pool[open_slots:]])
+
+    def __call__(self, position: int, _=None) -> int:
+        epoch, offset = divmod(int(position), len(self.has_image))
+        order = self._orders.get(epoch)
+        if order is None:
+            order = self.epoch_order(epoch)
+            self._orders = {e: o for e, o in self._orders.items() if abs(e - epoch) <= 1} | {epoch: order}
+        return int(order[offset])
+
+
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax  # only needed to ask for the process layout
@@ -346,18 +420,25 @@ def record_dataset(
     process_count), of which each process reads only its own `batch_size`. So a global batch holds the same
     samples however many processes share it (a 2-host run sees the batches of a 1-host run), and an epoch is
     every record exactly once. A finite dataset with `drop_remainder` stops at the last whole global batch, so
-    every process yields the same number of batches."""
+    every process yields the same number of batches. With `group_by_modality` the order is `ModalityGroupedOrder`'s
+    (it needs to know which records have an image: `record_has_image`)."""
     process_index, process_count = _process_layout(process_index, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} outside [0, {process_count})")
     if len(source) == 0:
         raise ValueError(f"empty source {source!r}")
-    records = grain.MapDataset.source(source)
-    if config.shuffle:
-        # repeat() passes indices past the first epoch through, and shuffle derives each epoch's seed from them.
-        records = records.shuffle(seed=config.seed)
-    records = records.repeat(config.num_epochs)
     per_process, global_batch = config.batch_size, config.batch_size * process_count
+    if config.group_by_modality:
+        order = ModalityGroupedOrder(record_has_image(source), global_batch, config.seed)
+        # the range's positions past the first epoch come through repeat() as they are; the order maps each one
+        records = grain.MapDataset.range(len(source)).repeat(config.num_epochs).map_with_index(order)
+        records = records.map(source.__getitem__)
+    else:
+        records = grain.MapDataset.source(source)
+        if config.shuffle:
+            # repeat() passes indices past the first epoch through, and shuffle derives each epoch's seed from them.
+            records = records.shuffle(seed=config.seed)
+        records = records.repeat(config.num_epochs)
     whole, rest = divmod(len(records), global_batch)
     local_len = whole * per_process
     if not config.drop_remainder:
@@ -442,6 +523,16 @@ def pad_sequence_axis(batch: Mapping[str, np.ndarray], length: int, pad_id: int)
     return padded
 
 
+def pad_image_axis(batch: Mapping[str, np.ndarray], images: int) -> dict[str, np.ndarray]:
+    """Pads a llava batch's image axis (axis 1 of pixel_values) with zero slots to `images`; no row's tokens read
+    them."""
+    padded = dict(batch)
+    if "pixel_values" in batch and batch["pixel_values"].shape[1] < images:
+        pixels = batch["pixel_values"]
+        padded["pixel_values"] = np.pad(pixels, [(0, 0), (0, images - pixels.shape[1])] + [(0, 0)] * (pixels.ndim - 2))
+    return padded
+
+
 def make_global_batch(
     local_batch: Mapping[str, np.ndarray], sharding, pad_id: int | None = None, micro_batches: int | None = None
 ) -> dict[str, Any]:
@@ -450,7 +541,8 @@ def make_global_batch(
     `sharding` is one `jax.sharding.Sharding` for every field (e.g. `NamedSharding(mesh, P(("data", "fsdp")))`,
     which shards axis 0 and replicates the rest) or a mapping field → sharding. Processes pick their sequence
     bucket independently, so with several processes the lengths are agreed first (one tiny all-gather) and shorter
-    batches padded with `pad_id` (required then); every process must use the same per-process batch size.
+    batches padded with `pad_id` (required then), and so is a llava batch's image axis (one process's rows may all
+    be text-only); every process must use the same per-process batch size.
     With `micro_batches`, every field is first reshaped to [micro_batches, batch / micro_batches, ...] on the host
     (consecutive samples per micro-batch; the sharding then splits axis 1).
     """
@@ -461,8 +553,10 @@ def make_global_batch(
 
         if pad_id is None:
             raise ValueError("pad_id is required with several processes (sequence lengths may differ per process)")
-        length = int(np.max(multihost_utils.process_allgather(np.int32(local_batch["input_ids"].shape[1]))))
-        local_batch = pad_sequence_axis(local_batch, length, pad_id)
+        pixels = local_batch.get("pixel_values")
+        sizes = [local_batch["input_ids"].shape[1], 0 if pixels is None else pixels.shape[1]]
+        length, images = np.max(multihost_utils.process_allgather(np.int32(sizes)), axis=0)
+        local_batch = pad_image_axis(pad_sequence_axis(local_batch, int(length), pad_id), int(images))
     if micro_batches is not None:
         local_batch = split_micro_batches(local_batch, micro_batches)
 

@@ -6,6 +6,10 @@ decodes them with PIL), the turns as JSON text. `tfds.features.Image` would need
 The dataset is built in a temporary directory next to the destination and renamed into place only when complete,
 so an interrupted build leaves either the previous dataset or nothing at the destination, never a partial one; a
 rerun starts afresh (stale temporary directories of earlier interrupted runs are removed).
+
+Records are stored in the order of the validated samples (no TFDS shuffle: the pipeline shuffles), and
+`has_image.npy` next to them holds one bool per record, whether it has an image, in that order: batches grouped by
+modality (`PipelineConfig.group_by_modality`) read it instead of every record.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from llava_cot_jax.data import sources
 DATASET_NAME = "llava_cot"
 VERSION = "1.0.0"
 REPORT_FILE = "validation_report.txt"
+HAS_IMAGE_FILE = "has_image.npy"
 _TMP_PREFIX = f".{DATASET_NAME}.tmp-"
 
 
@@ -56,6 +61,7 @@ class LlavaCot(tfds.core.GeneratorBasedBuilder):
                     "conversations": tfds.features.Text(),  # JSON list of {"from", "value"}
                 }
             ),
+            disable_shuffling=True,  # records in sample order, which HAS_IMAGE_FILE follows
         )
 
     def _split_generators(self, dl_manager):
@@ -93,7 +99,8 @@ def prepare_tfds(
 ) -> PreparedDataset:
     """Validates `jsonl_path` (see `sources.validate_jsonl`) and writes the kept samples as ArrayRecord shards.
 
-    The result lives at `out_dir/llava_cot/1.0.0/` with the validation summary in `validation_report.txt`.
+    The result lives at `out_dir/llava_cot/1.0.0/` with the validation summary in `validation_report.txt` and
+    which records have an image in `has_image.npy`.
     Raises `sources.DataValidationError` (on_error="fail") before anything is written, and `FileExistsError` if the
     destination exists and `overwrite` is False.
     """
@@ -127,6 +134,7 @@ def prepare_tfds(
         )
         built_dir = Path(builder.data_dir)
         (built_dir / REPORT_FILE).write_text(report.summary() + "\n", encoding="utf-8")
+        np.save(built_dir / HAS_IMAGE_FILE, np.array([sample.image is not None for sample in samples], bool))
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         files.replace_directory(built_dir, final_dir)
     finally:
@@ -161,3 +169,14 @@ def load_tfds_source(builder_dir: str | os.PathLike, split: str = "train"):
             f"{builder_dir} is not a prepared dataset (no dataset_info.json); point at .../{DATASET_NAME}/{VERSION}"
         )
     return tfds.builder_from_directory(str(builder_dir)).as_data_source(split=split)
+
+
+def read_has_image(builder_dir: str | os.PathLike) -> np.ndarray:
+    """The prepared dataset's `has_image.npy`: whether each record has an image, in record order."""
+    path = Path(builder_dir) / HAS_IMAGE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the dataset was prepared before batches could be grouped by modality; run "
+            "tools/prepare_data.py again (with --overwrite) or set data.group_by_modality=False"
+        )
+    return np.load(path).astype(bool)

@@ -43,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.template = "vicuna_v1"
     c.data.system = ""
     c.data.shuffle_seed = 0
+    # Every global batch from one modality: records with an image, or text-only ones (LLaVA-1.5's
+    # group_by_modality_length; a text-only llava batch then skips the vision tower). data/pipeline.py.
+    c.data.group_by_modality = False
     c.data.pixel_dtype = "uint8"  # uint8 tiles to the device, normalised there (4x fewer bytes than float32)
     c.data.read_threads = 4
     c.data.worker_count = 0  # grain worker processes decoding images (0: threads of this process)
@@ -112,7 +115,8 @@ def llava15_recipe(stage: str, preset: str) -> ml_collections.ConfigDict:
     """LLaVA-1.5's two-stage recipe (Liu et al. 2023, arXiv 2310.03744; haotian-liu/LLaVA scripts/v1_5/):
     "pretrain" trains the projector alone on captions in the plain format (lr 1e-3, global batch 256); "finetune"
     trains the projector and the decoder with the CLIP tower frozen, on Vicuna v1 conversations (lr 2e-5, global
-    batch 128). Both: 1 epoch, 3% warmup then cosine decay to 0, no weight decay, bf16, sequences up to 2048."""
+    batch 128, each batch of one modality). Both: 1 epoch, 3% warmup then cosine decay to 0, no weight decay, bf16,
+    sequences up to 2048."""
     c = default_config()
     c.model.family, c.model.preset = "llava", preset
     c.data.record_filter = "llava"  # text-only and multi-turn conversations train too
@@ -125,6 +129,7 @@ def llava15_recipe(stage: str, preset: str) -> ml_collections.ConfigDict:
         c.train.global_batch, c.train.freeze, c.optimizer.learning_rate = 256, "vision,language", 1e-3
     elif stage == "finetune":
         c.train.global_batch, c.train.freeze, c.optimizer.learning_rate = 128, "vision", 2e-5
+        c.data.group_by_modality = True  # their finetune.sh; stage 1's captions all have an image
     else:
         raise ValueError(f"stage must be 'pretrain' or 'finetune', not {stage!r}")
     return c

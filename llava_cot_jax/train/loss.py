@@ -66,10 +66,13 @@ def chunked_nll(logits_fn, hidden: jax.Array, targets: jax.Array, chunk_size: in
 
 def model_inputs(batch: Mapping[str, jax.Array], dtype) -> dict[str, jax.Array]:
     """The model's keyword inputs from a training batch. uint8 pixels (the pipeline's `pixel_dtype="uint8"`) are
-    normalised here, on the device, in `dtype`."""
+    normalised here, on the device, in `dtype`. A llava batch of text-only rows has an empty image axis
+    ([B, 0, 3, H, W]); it goes to the model without pixels, so the vision tower does not run."""
     from llava_cot_jax.data.image import normalize_on_device
 
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "pixel_values" in inputs and inputs["pixel_values"].size == 0:
+        del inputs["pixel_values"]
     pixels = inputs.get("pixel_values")
     if pixels is not None and pixels.dtype == jnp.uint8:
         inputs["pixel_values"] = normalize_on_device(

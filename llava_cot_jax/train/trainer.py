@@ -46,6 +46,7 @@ RESUME_FIXED_KEYS = (
     "data.train",
     "data.record_filter",
     "data.shuffle_seed",
+    "data.group_by_modality",
     "data.synthetic_samples",
     "data.synthetic_seed",
     "train.global_batch",
@@ -309,6 +310,7 @@ class PendingStep:
     real_tokens: int
     padded_tokens: int
     seq_len: int
+    with_images: bool  # False: an all-text llava batch, for which CLIP did not run
     data_crc32: int  # checksum of this process's token ids: a resumed run can be checked to see the same data
 
 
@@ -358,6 +360,7 @@ class Trainer:
             worker_count=c.data.worker_count,
             template=c.data.template,
             system=c.data.system,
+            group_by_modality=c.data.group_by_modality,
         )
         self.spec = step_lib.build_step_spec(
             self.model_config,
@@ -486,7 +489,7 @@ class Trainer:
     def _dataset(self, source, train: bool):
         config = self.pipeline_config
         if not train:
-            config = dataclasses.replace(config, shuffle=False, num_epochs=1)
+            config = dataclasses.replace(config, shuffle=False, num_epochs=1, group_by_modality=False)
         return pipeline.build_dataset(
             source, self.processor.tokenizer, self.processor.image_processor, config, pairs=self.pairwise
         )
@@ -499,9 +502,10 @@ class Trainer:
             micro_batches=self.config.train.micro_batches,
         )
 
-    def step_flops(self, seq_len: int) -> float:
+    def step_flops(self, seq_len: int, with_images: bool = True) -> float:
+        images = self.config.data.max_images if with_images else 0  # a llava batch of text-only rows has none
         return flops.train_step_flops(
-            self.model_config, self.config.train.global_batch, seq_len, self.config.data.max_images, self.frozen_groups
+            self.model_config, self.config.train.global_batch, seq_len, images, self.frozen_groups
         )
 
     def _evaluate(self, eval_step, state) -> float:
@@ -573,7 +577,8 @@ class Trainer:
         try:
             for step in range(start, self.total_steps):
                 local = next(iterator)
-                state, metrics = train_step(state, self._device_batch(local))
+                batch = self._device_batch(local)
+                state, metrics = train_step(state, batch)
                 if pending is not None:
                     last_time = self._finish(pending, metrics_writer, bar, last_time)
                 mask = local["attention_mask"]
@@ -584,6 +589,7 @@ class Trainer:
                     int(mask.sum()) * jax.process_count(),
                     mask.size * jax.process_count(),
                     mask.shape[1],
+                    batch["pixel_values"].size > 0,
                     zlib.crc32(np.ascontiguousarray(local["input_ids"]).tobytes()),
                 )
                 done = step + 1
@@ -651,7 +657,7 @@ class Trainer:
         bar.set_postfix(loss=f"{values['loss']:.4f}")
         if pending.step % self.config.log_every == 0 or pending.step == self.total_steps:
             seconds = now - last_time
-            step_flops = self.step_flops(pending.seq_len)
+            step_flops = self.step_flops(pending.seq_len, pending.with_images)
             mfu = None
             if self.peak_flops:
                 mfu = step_flops / seconds / (self.peak_flops * jax.device_count())
