@@ -496,6 +496,10 @@ def test_divergence_is_caught_before_blown_up_weights_are_saved_and_a_rerun_reco
     with pytest.raises(ValueError, match="data.shuffle_seed changed"):
         trainer_lib.Trainer(config, str(run))
     config.data.shuffle_seed = 0
+    saved = json.loads((run / "config.json").read_text())
+    del saved["data"]["group_by_modality"]  # a run directory from before the key: it meant no grouping
+    (run / "config.json").write_text(json.dumps(saved))
+    trainer_lib.Trainer(config, str(run))
     config.model.preset = "demo"  # nor the model's shape
     with pytest.raises(ValueError, match="model's shape differs"):
         trainer_lib.Trainer(config, str(run))

@@ -54,6 +54,8 @@ RESUME_FIXED_KEYS = (
     "train.lora.rank",
     "train.lora.targets",
 )
+# Fixed keys newer than some run directories: the value a config saved before the key existed meant.
+RESUME_FIXED_KEYS_ADDED = {"data.group_by_modality": False}
 
 
 class TrainingDiverged(RuntimeError):
@@ -452,6 +454,9 @@ class Trainer:
             old = json.load(f)
         changes = config_changes(old, self._config_json())
         changes.pop("checkpointing.restore_step", None)
+        for key, meant in RESUME_FIXED_KEYS_ADDED.items():
+            if changes.get(key) == (None, meant):
+                del changes[key]
         fixed = [key for key in RESUME_FIXED_KEYS if key in changes]
         if fixed:
             key = fixed[0]
