@@ -54,28 +54,26 @@ JUDGE_STAGES = ("CAPTION", "REASONING", "CONCLUSION")
 
 
 def build_demo_checkpoint(path: str, seed: int = 0, config=None, gate: float = 0.5) -> str:
-    """Random weights of `config` (default `MllamaConfig.tiny()`) saved as a llava_cot_jax checkpoint with the tiny
-    tokenizer and an image processor for its tile size. Random init leaves the cross-attention gates at zero (as a
-    fresh Llama-3.2-Vision has them); they are set to `gate` so that the image reaches the text from the start."""
+    """Random weights of `config` (an architecture config of any family; default `MllamaConfig.tiny()`) saved as a
+    llava_cot_jax checkpoint with its family's built-in processor (a tiny tokenizer and an image processor for its
+    image size). Mllama: random init leaves the cross-attention gates at zero (as a fresh Llama-3.2-Vision has
+    them); they are set to `gate` so that the image reaches the text from the start. LLaVA has no gates: its image
+    tokens are in the prompt."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from llava_cot_jax import checkpoint
-    from llava_cot_jax.data.image import MllamaImageProcessor
-    from llava_cot_jax.data.tokenizer import save_tiny_tokenizer
+    from llava_cot_jax import checkpoint, families
     from llava_cot_jax.models.mllama.config import MllamaConfig
-    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 
     config = config or MllamaConfig.tiny()
-    model = MllamaForConditionalGeneration(config, rngs=nnx.Rngs(seed))
-    cross = model.language_model.cross_layers
-    cross.cross_attn_attn_gate[...] = jnp.full_like(cross.cross_attn_attn_gate[...], gate)
-    cross.cross_attn_mlp_gate[...] = jnp.full_like(cross.cross_attn_mlp_gate[...], gate)
+    family = families.of(config)
+    model = family.model_class(config, rngs=nnx.Rngs(seed))
+    if family.name == "mllama":
+        cross = model.language_model.cross_layers
+        cross.cross_attn_attn_gate[...] = jnp.full_like(cross.cross_attn_attn_gate[...], gate)
+        cross.cross_attn_mlp_gate[...] = jnp.full_like(cross.cross_attn_mlp_gate[...], gate)
     with tempfile.TemporaryDirectory() as side:
-        save_tiny_tokenizer(side, num_base_tokens=config.text.vocab_size - 256)
-        MllamaImageProcessor(
-            size=config.vision.image_size, max_image_tiles=config.vision.max_num_tiles
-        ).save_pretrained(side)
+        family.built_in_processor(config).save_pretrained(side)
         checkpoint.save_model(path, model, side_files_from=side, overwrite=True)
     return path
 
@@ -196,12 +194,12 @@ def mode_config(config, sub, mode: str, weights: str):
 
 def train(config, workdir: str, paths: dict[str, str]) -> str:
     """Runs the trainer (resuming, or doing nothing when finished); returns the last step's checkpoint."""
-    from llava_cot_jax.models.mllama.config import MllamaConfig
+    from llava_cot_jax import loading
     from llava_cot_jax.train import trainer
 
     init = os.path.join(workdir, "init")
     if not os.path.isdir(init):
-        model_config = MllamaConfig.demo(image_size=config.data.image_size)
+        model_config = loading.family(config.model).preset(config.model.preset, image_size=config.data.image_size)
         print(f"building the initial checkpoint in {init} ({_num_params(model_config):,} parameters)")
         build_demo_checkpoint(init, seed=config.seed, config=model_config, gate=config.init_gate)
     t = mode_config(config, config.trainer, "train", weights=init)
@@ -221,9 +219,10 @@ def _num_params(model_config) -> int:
     import jax
     from flax import nnx
 
-    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
+    from llava_cot_jax import families
 
-    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(model_config, rngs=nnx.Rngs(0)))
+    model_class = families.of(model_config).model_class
+    abstract = nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(0)))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
