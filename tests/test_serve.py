@@ -491,10 +491,14 @@ def test_helpers():
 
 def test_request_settings(tiny_tokenizer):
     """What a request turns into, without a model: methods, budgets and N from the request and the config."""
+    from llava_cot_jax.data.image import MllamaImageProcessor
+    from llava_cot_jax.data.processor import MllamaProcessor
+
     config = load_config([])
+    processor = MllamaProcessor(MllamaImageProcessor(size=28, max_image_tiles=4), tiny_tokenizer)
 
     def job(**body):
-        return protocol.parse_request({"messages": user(image=""), **body}, config, tiny_tokenizer, 0)
+        return protocol.parse_request({"messages": user(image=""), **body}, config, processor, 0)
 
     plain = job()
     assert plain.settings.method == "sample" and plain.settings.temperature == 0.6 and not plain.explicit_seed
@@ -506,9 +510,9 @@ def test_request_settings(tiny_tokenizer):
     assert job(stop="x").stops == ("x",) and job(n=2).n == 2
     assert job().batch_key() == job().batch_key() != job(seed=1).batch_key()
     system = [{"role": "system", "content": "Be brief."}, *user(image="")]
-    assert protocol.parse_request({"messages": system}, config, tiny_tokenizer, 0).question == QUESTION
+    assert protocol.parse_request({"messages": system}, config, processor, 0).question == QUESTION
     with pytest.raises(protocol.APIError, match="system message together with an image"):
-        protocol.parse_request({"messages": [system[0], *user()]}, config, tiny_tokenizer, 0)
+        protocol.parse_request({"messages": [system[0], *user()]}, config, processor, 0)
 
 
 def test_bad_serve_settings_are_one_line_errors():

@@ -80,9 +80,9 @@ def test_prompts_tokenise_as_llava_cot_did_on_the_real_vocabulary():
     once = SS.question_inputs(processor, ["How many cubes?"], [[image]], bos="once")
     assert once["input_ids"][0].tolist() == ours[1:]
 
-    compare = JR.judge_prompt_ids(llama3, "Which is better?", num_images=1)
+    compare = JR.judge_prompt_ids(processor, "Which is better?", num_images=1)
     assert compare[:7] == [128000, 128000, *header, 128256] and compare[-5:] == [128009, 128006, 78191, 128007, 271]
-    screen = JR.judge_prompt_ids(llama3, "Is it correct?", num_images=0)  # text only: the template's system block
+    screen = JR.judge_prompt_ids(processor, "Is it correct?", num_images=0)  # text only: the template's system block
     assert screen[:5] == [128000, 128000, 128006, 9125, 128007]
 
 

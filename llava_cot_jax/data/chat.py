@@ -159,6 +159,12 @@ def _content_parts(content, where: str) -> list[dict]:
     raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
 
 
+def user_turn(text: str, num_images: int = 0) -> list[dict]:
+    """The chat messages of one question as LLaVA-CoT asks it: a user turn of its images, then its text. Each
+    family's processor renders them (`render_prompt`)."""
+    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]
+
+
 def to_messages(conversations: Sequence[Mapping], has_image: bool = False) -> list[dict]:
     """Normalise a conversation to chat messages [{"role", "content": [parts]}].
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from llava_cot_jax.data import vicuna
+from llava_cot_jax.data import chat, vicuna
 from llava_cot_jax.data.image import nest_images
 from llava_cot_jax.data.llava_image import LlavaImageProcessor
 
@@ -45,12 +45,22 @@ class LlavaProcessor:
         with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
             json.dump(self.image_processor.to_dict(), f, indent=2)
 
-    def __call__(self, images=None, text: str | Sequence[str] | None = None, *, padding: bool | str = False) -> dict:
+    def __call__(
+        self,
+        images=None,
+        text: str | Sequence[str] | None = None,
+        *,
+        padding: bool | str = False,
+        bos: str = chat.DEFAULT_BOS,
+    ) -> dict:
         """Tokenise `text` (one string or a batch; `<image>` where each image goes) and preprocess `images` (one
-        image, the images of one sample, or a list per sample). Returns input_ids, attention_mask [B, L] int64 and
-        pixel_values [B, I, 3, H, W] float32."""
+        image, the images of one sample, or a list per sample). `bos`: "transformers" and "once" both give the one
+        `<s>` a Llama-2 tokenizer adds (as transformers' LlavaProcessor does), "none" none. Returns input_ids,
+        attention_mask [B, L] int64 and pixel_values [B, I, 3, H, W] float32."""
         if text is None and images is None:
             raise ValueError("give text, images or both")
+        if bos not in chat.BOS_MODES:
+            raise ValueError(f"bos must be one of {chat.BOS_MODES}, got {bos!r}")
         outputs = {}
         batch_images = nest_images(images) if images is not None else None
         if text is not None:
@@ -65,7 +75,7 @@ class LlavaProcessor:
                     f"{given} images per sample"
                 )
             wide = [t.replace(vicuna.IMAGE, vicuna.IMAGE * self.image_tokens) for t in texts]
-            encoding = self.tokenizer(wide, padding=padding)
+            encoding = self.tokenizer(wide, padding=padding, add_special_tokens=bos != "none")
             lengths = {len(ids) for ids in encoding["input_ids"]}
             if len(lengths) > 1:
                 raise ValueError(f"texts tokenise to different lengths {sorted(lengths)}; pass padding=True")
@@ -85,6 +95,21 @@ class LlavaProcessor:
             )
         kwargs.setdefault("system", self.system)
         return vicuna.render_prompt(conversations, has_image, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    # The family prompt hook (see MllamaProcessor.render_prompt): Vicuna v1, `<image>\n` leading the user turn.
+    mcq_instruction = vicuna.MCQ_ANSWER  # LLaVA-1.5's multiple-choice line, which the eval harness asks with
+
+    def render_prompt(self, messages: Sequence[Mapping]) -> str:
+        """The prompt text asking for the assistant's reply to chat `messages`: `apply_chat_template`."""
+        return self.apply_chat_template(messages, add_generation_prompt=True)
+
+    def encode_prompt(self, text: str, bos: str = chat.DEFAULT_BOS) -> list[int]:
+        """Token ids of a rendered prompt as the model reads it: each `<image>` widened to its feature count, the
+        BOS of `bos` (see `__call__`)."""
+        if bos not in chat.BOS_MODES:
+            raise ValueError(f"bos must be one of {chat.BOS_MODES}, got {bos!r}")
+        wide = text.replace(vicuna.IMAGE, vicuna.IMAGE * self.image_tokens)
+        return list(self.tokenizer(wide, add_special_tokens=bos != "none")["input_ids"])
 
     def decode(self, token_ids, **kwargs) -> str:
         return self.tokenizer.decode(np.asarray(token_ids).tolist(), **kwargs)

@@ -8,16 +8,24 @@ Prompts are built the way VLMEvalKit builds them for Llama-3.2-Vision (which LLa
   `Look at the scientific diagram carefully and answer the following question: {question}\\nA. {A}...`
   `\\nRespond only with the correct option digit.`;
 - "yorn" (HallusionBench, POPE, MME — `ImageBaseDataset.build_prompt`): the question alone.
-The image comes first in the user turn, the text after it, as there.
+The image comes first in the user turn, the text after it, as there. A family evaluated with its own answer
+instruction (LLaVA-1.5: `vicuna.MCQ_ANSWER`, its processor's `mcq_instruction`) gets it in place of the "mcq"
+style's last line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+# VLMEvalKit's closing line of an "mcq" prompt.
+MCQ_INSTRUCTION = "Please select the correct answer from the options above. \n"
 
-def build_prompt(question: str, options: Mapping[str, str], hint: str, style: str) -> str:
-    """The user text for one row, as VLMEvalKit builds it (module docstring)."""
+
+def build_prompt(
+    question: str, options: Mapping[str, str], hint: str, style: str, instruction: str | None = None
+) -> str:
+    """The user text for one row, as VLMEvalKit builds it (module docstring); `instruction` replaces the "mcq"
+    style's closing line."""
     if style == "yorn":
         return question
     if style == "ai2d":
@@ -30,5 +38,5 @@ def build_prompt(question: str, options: Mapping[str, str], hint: str, style: st
     prompt += f"Question: {question}\n"
     if options:
         prompt += "Options:\n" + "".join(f"{letter}. {text}\n" for letter, text in options.items())
-        prompt += "Please select the correct answer from the options above. \n"
+        prompt += MCQ_INSTRUCTION if instruction is None else instruction
     return prompt

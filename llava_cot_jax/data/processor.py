@@ -130,6 +130,19 @@ class MllamaProcessor:
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return prompt
 
+    # The family prompt hook: every prompt the package builds (questions, judge prompts, eval rows, served chats)
+    # is rendered and tokenised by the processor of the model's family, since the processor already owns the
+    # tokenizer, the image marker and the BOS rule. LlavaProcessor answers the same three names.
+    mcq_instruction = None  # the eval harness keeps VLMEvalKit's multiple-choice line (data/mcq_prompt.py)
+
+    def render_prompt(self, messages: Sequence[dict]) -> str:
+        """The prompt text asking for the assistant's reply to chat `messages` (images as `<|image|>`)."""
+        return chat.render_prompt(messages)
+
+    def encode_prompt(self, text: str, bos: str = chat.DEFAULT_BOS) -> list[int]:
+        """Token ids of a rendered prompt as the model reads it, with the BOS tokens of `bos`."""
+        return chat.encode_prompt(self.tokenizer, text, bos)
+
     def decode(self, token_ids, **kwargs) -> str:
         return self.tokenizer.decode(np.asarray(token_ids).tolist(), **kwargs)
 

@@ -120,8 +120,9 @@ def _text(record: Mapping[str, str | None], column: str) -> str:
     return value if value.strip() else ""
 
 
-def parse_rows(table: Table, style: str) -> tuple[list[Item], list[Bad]]:
-    """Every row as an Item, or as a Bad with its reason (images are checked later, by `decode_images`)."""
+def parse_rows(table: Table, style: str, instruction: str | None = None) -> tuple[list[Item], list[Bad]]:
+    """Every row as an Item, or as a Bad with its reason (images are checked later, by `decode_images`);
+    `instruction`: the model family's multiple-choice line, if it has its own (`build_prompt`)."""
     letters = option_letters(table.columns)
     items, bad, seen = [], [], {}
     for row, record in enumerate(table.rows, start=1):
@@ -148,7 +149,7 @@ def parse_rows(table: Table, style: str) -> tuple[list[Item], list[Bad]]:
                     raise BadRow("no options")
                 if answer and answer not in options:
                     raise BadRow(f"answer {answer!r} is not one of the options {', '.join(options)}")
-            prompt = build_prompt(question, options, _text(record, "hint"), style)
+            prompt = build_prompt(question, options, _text(record, "hint"), style, instruction)
         except BadRow as err:
             bad.append(Bad(row, index, str(err)))
             continue

@@ -131,7 +131,7 @@ def _answer(
     from llava_cot_jax import loading
     from llava_cot_jax.generate import cli
 
-    tokenizer = loading.load_processor(config.model).tokenizer
+    tokenizer = loading.load_processor(config.model, loading.stored_config(config.model)).tokenizer
     pending = _prompt_fits(pending, config, bad, tokenizer, cli.model_context(config))
     searcher, hits = None, []
     with tqdm(total=len(pending), unit="row", desc="eval") as bar:
@@ -150,7 +150,7 @@ def _answer(
 
 
 def run(config, workdir: str = "") -> int:
-    from llava_cot_jax import loading
+    from llava_cot_jax import families, loading
     from llava_cot_jax.generate import config as generate_config
 
     if not workdir:
@@ -161,7 +161,9 @@ def run(config, workdir: str = "") -> int:
     loading.weights_format(weights)  # a missing checkpoint fails now, not after reading the TSV
     table = mcq.read_tsv(config.tsv)
     style = mcq.resolve_style(config.prompt, table)
-    items, bad = mcq.parse_rows(table, style)
+    # The family the weights belong to may ask multiple-choice questions its own way (LLaVA-1.5's answer line).
+    instruction = families.of(loading.stored_config(config.model)).processor_class.mcq_instruction
+    items, bad = mcq.parse_rows(table, style, instruction)
     if config.limit:
         items = [item for item in items if item.row <= config.limit]
         bad = [b for b in bad if b.row <= config.limit]
@@ -180,6 +182,7 @@ def run(config, workdir: str = "") -> int:
         "search": dataclasses.asdict(search),
         "stop_at_eos": bool(config.search.stop_at_eos),
         **({"strip_prompt": True} if strip else {}),  # absent when off: earlier workdirs still resume
+        **({"mcq_instruction": instruction} if instruction is not None else {}),  # likewise
     }
     _claim_workdir(workdir, identity, write=False)
     items = _prompt_fits(items, config, bad)  # characters: before anything is tokenized

@@ -31,24 +31,28 @@ from llava_cot_jax.models.mllama import quant
 QUESTION_TOKENS = 64  # the question length the judge shapes are computed for (one judge bucket step)
 
 
-def _tokenizer(config):
-    """The checkpoint's tokenizer for the judge template lengths, else the tiny byte-level one: it spends more
-    tokens on the same text than Llama 3's, so the shapes it gives are upper bounds."""
+def _processor(config, model_cfg):
+    """The checkpoint's processor for the judge template lengths, else one with the tiny byte-level tokenizer: it
+    spends more tokens on the same text than Llama 3's, so the shapes it gives are upper bounds."""
     if config.model.weights or config.model.processor:
-        return loading.load_processor(config.model).tokenizer, "checkpoint tokenizer"
-    from llava_cot_jax.data.tokenizer import build_tiny_tokenizer  # pylint: disable=g-import-not-at-top
+        return loading.load_processor(config.model), "checkpoint tokenizer"
+    # pylint: disable=g-import-not-at-top
+    from llava_cot_jax.data.image import MllamaImageProcessor
+    from llava_cot_jax.data.processor import MllamaProcessor
+    from llava_cot_jax.data.tokenizer import build_tiny_tokenizer
 
-    return build_tiny_tokenizer(), "tiny tokenizer (an upper bound on Llama-3 lengths)"
+    image = MllamaImageProcessor(size=model_cfg.vision.image_size, max_image_tiles=model_cfg.vision.max_num_tiles)
+    return MllamaProcessor(image, build_tiny_tokenizer()), "tiny tokenizer (an upper bound on Llama-3 lengths)"
 
 
 def programs(config, mesh) -> list[aot.Program]:
     model_cfg = loading.arch_config(config.model).replace(scan_layers=config.model.scan_layers)
     search = generate_config.search_config(config.search, config.seed)
     n, questions = search.num_candidates, int(config.get("batch_size", 1))
-    tokenizer, tokenizer_note = _tokenizer(config)
+    processor, tokenizer_note = _processor(config, model_cfg)
     prompts = judge_lib.JudgePrompts.load(search.prompts_file)
     shapes = stage_search.search_shapes(
-        search, prompts, tokenizer, stage_search.MIN_PROMPT_BUCKET, QUESTION_TOKENS, n, max_images=1
+        search, prompts, processor, stage_search.MIN_PROMPT_BUCKET, QUESTION_TOKENS, n, max_images=1
     )
     print(
         f"model {config.model.weights or config.model.preset} {model_cfg.param_dtype} {config.model.quantize}, "

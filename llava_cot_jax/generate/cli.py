@@ -39,7 +39,7 @@ def build_searcher(config, on_stage=None, streaming: bool = False) -> stage_sear
 
     mesh = None if sharding.is_single_device(config.mesh) else sharding.mesh_from_config(config.mesh)
     model = loading.load_model(config.model, mesh)
-    processor = loading.load_processor(config.model)
+    processor = loading.load_processor(config.model, model.config)  # the family the weights tell
     on_token = TokenPrinter(processor.tokenizer) if streaming else None
     searcher = stage_search.Searcher(
         model,

@@ -28,27 +28,26 @@ from llava_cot_jax.generate import sampler as sampler_lib
 
 
 def judge_prompt_ids(
-    tokenizer, text: str, num_images: int, bos: str = chat.DEFAULT_BOS, upto: str | None = None
+    processor, text: str, num_images: int, bos: str = chat.DEFAULT_BOS, upto: str | None = None
 ) -> list[int]:
-    """Token ids of a judge prompt: one user turn (`num_images` images, then `text`) and the assistant header,
-    with the BOS tokens of `bos` (two by default, as LLaVA-CoT's judge prompts). With `upto` (a prefix of `text`),
-    the ids of the rendered prompt up to the end of that prefix."""
-    parts = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
-    rendered = chat.render_prompt([{"role": "user", "content": parts}])
+    """Token ids of a judge prompt: one user turn (`num_images` images, then `text`) in the template of the
+    processor's family, ready for the reply, with the BOS tokens of `bos` (Mllama: two by default, as LLaVA-CoT's
+    judge prompts). With `upto` (a prefix of `text`), the ids of the rendered prompt up to the end of that prefix."""
+    rendered = processor.render_prompt(chat.user_turn(text, num_images))
     if upto is not None:
         if not text.startswith(upto):
             raise AssertionError("judge prefix is not a prefix of its prompt")
         rendered = rendered[: rendered.index(text) + len(upto)]
-    return chat.encode_prompt(tokenizer, rendered, bos)
+    return processor.encode_prompt(rendered, bos)
 
 
-def judge_tokens(tokenizer, text: str, prefix: str | None, num_images: int, bos: str = chat.DEFAULT_BOS):
+def judge_tokens(processor, text: str, prefix: str | None, num_images: int, bos: str = chat.DEFAULT_BOS):
     """Token ids of a judge prompt showing `num_images` images, and of its rendered prefix (the chat header,
     images, `prefix`; None when `prefix` is None), with the BOS tokens of `bos`."""
-    ids = judge_prompt_ids(tokenizer, text, num_images, bos)
+    ids = judge_prompt_ids(processor, text, num_images, bos)
     if prefix is None:
         return ids, None
-    return ids, judge_prompt_ids(tokenizer, text, num_images, bos, upto=prefix)
+    return ids, judge_prompt_ids(processor, text, num_images, bos, upto=prefix)
 
 
 def decode_text(tokenizer, tokens: np.ndarray) -> str:
@@ -74,7 +73,7 @@ class JudgeShapes:
 
 def judge_shapes(
     prompts: judge_lib.JudgePrompts,
-    tokenizer,
+    processor,
     compared: dict[str, tuple[int, int]],
     screened: tuple[int, int] | None,
     *,
@@ -91,7 +90,7 @@ def judge_shapes(
     overhead is measured by tokenising the prompts with empty fields; the question's length is rounded up to a
     bucket step; replies take up to `max_new_tokens`; caches are sized in multiples of `cache_step`."""
     round_up = lambda x: sampler_lib.bucket_length(x, minimum=bucket_step, step=bucket_step)
-    tokens = lambda text, images: len(judge_prompt_ids(tokenizer, text, images, bos))
+    tokens = lambda text, images: len(judge_prompt_ids(processor, text, images, bos))
     question = round_up(question_tokens)
     compare_images = max_images if prompts.compare_with_image else 0
     prefix, rest = {}, {}
@@ -124,7 +123,7 @@ class JudgeRunner:
     def __init__(
         self,
         sampler: sampler_lib.Sampler,
-        tokenizer,
+        processor,
         shapes: JudgeShapes,
         *,
         num_questions: int,
@@ -138,7 +137,8 @@ class JudgeRunner:
         bos: str = chat.DEFAULT_BOS,
     ):
         self.sampler = sampler
-        self.tokenizer = tokenizer
+        self.processor = processor  # renders and tokenises judge prompts in the family's template
+        self.tokenizer = processor.tokenizer
         self.shapes = shapes
         self.num_questions = num_questions
         self.num_tiles = num_tiles
@@ -150,7 +150,10 @@ class JudgeRunner:
         self.cache_step = cache_step
         self.bos = bos
         self.image_token_id = sampler.model.config.image_token_id
-        self.max_tiles = sampler.model.config.vision.max_num_tiles
+        # Mllama's text reads the image through a cross-attention mask per token; LLaVA's image is in the prefix's
+        # tokens (prefilled with the image features), so its prompts need no mask.
+        self.cross_attends = sampler.model.cross_attends_images
+        self.max_tiles = sampler.model.config.vision.max_num_tiles if self.cross_attends else 1
         self.prefilled: dict = {}  # judge kind -> (with image, prefix ids per question, prefilled state)
 
     def run(
@@ -182,7 +185,7 @@ class JudgeRunner:
         prompts, heads = [], {}
         for text, q in zip(texts, owners):
             images = len(self.num_tiles[q]) if with_image else 0
-            ids, head = judge_tokens(self.tokenizer, text, None if q in heads else prefixes[q], images, self.bos)
+            ids, head = judge_tokens(self.processor, text, None if q in heads else prefixes[q], images, self.bos)
             prompts.append(ids)
             heads.setdefault(q, head)  # one head per question: the same for all its prompts
         shared, state, rest = self._prefix(kind, group, heads, list(zip(owners, prompts)), with_image)
@@ -220,7 +223,8 @@ class JudgeRunner:
         ids = np.full((len(chunks), length), self.sampler.pad_token_id, np.int32)
         mask = np.zeros((len(chunks), length), np.int32)
         xmask = None
-        if with_image:
+        with_mask = with_image and self.cross_attends
+        if with_mask:
             xmask = np.zeros((len(chunks), length, self.max_images, self.max_tiles), np.int32)
         for r, chunk in enumerate(chunks):
             if chunk is None:
@@ -229,7 +233,7 @@ class JudgeRunner:
             n = len(prompt) - start
             ids[r, length - n :] = prompt[start:]
             mask[r, length - n :] = 1
-            if with_image:
+            if with_mask:
                 seen = chat.cross_attention_mask(
                     prompt,
                     self.image_token_id,

@@ -160,13 +160,13 @@ def question_inputs(
     processor, questions: Sequence[str], images: Sequence[Sequence[Any]] | None = None, bos: str = chat.DEFAULT_BOS
 ) -> dict:
     """Processor inputs of questions asked as LLaVA-CoT asks them: one user turn (its images first, then the
-    text), the assistant header to continue, and the BOS tokens of `bos` (two by default, as theirs)."""
+    text) in the template of the processor's family, ready for the answer, with the BOS tokens of `bos` (Mllama:
+    two by default, as theirs)."""
     if images is not None and len(images) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
     prompts = []
     for i, q in enumerate(questions):
-        parts = [{"type": "image"}] * (len(images[i]) if images is not None else 0) + [{"type": "text", "text": q}]
-        prompts.append(chat.render_prompt([{"role": "user", "content": parts}]))
+        prompts.append(processor.render_prompt(chat.user_turn(q, len(images[i]) if images is not None else 0)))
     has_images = images is not None and all(len(x) > 0 for x in images)
     if images is not None and not has_images and any(len(x) > 0 for x in images):
         raise ValueError("mix of questions with and without images in one batch; split the batch")
@@ -175,12 +175,18 @@ def question_inputs(
 
 def question_image_arrays(inputs: dict) -> dict:
     """The image arrays of processor inputs, per question: pixel_values, aspect_ratio_ids and aspect_ratio_mask
-    as numpy, and num_tiles (each image's tile count): what a reward scorer reads of question q, at index q."""
+    as numpy, and num_tiles (each image's tile count): what a reward scorer reads of question q, at index q.
+    A family without tiles (LLaVA: no aspect-ratio arrays) counts each image as one tile."""
     pixel_values = np.asarray(inputs["pixel_values"])
-    ar_mask = np.asarray(inputs.get("aspect_ratio_mask", np.ones(pixel_values.shape[:3], np.int32)))
+    tiled = "aspect_ratio_ids" in inputs  # Mllama's pixel_values [B, I, T, 3, H, W]; LLaVA's [B, I, 3, H, W]
+    if "aspect_ratio_mask" in inputs:
+        ar_mask = np.asarray(inputs["aspect_ratio_mask"])
+    else:
+        ar_mask = np.ones(pixel_values.shape[:3] if tiled else (*pixel_values.shape[:2], 1), np.int32)
+    ar_ids = np.asarray(inputs["aspect_ratio_ids"]) if tiled else np.zeros(ar_mask.shape[:2], np.int32)
     return {
         "pixel_values": pixel_values,
-        "aspect_ratio_ids": np.asarray(inputs["aspect_ratio_ids"]),
+        "aspect_ratio_ids": ar_ids,
         "aspect_ratio_mask": ar_mask,
         "num_tiles": [[int(t) for t in row.sum(-1) if t > 0] for row in ar_mask],
     }
@@ -225,9 +231,10 @@ class SearchShapes:
 class Searcher:
     """Runs a `SearchConfig` over batches of questions with one model.
 
-    `processor` is a `llava_cot_jax.MllamaProcessor` (tokenizer + image processor). Use `ask(questions,
-    images)` with raw questions, or `__call__(inputs, questions)` with processor outputs of prompts you
-    rendered yourself (`questions` is then the plain text the judge is shown).
+    `processor` is the processor of the model's family (`MllamaProcessor`, `LlavaProcessor`: tokenizer, image
+    processor and the family's prompt template). Use `ask(questions, images)` with raw questions, or
+    `__call__(inputs, questions)` with processor outputs of prompts you rendered yourself (`questions` is then the
+    plain text the judge is shown).
     """
 
     def __init__(
@@ -402,29 +409,30 @@ class Searcher:
         b, s = ids.shape
         bucket = sampler_lib.bucket_length(s, minimum=MIN_PROMPT_BUCKET)
         has_images = inputs.get("pixel_values") is not None
-        extra = [np.asarray(inputs["cross_attention_mask"])] if has_images else []
+        cross_attends = has_images and self.model.cross_attends_images  # LLaVA's image is in the prompt's tokens
+        extra = [np.asarray(inputs["cross_attention_mask"])] if cross_attends else []
         ids, mask, _, extras = sampler_lib.left_align(ids, mask, bucket, self.sampler.pad_token_id, *extra)
         cross_kv, num_tiles = None, None
         if has_images:
             images = question_image_arrays(inputs)
             ar_mask = images["aspect_ratio_mask"]
-            cross_kv = self.sampler.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask)
+            cross_kv = self.sampler.encode_images(inputs["pixel_values"], images["aspect_ratio_ids"], ar_mask)
             num_tiles = images["num_tiles"]
         max_images = np.shape(inputs["pixel_values"])[1] if has_images else 0
         question_tokens = max(len(self.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
-        shapes = search_shapes(self.config, self.prompts, self.tokenizer, bucket, question_tokens, n, max_images)
+        shapes = search_shapes(self.config, self.prompts, self.processor, bucket, question_tokens, n, max_images)
         state = self.sampler.prefill(
             ids,
             mask,
             cross_kv,
-            extras[0] if has_images else None,
+            extras[0] if cross_attends else None,
             cache_len=shapes.cache_len,
             rows=np.repeat(np.arange(b), n),
         )
         cfg = self.config
         judges = judge_runner_lib.JudgeRunner(
             self.sampler,
-            self.tokenizer,
+            self.processor,
             shapes.judge,
             num_questions=b,
             num_tiles=num_tiles,
@@ -663,7 +671,7 @@ def total_budget(config: SearchConfig) -> int:
 def search_shapes(
     config: SearchConfig,
     prompts: judge_lib.JudgePrompts,
-    tokenizer,
+    processor,
     prompt_bucket: int,
     question_tokens: int,
     n: int,
@@ -687,7 +695,7 @@ def search_shapes(
     screened = (stage, stage) if cfg.method == "stage" else None  # the screen shows the caption and one reasoning
     judge = judge_runner_lib.judge_shapes(
         prompts,
-        tokenizer,
+        processor,
         compared,
         screened,
         question_tokens=question_tokens,

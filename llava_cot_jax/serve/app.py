@@ -48,9 +48,11 @@ def create_app(engine: engine_lib.Engine, config, context: int = 0) -> FastAPI:
 
     app = FastAPI(title="llava_cot_jax", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     model_name = config.serve.model_name
-    # The request side's own tokenizer: the worker's pads batches, which changes a fast tokenizer's state, and a
-    # concurrent call on the same Rust object would fail with "Already borrowed".
-    tokenizer = copy.deepcopy(engine.searcher.tokenizer)
+    # The request side's own processor (it renders prompts in the model family's template) and tokenizer: the
+    # worker's pads batches, which changes a fast tokenizer's state, and a concurrent call on the same Rust object
+    # would fail with "Already borrowed".
+    processor = copy.deepcopy(engine.searcher.processor)
+    tokenizer = processor.tokenizer
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     started = int(time.time())
 
@@ -93,7 +95,7 @@ def create_app(engine: engine_lib.Engine, config, context: int = 0) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise protocol.APIError(f"the request body is not valid JSON: {err}", None, "invalid_json") from None
         # Images are decoded and the prompt tokenized off the event loop.
-        job = await run_in_threadpool(protocol.parse_request, body, config, tokenizer, context)
+        job = await run_in_threadpool(protocol.parse_request, body, config, processor, context)
         cid = protocol.completion_id()
         if not job.stream:
             outcome = await asyncio.wrap_future(engine.submit(job))

@@ -66,7 +66,7 @@ class Job:
     """One request as the engine runs it: `n` rows of the same prompt under `settings` (its seed included when the
     request gave one; `explicit_seed` False lets the engine draw one per batch)."""
 
-    prompt: str  # the rendered chat prompt (chat.render_prompt)
+    prompt: str  # the rendered chat prompt (the processor's render_prompt)
     question: str  # the last user turn's text: what the judge is shown
     images: list  # PIL images, in the order of their <|image|> markers
     settings: stage_search.SearchConfig
@@ -133,7 +133,7 @@ def load_image_url(url: str, param: str, serve_cfg) -> Any:
 
 
 def parse_messages(messages, serve_cfg) -> tuple[list[dict], list, str]:
-    """OpenAI messages -> (chat messages for chat.render_prompt, images, the last user turn's text)."""
+    """OpenAI messages -> (chat messages for the processor's render_prompt, images, the last user turn's text)."""
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list", "messages")
     out, images, question = [], [], ""
@@ -178,9 +178,10 @@ def parse_messages(messages, serve_cfg) -> tuple[list[dict], list, str]:
     return out, images, question
 
 
-def parse_request(body: Any, config, tokenizer, context: int) -> Job:
+def parse_request(body: Any, config, processor, context: int) -> Job:
     """A request body -> a Job under the server's `config` (its `search` defaults and limits, the `serve` group);
-    `tokenizer` and `context` (the model's max positions) bound the prompt's length."""
+    the prompt is rendered by `processor` (the model family's template), whose tokenizer and `context` (the
+    model's max positions) bound its length."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN_KEYS)
@@ -252,11 +253,11 @@ def parse_request(body: Any, config, tokenizer, context: int) -> Job:
         raise APIError(str(err), "search") from None
 
     try:
-        prompt = chat.render_prompt(messages)
+        prompt = processor.render_prompt(messages)
     except ValueError as err:
         raise APIError(str(err), "messages") from None
     limits = _Limits(config, settings)
-    reason = generate_config.prompt_limit_reason(prompt, limits, tokenizer, context)
+    reason = generate_config.prompt_limit_reason(prompt, limits, processor.tokenizer, context)
     if reason:
         raise APIError(f"the prompt is too long: {reason}", "messages", "context_length_exceeded")
     return Job(prompt, question, images, settings, n, explicit_seed=seed is not None, stops=tuple(stops), stream=stream)

@@ -340,9 +340,7 @@ class Scheduler:
         start = time.perf_counter()
         vision = self.sampler.model.config.vision
         image = np.full((vision.image_size, vision.image_size, 3), 128, np.uint8)
-        prompt = chat.render_prompt(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm"}]}]
-        )
+        prompt = self.processor.render_prompt(chat.user_turn("warm", num_images=1))
         inputs = self.processor(images=[[PIL.Image.fromarray(image)]], text=[prompt], padding=True)
         self._insert(0, inputs, seed=0, choice=0, budget=1, mode=NUCLEUS, values=(1.0, 0.9))
         for width in sorted({min(1 << n.bit_length(), self.num_slots) for n in range(self.num_slots)}):

@@ -87,9 +87,13 @@ class LlavaForConditionalGeneration(nnx.Module):
     def embed_rows(self, input_ids, image_context) -> jax.Array:
         """Token embeddings [B, S, D] with row b's image tokens replaced, in order, by row b's features of
         `image_context` [B, 1, M, D] (see `image_context`); features beyond a row's image tokens (padding image
-        slots) are not read."""
+        slots) are not read. With R = r * B token rows, each run of r consecutive rows reads one context row, as
+        rows share Mllama's cross-attention K/V (the candidates or judge prompts of one question)."""
         input_ids = jnp.asarray(input_ids)
         features = image_context[:, 0]
+        if input_ids.shape[0] % features.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} token rows cannot share {features.shape[0]} rows of image features")
+        features = jnp.repeat(features, input_ids.shape[0] // features.shape[0], axis=0)
         is_image = input_ids == self.config.image_token_id
         order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
         spliced = jnp.take_along_axis(features, order[..., None], axis=1).astype(self.config.jnp_dtype)
