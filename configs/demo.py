@@ -49,9 +49,9 @@ def get_config(arg: str | None = None):
     c.data.judge_fraction = 0.0
 
     t = train_config()  # the trainer's settings; data.train is filled in by the demo
-    # Every question and answer fits 160 tokens with Mllama, 208 with llava's 64 image tokens in the prompt (one
-    # compiled step each); judge examples 208 and 272.
-    t.data.seq_buckets = (160, 208, 272)
+    # Every question and answer fits 160 tokens with Mllama, 224 with llava's 64 image tokens in the prompt (one
+    # compiled step each); judge examples 224 and 288.
+    t.data.seq_buckets = (160, 224, 288)
     t.data.read_threads = 2
     t.train.global_batch = 16
     t.train.num_steps = 600

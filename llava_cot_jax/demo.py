@@ -85,10 +85,20 @@ def _kinds(data_cfg) -> tuple[str, ...]:
     return tuple(k.strip() for k in data_cfg.kinds.split(",") if k.strip())
 
 
-def judge_example(rng: np.random.Generator, objects, sample, prompts) -> tuple[str, str, str]:
+def mcq_instruction(config) -> str | None:
+    """The closing line of a multiple-choice question as the evaluation harness asks the model's family (None:
+    VLMEvalKit's; LLaVA-1.5 has its own), so that the demo trains on the questions it is asked."""
+    from llava_cot_jax import loading
+
+    return loading.family(config.model).processor_class.mcq_instruction
+
+
+def judge_example(
+    rng: np.random.Generator, objects, sample, prompts, instruction: str | None = None
+) -> tuple[str, str, str]:
     """(stage, prompt, reply): the correct stage against a corrupted one, in random order, for a random stage of
     JUDGE_STAGES, asked as the stage search asks (the hint is what the search shows: the caption for reasoning,
-    caption + reasoning for the conclusion) and answered "Better response: N"."""
+    caption + reasoning for the conclusion) and answered "Better response: N"; `instruction` as `mcq_prompt`'s."""
     from llava_cot_jax.data import synthetic
 
     stage = JUDGE_STAGES[rng.integers(len(JUDGE_STAGES))]
@@ -97,7 +107,7 @@ def judge_example(rng: np.random.Generator, objects, sample, prompts) -> tuple[s
     first_right = bool(rng.integers(2))
     hint = {"REASONING": sample.caption, "CONCLUSION": f"{sample.caption}\n{sample.reasoning}"}.get(stage, "")
     responses = (right, wrong) if first_right else (wrong, right)
-    text = prompts.compare_text(stage.lower(), synthetic.mcq_prompt(sample), *responses, hint)
+    text = prompts.compare_text(stage.lower(), synthetic.mcq_prompt(sample, instruction), *responses, hint)
     return stage, text, f"Better response: {1 if first_right else 2}"
 
 
@@ -118,15 +128,16 @@ def write_data(config, data_dir: str) -> dict[str, str]:
     if not os.path.exists(paths["judge_prompts"]):
         files.write_json_atomic(paths["judge_prompts"], JUDGE_PROMPTS, indent=1)
     prompts = JudgePrompts.load(paths["judge_prompts"])
+    instruction = mcq_instruction(config)
 
     if not os.path.isfile(os.path.join(paths["train"], synthetic.JSONL_NAME)):
 
         def scene(index):
             objects, sample = synthetic.mcq_scene(d.train_seed, index, kinds, d.object_scale)
-            conversations = [(synthetic.mcq_prompt(sample), sample.answer())]
+            conversations = [(synthetic.mcq_prompt(sample, instruction), sample.answer())]
             judge_rng = np.random.default_rng([d.train_seed, index, 1])
             if judge_rng.random() < d.judge_fraction:
-                conversations.append(judge_example(judge_rng, objects, sample, prompts)[1:])
+                conversations.append(judge_example(judge_rng, objects, sample, prompts, instruction)[1:])
             return objects, conversations
 
         print(f"writing {d.train_scenes} training scenes to {paths['train']}")
@@ -265,12 +276,13 @@ def judge_accuracy(config, checkpoint: str, prompts_file: str, cases: list) -> d
     from llava_cot_jax.generate.judge import JudgePrompts
 
     d, e = config.data, config.eval
-    prompts = JudgePrompts.load(prompts_file)
+    prompts, instruction = JudgePrompts.load(prompts_file), mcq_instruction(config)
     asks = []
     for pair in cases:
         sample = pair.sample
         hint = {"REASONING": sample.caption, "CONCLUSION": f"{sample.caption}\n{sample.reasoning}"}.get(pair.stage, "")
-        text = prompts.compare_text(pair.stage.lower(), synthetic.mcq_prompt(sample), *pair.responses, hint)
+        question = synthetic.mcq_prompt(sample, instruction)
+        text = prompts.compare_text(pair.stage.lower(), question, *pair.responses, hint)
         objects, _ = synthetic.mcq_scene(d.heldout_seed, pair.index, _kinds(d), d.object_scale)
         asks.append((text, synthetic.render_scene(objects, d.image_size)))
     infer = mode_config(config, {}, "infer", weights=checkpoint)
@@ -304,7 +316,8 @@ def show_example(config, workdir: str, checkpoint: str) -> None:
     from llava_cot_jax.generate.config import default_config
 
     infer = mode_config(config, default_config(), "infer", weights=checkpoint)
-    infer.question, infer.image = synthetic.mcq_prompt(sample), os.path.join(workdir, "example.png")
+    infer.question = synthetic.mcq_prompt(sample, mcq_instruction(config))
+    infer.image = os.path.join(workdir, "example.png")
     infer.show_stages, infer.trace = True, os.path.join(workdir, "trace.json")
     synthetic.render_scene(objects, d.image_size).save(infer.image)
     method = config.search.method
