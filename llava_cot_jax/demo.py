@@ -1,5 +1,6 @@
-"""`mode = "demo"`: a small Mllama learns, on a laptop CPU and offline, to answer multiple-choice questions about
-synthetic scenes, through the real trainer, evaluation harness and stage-level search (configs/demo.py).
+"""`mode = "demo"`: a small Mllama (or a small LLaVA-1.5, with model.family=llava) learns, on a laptop CPU and
+offline, to answer multiple-choice questions about synthetic scenes, through the real trainer, evaluation harness
+and stage-level search (configs/demo.py).
 
     python -m llava_cot_jax.main --config configs/demo.py --workdir DIR
 
@@ -9,8 +10,8 @@ Phases, each kept in DIR and reused by a later run with the same settings:
            judge prompts of DIR/data/judge_prompts.json) so that the model learns to judge its own candidates;
            DIR/data/heldout.tsv: held-out questions as a VLMEvalKit TSV (base64 images), and heldout_blind.tsv:
            the same questions with a blank floor for the image.
-2. init    DIR/init: random weights of the demo model (`MllamaConfig.demo()`), the tiny tokenizer and the image
-           processor, saved as a checkpoint the trainer starts from (`model.weights`).
+2. init    DIR/init: random weights of the family's demo model (`MllamaConfig.demo()`, `LlavaConfig.demo()`), its
+           tiny tokenizer and image processor, saved as a checkpoint the trainer starts from (`model.weights`).
 3. train   DIR/train: the trainer (mesh, Orbax train-state checkpoints, Grain); a rerun resumes from the last
            checkpoint, and a finished run does no steps.
 4. eval    DIR/eval/{greedy,blind,SEARCH}: the evaluation harness on the held-out TSV with greedy decoding, on the
