@@ -149,9 +149,10 @@ class LlavaConfig(ArchConfig):
 
     @classmethod
     def demo(cls, vocab_size: int = 1024, image_size: int = 64, **kwargs) -> LlavaConfig:
-        """The CPU demo's model (configs/demo.py with model.family=llava), ~1.5M parameters, sized as
+        """The CPU demo's model (configs/demo.py with model.family=llava), 1.26M parameters, sized as
         `MllamaConfig.demo`: 8-px patches of an `image_size`-px image (64 image tokens at 64 px) through a 64-wide
-        CLIP tower, and a 128-wide decoder of 4 layers; ids as `build_tiny_vicuna_tokenizer(vocab_size)`'s."""
+        CLIP tower (features of its second-to-last layer, as LLaVA-1.5's), and a 128-wide decoder of 4 layers; ids
+        as `build_tiny_vicuna_tokenizer(vocab_size)`'s."""
         vision = ClipVisionConfig(
             hidden_size=64,
             num_hidden_layers=3,
