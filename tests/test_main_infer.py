@@ -61,6 +61,41 @@ def test_infer_prints_conclusion_and_writes_trace(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
+def test_infer_runs_a_llava_checkpoint(tmp_path):
+    """The same command on the llava family: the question asked in Vicuna v1, a stage search over its four stages."""
+    from flax import nnx
+
+    from llava_cot_jax import checkpoint, families
+
+    family = families.get("llava")
+    config = family.preset("llava15_tiny")
+    ckpt = checkpoint.save_model(str(tmp_path / "ckpt"), family.model_class(config, rngs=nnx.Rngs(0)))
+    family.built_in_processor(config).save_pretrained(ckpt)
+    image = tmp_path / "img.png"
+    PIL.Image.fromarray((np.random.default_rng(0).random((20, 40, 3)) * 255).astype(np.uint8)).save(image)
+    trace = tmp_path / "trace.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llava_cot_jax.main",
+        f"--config={REPO}/configs/infer.py:runlocal",
+        "--config.model.family=llava",
+        f"--config.model.weights={ckpt}",
+        f"--config.image={image}",
+        "--config.question=How many cubes?",
+        "--config.search.stage_max_new_tokens=6",
+        "--config.search.judge_max_new_tokens=4",
+        f"--config.trace={trace}",
+        f"--config.compilation_cache={tmp_path}/xla",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(trace.read_text())["result"]
+    assert [step["step"] for step in result["trace"]] == ["SUMMARY", "CAPTION", "REASONING", "CONCLUSION"]
+    assert all(len(step["candidates"]) == 2 and step["matches"] for step in result["trace"])
+    assert out.stdout.strip().splitlines()[-1] == result["conclusion"].strip() or result["conclusion"].strip() == ""
+
+
 def test_dispatch_rejects_unknown_mode():
     from absl import app
 

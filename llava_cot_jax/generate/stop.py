@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Sequence
 
 import jax
@@ -44,11 +45,15 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
+
+
 def token_bytes(tokenizer) -> list[bytes]:
     """The bytes each token id contributes to decoded text; b"" for special tokens.
 
-    Byte-level BPE vocabularies are mapped back to raw bytes exactly (a token may be half a UTF-8 character);
-    other tokenizers fall back to decoding each id alone.
+    Byte-level BPE vocabularies (Llama 3) are mapped back to raw bytes exactly (a token may be half a UTF-8
+    character); SentencePiece vocabularies (Llama 2, LLaVA-1.5) too, `▁` being a space and `<0xNN>` the byte NN
+    (decoding a `▁word` id alone would drop its space); other tokenizers fall back to decoding each id alone.
     """
     vocab_size = len(tokenizer)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -58,12 +63,16 @@ def token_bytes(tokenizer) -> list[bytes]:
     pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
     decoder = _byte_decoder()
     byte_level = all(p is None or i in special or all(ch in decoder for ch in p) for i, p in enumerate(pieces))
+    sentencepiece = not byte_level and any(p and "\u2581" in p for p in pieces)
     out = []
     for i, piece in enumerate(pieces):
         if piece is None or i in special:
             out.append(b"")
         elif byte_level:
             out.append(bytes(decoder[ch] for ch in piece))
+        elif sentencepiece:
+            byte = _BYTE_PIECE.fullmatch(piece)
+            out.append(bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8"))
         else:
             out.append(tokenizer.decode([i]).encode("utf-8"))
     return out
