@@ -1,4 +1,5 @@
-"""The offline CPU demo: a small Mllama learns to answer multiple-choice questions about synthetic scenes.
+"""The offline CPU demo: a small Mllama (or, with --config.model.family=llava, a small LLaVA-1.5-style model) learns
+to answer multiple-choice questions about synthetic scenes.
 
     python -m llava_cot_jax.main --config configs/demo.py --workdir DIR [--config.search.method=best_of_n]
 
@@ -18,7 +19,9 @@ from llava_cot_jax.train.config import default_config as train_config
 
 def get_config(arg: str | None = None):
     c = config_schema.base("demo")
-    c.model.preset = "demo"  # MllamaConfig.demo: ~1.4M parameters, 64-px one-tile images
+    # The family's demo preset: MllamaConfig.demo (~1.4M parameters, 64-px one-tile images) or, with
+    # model.family=llava, LlavaConfig.demo (~1.3M parameters, 64 image tokens of a 64-px image in the prompt).
+    c.model.preset = "demo"
     c.model.dtype = "float32"  # XLA:CPU runs float32 well
     c.model.param_dtype = "float32"
     c.model.remat = "none"
@@ -29,7 +32,7 @@ def get_config(arg: str | None = None):
     )
     c.judge_questions = 96  # with judge examples: held-out pairs (the right stage against a corrupted one) to judge
     c.search_questions = 64  # the search runs on the first this many held-out questions (it costs ~10x greedy)
-    # Cross-attention gates at init (a fresh Llama-3.2-Vision has 0: the image would not reach the text).
+    # Mllama's cross-attention gates at init (a fresh Llama-3.2-Vision has 0: the image would not reach the text).
     c.init_gate = 0.5
 
     c.data = ml_collections.ConfigDict()
@@ -46,7 +49,9 @@ def get_config(arg: str | None = None):
     c.data.judge_fraction = 0.0
 
     t = train_config()  # the trainer's settings; data.train is filled in by the demo
-    t.data.seq_buckets = (160, 208)  # every question and answer fits 160 (one compiled step); judge examples 208
+    # Every question and answer fits 160 tokens with Mllama, 224 with llava's 64 image tokens in the prompt (one
+    # compiled step each); judge examples 224 and 288.
+    t.data.seq_buckets = (160, 224, 288)
     t.data.read_threads = 2
     t.train.global_batch = 16
     t.train.num_steps = 600

@@ -276,11 +276,11 @@ def _load_onto_mesh(ckpt_dir: str, config, mesh, rules, quantize: str | None):
     from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
 
     from llava_cot_jax import sharding  # pylint: disable=g-import-not-at-top
-    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration  # pylint: disable=g-import-not-at-top
 
     _, read, _ = _param_reader(ckpt_dir)  # checks names and shapes against the config first
     stored = families.of(config).weights.abstract_params(config)
-    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    model_class = families.of(config).model_class
+    abstract = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     targets = dict(nnx.to_flat_state(sharding.param_shardings(state, mesh, rules or sharding.LOGICAL_AXIS_RULES)))
     variables = dict(nnx.to_flat_state(state))

@@ -1,5 +1,6 @@
-"""`mode = "demo"`: a small Mllama learns, on a laptop CPU and offline, to answer multiple-choice questions about
-synthetic scenes, through the real trainer, evaluation harness and stage-level search (configs/demo.py).
+"""`mode = "demo"`: a small Mllama (or a small LLaVA-1.5, with model.family=llava) learns, on a laptop CPU and
+offline, to answer multiple-choice questions about synthetic scenes, through the real trainer, evaluation harness
+and stage-level search (configs/demo.py).
 
     python -m llava_cot_jax.main --config configs/demo.py --workdir DIR
 
@@ -9,8 +10,8 @@ Phases, each kept in DIR and reused by a later run with the same settings:
            judge prompts of DIR/data/judge_prompts.json) so that the model learns to judge its own candidates;
            DIR/data/heldout.tsv: held-out questions as a VLMEvalKit TSV (base64 images), and heldout_blind.tsv:
            the same questions with a blank floor for the image.
-2. init    DIR/init: random weights of the demo model (`MllamaConfig.demo()`), the tiny tokenizer and the image
-           processor, saved as a checkpoint the trainer starts from (`model.weights`).
+2. init    DIR/init: random weights of the family's demo model (`MllamaConfig.demo()`, `LlavaConfig.demo()`), its
+           tiny tokenizer and image processor, saved as a checkpoint the trainer starts from (`model.weights`).
 3. train   DIR/train: the trainer (mesh, Orbax train-state checkpoints, Grain); a rerun resumes from the last
            checkpoint, and a finished run does no steps.
 4. eval    DIR/eval/{greedy,blind,SEARCH}: the evaluation harness on the held-out TSV with greedy decoding, on the
@@ -54,28 +55,26 @@ JUDGE_STAGES = ("CAPTION", "REASONING", "CONCLUSION")
 
 
 def build_demo_checkpoint(path: str, seed: int = 0, config=None, gate: float = 0.5) -> str:
-    """Random weights of `config` (default `MllamaConfig.tiny()`) saved as a llava_cot_jax checkpoint with the tiny
-    tokenizer and an image processor for its tile size. Random init leaves the cross-attention gates at zero (as a
-    fresh Llama-3.2-Vision has them); they are set to `gate` so that the image reaches the text from the start."""
+    """Random weights of `config` (an architecture config of any family; default `MllamaConfig.tiny()`) saved as a
+    llava_cot_jax checkpoint with its family's built-in processor (a tiny tokenizer and an image processor for its
+    image size). Mllama: random init leaves the cross-attention gates at zero (as a fresh Llama-3.2-Vision has
+    them); they are set to `gate` so that the image reaches the text from the start. LLaVA has no gates: its image
+    tokens are in the prompt."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from llava_cot_jax import checkpoint
-    from llava_cot_jax.data.image import MllamaImageProcessor
-    from llava_cot_jax.data.tokenizer import save_tiny_tokenizer
+    from llava_cot_jax import checkpoint, families
     from llava_cot_jax.models.mllama.config import MllamaConfig
-    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
 
     config = config or MllamaConfig.tiny()
-    model = MllamaForConditionalGeneration(config, rngs=nnx.Rngs(seed))
-    cross = model.language_model.cross_layers
-    cross.cross_attn_attn_gate[...] = jnp.full_like(cross.cross_attn_attn_gate[...], gate)
-    cross.cross_attn_mlp_gate[...] = jnp.full_like(cross.cross_attn_mlp_gate[...], gate)
+    family = families.of(config)
+    model = family.model_class(config, rngs=nnx.Rngs(seed))
+    if family.name == "mllama":
+        cross = model.language_model.cross_layers
+        cross.cross_attn_attn_gate[...] = jnp.full_like(cross.cross_attn_attn_gate[...], gate)
+        cross.cross_attn_mlp_gate[...] = jnp.full_like(cross.cross_attn_mlp_gate[...], gate)
     with tempfile.TemporaryDirectory() as side:
-        save_tiny_tokenizer(side, num_base_tokens=config.text.vocab_size - 256)
-        MllamaImageProcessor(
-            size=config.vision.image_size, max_image_tiles=config.vision.max_num_tiles
-        ).save_pretrained(side)
+        family.built_in_processor(config).save_pretrained(side)
         checkpoint.save_model(path, model, side_files_from=side, overwrite=True)
     return path
 
@@ -87,10 +86,20 @@ def _kinds(data_cfg) -> tuple[str, ...]:
     return tuple(k.strip() for k in data_cfg.kinds.split(",") if k.strip())
 
 
-def judge_example(rng: np.random.Generator, objects, sample, prompts) -> tuple[str, str, str]:
+def mcq_instruction(config) -> str | None:
+    """The closing line of a multiple-choice question as the evaluation harness asks the model's family (None:
+    VLMEvalKit's; LLaVA-1.5 has its own), so that the demo trains on the questions it is asked."""
+    from llava_cot_jax import loading
+
+    return loading.family(config.model).processor_class.mcq_instruction
+
+
+def judge_example(
+    rng: np.random.Generator, objects, sample, prompts, instruction: str | None = None
+) -> tuple[str, str, str]:
     """(stage, prompt, reply): the correct stage against a corrupted one, in random order, for a random stage of
     JUDGE_STAGES, asked as the stage search asks (the hint is what the search shows: the caption for reasoning,
-    caption + reasoning for the conclusion) and answered "Better response: N"."""
+    caption + reasoning for the conclusion) and answered "Better response: N"; `instruction` as `mcq_prompt`'s."""
     from llava_cot_jax.data import synthetic
 
     stage = JUDGE_STAGES[rng.integers(len(JUDGE_STAGES))]
@@ -99,7 +108,7 @@ def judge_example(rng: np.random.Generator, objects, sample, prompts) -> tuple[s
     first_right = bool(rng.integers(2))
     hint = {"REASONING": sample.caption, "CONCLUSION": f"{sample.caption}\n{sample.reasoning}"}.get(stage, "")
     responses = (right, wrong) if first_right else (wrong, right)
-    text = prompts.compare_text(stage.lower(), synthetic.mcq_prompt(sample), *responses, hint)
+    text = prompts.compare_text(stage.lower(), synthetic.mcq_prompt(sample, instruction), *responses, hint)
     return stage, text, f"Better response: {1 if first_right else 2}"
 
 
@@ -120,15 +129,16 @@ def write_data(config, data_dir: str) -> dict[str, str]:
     if not os.path.exists(paths["judge_prompts"]):
         files.write_json_atomic(paths["judge_prompts"], JUDGE_PROMPTS, indent=1)
     prompts = JudgePrompts.load(paths["judge_prompts"])
+    instruction = mcq_instruction(config)
 
     if not os.path.isfile(os.path.join(paths["train"], synthetic.JSONL_NAME)):
 
         def scene(index):
             objects, sample = synthetic.mcq_scene(d.train_seed, index, kinds, d.object_scale)
-            conversations = [(synthetic.mcq_prompt(sample), sample.answer())]
+            conversations = [(synthetic.mcq_prompt(sample, instruction), sample.answer())]
             judge_rng = np.random.default_rng([d.train_seed, index, 1])
             if judge_rng.random() < d.judge_fraction:
-                conversations.append(judge_example(judge_rng, objects, sample, prompts)[1:])
+                conversations.append(judge_example(judge_rng, objects, sample, prompts, instruction)[1:])
             return objects, conversations
 
         print(f"writing {d.train_scenes} training scenes to {paths['train']}")
@@ -196,12 +206,12 @@ def mode_config(config, sub, mode: str, weights: str):
 
 def train(config, workdir: str, paths: dict[str, str]) -> str:
     """Runs the trainer (resuming, or doing nothing when finished); returns the last step's checkpoint."""
-    from llava_cot_jax.models.mllama.config import MllamaConfig
+    from llava_cot_jax import loading
     from llava_cot_jax.train import trainer
 
     init = os.path.join(workdir, "init")
     if not os.path.isdir(init):
-        model_config = MllamaConfig.demo(image_size=config.data.image_size)
+        model_config = loading.family(config.model).preset(config.model.preset, image_size=config.data.image_size)
         print(f"building the initial checkpoint in {init} ({_num_params(model_config):,} parameters)")
         build_demo_checkpoint(init, seed=config.seed, config=model_config, gate=config.init_gate)
     t = mode_config(config, config.trainer, "train", weights=init)
@@ -221,9 +231,10 @@ def _num_params(model_config) -> int:
     import jax
     from flax import nnx
 
-    from llava_cot_jax.models.mllama.model import MllamaForConditionalGeneration
+    from llava_cot_jax import families
 
-    abstract = nnx.eval_shape(lambda: MllamaForConditionalGeneration(model_config, rngs=nnx.Rngs(0)))
+    model_class = families.of(model_config).model_class
+    abstract = nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(0)))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
@@ -266,12 +277,13 @@ def judge_accuracy(config, checkpoint: str, prompts_file: str, cases: list) -> d
     from llava_cot_jax.generate.judge import JudgePrompts
 
     d, e = config.data, config.eval
-    prompts = JudgePrompts.load(prompts_file)
+    prompts, instruction = JudgePrompts.load(prompts_file), mcq_instruction(config)
     asks = []
     for pair in cases:
         sample = pair.sample
         hint = {"REASONING": sample.caption, "CONCLUSION": f"{sample.caption}\n{sample.reasoning}"}.get(pair.stage, "")
-        text = prompts.compare_text(pair.stage.lower(), synthetic.mcq_prompt(sample), *pair.responses, hint)
+        question = synthetic.mcq_prompt(sample, instruction)
+        text = prompts.compare_text(pair.stage.lower(), question, *pair.responses, hint)
         objects, _ = synthetic.mcq_scene(d.heldout_seed, pair.index, _kinds(d), d.object_scale)
         asks.append((text, synthetic.render_scene(objects, d.image_size)))
     infer = mode_config(config, {}, "infer", weights=checkpoint)
@@ -305,7 +317,8 @@ def show_example(config, workdir: str, checkpoint: str) -> None:
     from llava_cot_jax.generate.config import default_config
 
     infer = mode_config(config, default_config(), "infer", weights=checkpoint)
-    infer.question, infer.image = synthetic.mcq_prompt(sample), os.path.join(workdir, "example.png")
+    infer.question = synthetic.mcq_prompt(sample, mcq_instruction(config))
+    infer.image = os.path.join(workdir, "example.png")
     infer.show_stages, infer.trace = True, os.path.join(workdir, "trace.json")
     synthetic.render_scene(objects, d.image_size).save(infer.image)
     method = config.search.method

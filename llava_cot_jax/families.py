@@ -32,10 +32,11 @@ class Family:
     built_in_processor: Callable[[Any], Any] | None = None
     built_in_processor_presets: tuple[str, ...] = ()
 
-    def preset(self, name: str):
+    def preset(self, name: str, **kwargs):
+        """The architecture of preset `name`; `kwargs` go to the preset (e.g. the demo's `image_size`)."""
         if name not in self.presets:
             raise ValueError(f"model.preset={name!r} is not a {self.name} preset; choose one of {sorted(self.presets)}")
-        return self.presets[name]()
+        return self.presets[name](**kwargs)
 
 
 def _mllama() -> Family:
@@ -86,6 +87,7 @@ def _llava() -> Family:
         model_class=LlavaForConditionalGeneration,
         presets={
             "llava15_tiny": LlavaConfig.tiny,
+            "demo": LlavaConfig.demo,
             "llava15_bench": LlavaConfig.bench,
             "llava15_7b": LlavaConfig.llava15_7b,
             "llava15_13b": LlavaConfig.llava15_13b,
@@ -97,7 +99,7 @@ def _llava() -> Family:
             LlavaImageProcessor(size=config.vision.image_size, patch_size=config.vision.patch_size),
             build_tiny_vicuna_tokenizer(config.text.vocab_size),
         ),
-        built_in_processor_presets=("llava15_tiny",),
+        built_in_processor_presets=("llava15_tiny", "demo"),
     )
 
 

@@ -184,6 +184,39 @@ def test_judge_examples_pit_the_right_stage_against_a_wrong_one():
     assert {s for s, _ in seen} == set(demo.JUDGE_STAGES) and {r for _, r in seen} == {0, 1}
 
 
+def test_the_llava_family_runs_every_phase(tmp_path):
+    """`--config.model.family=llava`: the init phase builds `LlavaConfig.demo()` with the tiny Vicuna tokenizer,
+    the trainer trains it on the same data, and the harness asks the held-out questions in its template (the
+    training questions end with LLaVA-1.5's multiple-choice line, as the harness asks this family)."""
+    from llava_cot_jax import checkpoint
+    from llava_cot_jax.data import mcq_prompt
+    from llava_cot_jax.data.llava_processor import LlavaProcessor
+    from llava_cot_jax.models.llava.config import LlavaConfig
+
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    result = _main(workdir, tmp_path / "xla", "--config.model.family=llava", "--config.data.judge_fraction=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    init = checkpoint.load_config(str(workdir / "init"))
+    assert isinstance(init, LlavaConfig) and init.text == LlavaConfig.demo().text and init.image_tokens == 64
+    processor = LlavaProcessor.from_pretrained(checkpoint.side_files_dir(str(workdir / "init")))
+    assert processor.image_token_id == init.image_token_id and len(processor.tokenizer) == 1024
+
+    record = json.loads((workdir / "data" / "train" / synthetic.JSONL_NAME).read_text().splitlines()[0])
+    _, sample = synthetic.mcq_scene(0, 0, ("color", "count"), 1.8)
+    asked = mcq_prompt.build_prompt(sample.question, sample.option_map(), "", "mcq", LlavaProcessor.mcq_instruction)
+    assert record["conversations"][0]["value"] == "<image>\n" + asked.strip()
+
+    results = _json(workdir / demo.RESULTS_FILE)
+    assert results["training"]["steps"] == 4 and (workdir / "train" / "checkpoints" / "4").is_dir()
+    assert results["num_heldout"] == 8 and results["judge"] is None
+    for name, rows in (("greedy", 8), ("blind", 8), ("stage", 4)):
+        assert _json(workdir / "eval" / name / "accuracy.json")["num_evaluated"] == rows, name
+    for line in ("chance (1 / options)", "image-blind (greedy, blank image)", "stage search (N=2)", "greedy"):
+        assert line in result.stdout
+    assert (workdir / demo.LOSS_CURVE).is_file() and (workdir / "trace.json").is_file()
+
+
 def test_build_demo_checkpoint_defaults_to_the_tiny_model(tmp_path):
     from llava_cot_jax import checkpoint
     from llava_cot_jax.models.mllama.config import MllamaConfig

@@ -745,10 +745,10 @@ def format_answer(sample: Sample, answer_format: str = "tagged") -> str:
     raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
 
 
-def mcq_prompt(sample: McqSample) -> str:
+def mcq_prompt(sample: McqSample, instruction: str | None = None) -> str:
     """The user text of a multiple-choice sample: VLMEvalKit's multiple-choice prompt (as the evaluation asks),
-    stripped."""
-    return mcq_prompt_lib.build_prompt(sample.question, sample.option_map(), "", "mcq").strip()
+    stripped; `instruction`: a family's own closing line instead (its processor's `mcq_instruction`)."""
+    return mcq_prompt_lib.build_prompt(sample.question, sample.option_map(), "", "mcq", instruction).strip()
 
 
 def write_answer_formats(

@@ -147,6 +147,24 @@ class LlavaConfig(ArchConfig):
         )
         return cls(vision=vision, text=text, image_token_id=vocab_size - 2, **kwargs)
 
+    @classmethod
+    def demo(cls, vocab_size: int = 1024, image_size: int = 64, **kwargs) -> LlavaConfig:
+        """The CPU demo's model (configs/demo.py with model.family=llava), 1.26M parameters, sized as
+        `MllamaConfig.demo`: 8-px patches of an `image_size`-px image (64 image tokens at 64 px) through a 64-wide
+        CLIP tower (features of its second-to-last layer, as LLaVA-1.5's), and a 128-wide decoder of 4 layers; ids
+        as `build_tiny_vicuna_tokenizer(vocab_size)`'s."""
+        vision = ClipVisionConfig(
+            hidden_size=64,
+            num_hidden_layers=3,
+            attention_heads=4,
+            intermediate_size=128,
+            image_size=image_size,
+            patch_size=8,
+        )
+        tiny = cls.tiny(vocab_size).text
+        text = dataclasses.replace(tiny, hidden_size=128, num_hidden_layers=4, intermediate_size=384)
+        return cls(vision=vision, text=text, image_token_id=vocab_size - 2, **kwargs)
+
     # ------------------------------------------------------------------------------------- HF conversion
 
     @classmethod
