@@ -32,9 +32,10 @@ def test_colab_notebook_runs_on_cpu(tmp_path, tiny_checkpoint):
         STOP_AT_EOS=False,
         COMPILATION_CACHE=str(tmp_path / "xla"),
         FINETUNE_STEPS=6,
-        FINETUNE_BATCH=2,
+        FINETUNE_BATCH=1,
         FINETUNE_LR=1e-2,
         LORA_RANK=4,
+        FINETUNE_SEQ=128,  # a sample is about 90 tokens with the tiny tokenizer
     )
     source = "\n".join(f"{k} = {v!r}" for k, v in overrides.items())
     notebook.cells.insert(params + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
