@@ -27,11 +27,11 @@ from llava_cot_jax.models.mllama.hf_reference import build_hf_model, random_inpu
 BATCH, SEQ, LR = 4, 512, 1e-5
 
 
-def make_batch(config, seed=0):
+def make_batch(config, seed=0, batch=BATCH, seq=SEQ):
     rng = np.random.default_rng(seed)
-    inputs = random_inputs(config, rng, BATCH, SEQ, [1] * BATCH, [[4]] * BATCH)
+    inputs = random_inputs(config, rng, batch, seq, [1] * batch, [[4]] * batch)
     labels = inputs["input_ids"].copy()
-    labels[:, : SEQ // 2] = -100
+    labels[:, : seq // 2] = -100
     labels[labels == config.image_token_id] = -100
     return {**inputs, "labels": labels}
 
@@ -44,12 +44,14 @@ def timed(run_step) -> tuple[float, float]:
 
 
 def transformers_step(hf_model, batch):
-    """A warmed-up transformers + torch AdamW step on `batch`, and its first loss."""
+    """A warmed-up transformers + torch AdamW step on `batch`, and its first loss. AdamW holds the parameters that
+    require gradients: all of them, or a peft model's adapters."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
     model = hf_model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     inputs = {k: torch.as_tensor(v) for k, v in batch.items()}
     losses = []
 
@@ -64,7 +66,9 @@ def transformers_step(hf_model, batch):
     return step, losses[0]
 
 
-def our_spec(config, remat: str):
+def our_spec(config, remat: str, lora=None, quantize: str = ""):
+    """The trainer's step spec on a one-device mesh; `lora` (a LoraConfig) and `quantize` as `train.lora` and
+    `model.quantize` set them."""
     import jax
 
     from llava_cot_jax import sharding
@@ -74,11 +78,14 @@ def our_spec(config, remat: str):
     optim_cfg = train_config.default_config().optimizer
     optim_cfg.learning_rate = LR
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    return step_lib.build_step_spec(config.replace(remat=remat), optim_cfg, (), mesh, 100, 100)
+    return step_lib.build_step_spec(
+        config.replace(remat=remat), optim_cfg, (), mesh, 100, 100, lora=lora, quantize=quantize
+    )
 
 
 def our_step(spec, params, batch):
-    """Our jitted step on `batch` after compilation: (step, first loss, compile seconds, holder of the state)."""
+    """Our jitted step on `batch` after compilation: (step, first loss, compile seconds, holder of the state and
+    of the compiled step's `memory_analysis()`)."""
     import jax
 
     from llava_cot_jax.train import step as step_lib
@@ -87,16 +94,32 @@ def our_step(spec, params, batch):
     train_step = step_lib.jit_train_step(spec)
     device_batch = jax.device_put({k: v[None] for k, v in batch.items()}, step_lib.batch_sharding(spec.mesh))
     start = time.perf_counter()
-    state, metrics = train_step(state, device_batch)
+    compiled = train_step.lower(state, device_batch).compile()
+    state, metrics = compiled(state, device_batch)
     first_loss = float(metrics["loss"])
     compile_s = time.perf_counter() - start
-    holder = {"state": state, "train_step": train_step}
+    holder = {"state": state, "train_step": train_step, "memory": compiled.memory_analysis()}
 
     def step():
-        holder["state"], m = train_step(holder["state"], device_batch)
+        holder["state"], m = compiled(holder["state"], device_batch)
         jax.block_until_ready(m["loss"])
 
     return step, first_loss, compile_s, holder
+
+
+def alternate(ours, theirs, steps: int) -> tuple[list, list]:
+    """(wall, CPU) seconds of each of `steps` calls of our step and theirs, alternated, so that both meet the same
+    load on a shared machine."""
+    our_times, their_times = [], []
+    for i in range(steps):
+        our_times.append(timed(ours))
+        their_times.append(timed(theirs))
+        print(
+            f"step {i + 1}: ours {our_times[-1][0]:.2f} s ({our_times[-1][1]:.1f} CPU s), transformers "
+            f"{their_times[-1][0]:.2f} s ({their_times[-1][1]:.1f} CPU s); load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+    return our_times, their_times
 
 
 def bench_pipeline_fed(spec, holder, fixed_step, workdir: str, steps: int):
@@ -167,16 +190,7 @@ def main():
         ours, our_loss, compile_s, holder = our_step(spec, params, batch)
         print(f"ours: compile + first step {compile_s:.1f} s", flush=True)
         theirs, their_loss = transformers_step(hf_model, batch)
-        # Alternate the two steps, so that both meet the same load on this shared machine.
-        our_times, their_times = [], []
-        for i in range(args.steps):
-            our_times.append(timed(ours))
-            their_times.append(timed(theirs))
-            print(
-                f"step {i + 1}: ours {our_times[-1][0]:.2f} s ({our_times[-1][1]:.1f} CPU s), transformers "
-                f"{their_times[-1][0]:.2f} s ({their_times[-1][1]:.1f} CPU s); load {os.getloadavg()[0]:.2f}",
-                flush=True,
-            )
+        our_times, their_times = alternate(ours, theirs, args.steps)
         import transformers
 
         our_wall = statistics.median(t for t, _ in our_times)

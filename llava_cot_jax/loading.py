@@ -24,9 +24,17 @@ def family(model_cfg) -> families.Family:
 
 
 def weights_format(path: str) -> str:
-    """`CONVERTED` (a converted or training checkpoint) or `HF`; FileNotFoundError naming `model.weights` else."""
+    """`CONVERTED` (a converted or training checkpoint) or `HF`; FileNotFoundError naming `model.weights` else,
+    and a ValueError pointing at `model.adapter` for adapters (a LoRA run's checkpoint or a peft directory)."""
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"model.weights must be a checkpoint directory, got {path!r}")
+    from llava_cot_jax.models.mllama import peft_format
+
+    if os.path.isfile(_lora_settings(path)) or os.path.isfile(os.path.join(path, peft_format.CONFIG_NAME)):
+        raise ValueError(
+            f"model.weights={path} holds LoRA adapters, not a model. Load it as "
+            f"model.adapter={path}, with model.weights the base model it was trained on{_base_of_run(path)}"
+        )
     if checkpoint.is_checkpoint(path):
         return CONVERTED
     if os.path.exists(os.path.join(path, "config.json")):
@@ -96,6 +104,24 @@ def load_model(model_cfg, mesh=None):
     )
 
 
+def _lora_settings(step_dir: str) -> str:
+    """A LoRA training checkpoint's record of its adapters (train/checkpointing.py's `lora` item)."""
+    return os.path.join(step_dir, "lora", "lora_config.json")
+
+
+def _base_of_run(step_dir: str) -> str:
+    """ " (RUN's model.weights: BASE)" from the run's DIR/config.json beside DIR/checkpoints/STEP, if it names one."""
+    import json
+
+    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), "config.json")
+    try:
+        with open(run_config) as f:
+            base = json.load(f)["model"]["weights"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" ({run_config} has model.weights={base})" if base else ""
+
+
 def read_adapter(path: str, arch):
     """(nested adapters, lora.LoraConfig) of a peft adapter directory or a LoRA training checkpoint
     DIR/checkpoints/STEP, for a model of `arch`."""
@@ -110,7 +136,7 @@ def read_adapter(path: str, arch):
     abstract_state = nnx.state(abstract_model(arch.replace(scan_layers=True)))
     if os.path.isfile(os.path.join(path, peft_format.CONFIG_NAME)):
         return peft_format.read(path, arch, abstract_state)
-    settings = os.path.join(path, "lora", "lora_config.json")  # train/checkpointing.py's `lora` item
+    settings = _lora_settings(path)
     if not os.path.isfile(settings):
         raise FileNotFoundError(
             f"model.adapter={path} holds no adapters: expected {peft_format.CONFIG_NAME} (peft) or a LoRA training "

@@ -3,6 +3,7 @@ transformers' Mllama with the same adapter weights; training moves the adapters 
 loss falls with an int8 base; the peft export loads in peft with the same logits, and inference merges adapters."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -271,3 +272,27 @@ def test_bad_settings_are_one_clear_error(scenes, tmp_path):
         trainer_lib.Trainer(lora_config(data, **{"train.lora.rank": 0, "model.quantize": "int8"}), str(tmp_path / "a"))
     with pytest.raises(ValueError, match="matches no adaptable weight"):
         trainer_lib.Trainer(lora_config(data, **{"train.lora.targets": "lm_head"}), str(tmp_path / "b"))
+
+
+def test_adapters_given_as_model_weights_are_one_clear_error(scenes, tmp_path, xla_cache, tiny_checkpoint):
+    """A LoRA run's checkpoint or its peft export holds adapters only: as model.weights, one error says to load it
+    as model.adapter and names the base the run trained on; loaded that way, it works."""
+    config = lora_config(scenes.jsonl_path.parent, **{"model.weights": tiny_checkpoint, "train.num_steps": 1})
+    run_dir = str(tmp_path / "run")
+    assert trainer_lib.Trainer(config, run_dir).train() == 0
+    step_dir = os.path.join(run_dir, "checkpoints", "1")
+    peft_dir = loading.export_adapter(step_dir, str(tmp_path / "peft"))
+
+    model_cfg = loading.config_schema.model_group()
+    model_cfg.dtype = "float32"
+    for adapter in (step_dir, peft_dir):
+        model_cfg.weights = adapter
+        with pytest.raises(ValueError, match="holds LoRA adapters, not a model") as error:
+            loading.load_model(model_cfg)
+        assert f"Load it as model.adapter={adapter}," in str(error.value)
+    model_cfg.weights = step_dir  # the run's DIR/config.json names its base
+    with pytest.raises(ValueError, match=re.escape(f"has model.weights={tiny_checkpoint})")):
+        loading.load_model(model_cfg)
+
+    model_cfg.weights, model_cfg.adapter = tiny_checkpoint, step_dir
+    assert loading.load_model(model_cfg).config.text.vocab_size > 0  # the advice works
