@@ -232,10 +232,13 @@ class TextModel(nnx.Module):
         num_self = len(self.cfg.self_attention_layers)
         layer_ids = jnp.arange(num_self, dtype=jnp.int32)
 
-        def self_step(carry, xs):
+        def self_step(stack, carry, xs):
+            # The layer's weights are indexed out of `stack` here, inside the (rematerialised) step, not sliced
+            # before the scan: under a gradient a slice is a new array that the backward pass keeps, per block
+            # of the periodic scan, as a second copy of the decoder's weights (7 GiB for 11B in int8).
             h, kv_cache = carry
-            layer_params, layer_id = xs
-            layer = nnx.merge(self_graph, layer_params)
+            index, layer_id = xs
+            layer = nnx.merge(self_graph, jax.tree.map(lambda a: a[index], stack))
             if kv_cache is None:
                 h, _ = layer(h, inputs, None)
                 return (h, None), None
@@ -247,12 +250,13 @@ class TextModel(nnx.Module):
         self_step = maybe_remat(self_step, self.remat)
         cross_step = maybe_remat(lambda h, p, kv: nnx.merge(cross_graph, p)(h, inputs, kv), self.remat)
 
-        def run_self(h, kv_cache, params, ids):
-            if ids.shape[0] == 0:
+        def run_self(h, kv_cache, stack, start, stop, ids):
+            """Self-attention layers stack[start:stop], whose cache rows are `ids`."""
+            if stop == start:
                 return h, kv_cache
-            return jax.lax.scan(self_step, (h, kv_cache), (params, ids))[0]
+            step = lambda carry, xs: self_step(stack, carry, xs)
+            return jax.lax.scan(step, (h, kv_cache), (jnp.arange(start, stop), ids))[0]
 
-        take = lambda tree, sl: jax.tree.map(lambda a: a[sl], tree)
         schedule = layer_schedule(self.cfg)
         if schedule[0] == "periodic":
             _, before, period, blocks = schedule
@@ -262,10 +266,10 @@ class TextModel(nnx.Module):
             def block(carry, xs):
                 h, kv_cache = carry
                 self_p, cross_p, ids, kv = xs
-                h, kv_cache = run_self(h, kv_cache, take(self_p, slice(0, before)), ids[:before])
+                h, kv_cache = run_self(h, kv_cache, self_p, 0, before, ids[:before])
                 if cross_kv is not None:
                     h = cross_step(h, cross_p, (kv["k"], kv["v"]))
-                h, kv_cache = run_self(h, kv_cache, take(self_p, slice(before, None)), ids[before:])
+                h, kv_cache = run_self(h, kv_cache, self_p, before, per_block, ids[before:])
                 return (h, kv_cache), None
 
             xs = (block_self, cross_params, layer_ids.reshape(blocks, per_block), cross_kv)
@@ -273,9 +277,11 @@ class TextModel(nnx.Module):
 
         for run in schedule[1]:
             if run[0] == "self":
-                x, cache = run_self(x, cache, take(self_params, slice(run[1], run[2])), layer_ids[run[1] : run[2]])
+                x, cache = run_self(x, cache, self_params, run[1], run[2], layer_ids[run[1] : run[2]])
             elif cross_kv is not None:
-                x = cross_step(x, take(cross_params, run[1]), (cross_kv["k"][run[1]], cross_kv["v"][run[1]]))
+                j = run[1]
+                layer_params = jax.tree.map(lambda a, j=j: a[j], cross_params)
+                x = cross_step(x, layer_params, (cross_kv["k"][j], cross_kv["v"][j]))
         return x, cache
 
     def _layer_loop(self, x, inputs: DecoderInputs, cache, cross_kv):
