@@ -4,7 +4,8 @@
         --config.model.weights=runs/pretrain_13b/checkpoints/STEP --config.data.train=DATA/mix665k_tfds \
         --workdir runs/finetune_13b
 
-Args: tpu (default), gpu8, runlocal.
+Args: tpu (default), gpu8, runlocal. On a v5p-8 (4 chips, the smallest slice that holds it) add
+`--config.train.micro_batches=16` (docs/llava.md).
 """
 
 from llava_cot_jax.train.config import llava15_recipe, with_arg

@@ -9,6 +9,7 @@ frozen, on LLaVA's llava_v1_5_mix665k.json in the Vicuna v1 format; the recipe's
 `model.weights`: stage 1's last training checkpoint (the unchanged tower and decoder with the trained projector).
 LLaVA-1.5 trained with Vicuna's system sentence in front of every conversation: pass it as
 `--config.data.system=...` to train exactly so (docs/llava.md). Args: tpu (default), gpu8, runlocal.
+On a v5p-8 (4 chips, the smallest slice that holds it) add `--config.train.micro_batches=2` (docs/llava.md).
 """
 
 from llava_cot_jax.train.config import llava15_recipe, with_arg

@@ -8,6 +8,7 @@
 `model.weights`: a llava checkpoint holding CLIP's tower and Vicuna's decoder with a fresh projector
 (`tools/convert_llava_original.py --projector=random`, docs/llava.md).
 Args: tpu (default: FSDP over the slice), gpu8 (one 8-GPU host), runlocal (a CPU smoke run of the tiny architecture).
+On a v5p-8 (4 chips, the smallest slice that holds it) add `--config.train.micro_batches=2` (docs/llava.md).
 """
 
 from llava_cot_jax.train.config import llava15_recipe, with_arg
