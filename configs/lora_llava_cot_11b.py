@@ -10,8 +10,8 @@ their AdamW moments. LLaVA-CoT's global batch of 32 is 32 micro-batches of one s
 to 2048 tokens with one 4-tile image per sample; the learning rate is llama-recipes' LoRA default (1e-4).
 
 Args (`--config configs/lora_llava_cot_11b.py:ARG`):
-  chip (default)  one accelerator (aimed at a 16 GB Colab v5e-1 or a 24 GB GPU; the step needs about 37 GiB until
-                  the decoder's block scan stops copying the weights; see docs/lora.md, "Memory")
+  chip (default)  one accelerator (aimed at a 16 GB Colab v5e-1 or a 24 GB GPU; at 2048 tokens the step needs
+                  about 31 GiB until attention stops materialising its scores; see docs/lora.md, "Memory")
   runlocal        a few CPU steps of the tiny architecture on synthetic data (a smoke test of this file)
 """
 
