@@ -20,12 +20,9 @@ from llava_cot_jax.models.mllama.hf_reference import build_hf_model, save_hf_che
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_infer_prints_conclusion_and_writes_trace(tmp_path):
-    config = MllamaConfig.tiny()
-    ckpt = save_hf_checkpoint(build_hf_model(config), config, str(tmp_path / "ckpt"))
-    MllamaProcessor(
-        MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4), build_tiny_tokenizer()
-    ).save_pretrained(ckpt)
+def infer_command(tmp_path, ckpt, *extra):
+    """`main --config configs/infer.py:runlocal` on a random image, a short stage search, the trace in
+    tmp_path/trace.json; returns (command, trace path)."""
     image = tmp_path / "img.png"
     PIL.Image.fromarray((np.random.default_rng(0).random((20, 40, 3)) * 255).astype(np.uint8)).save(image)
     trace = tmp_path / "trace.json"
@@ -34,6 +31,7 @@ def test_infer_prints_conclusion_and_writes_trace(tmp_path):
         "-m",
         "llava_cot_jax.main",
         f"--config={REPO}/configs/infer.py:runlocal",
+        *extra,
         f"--config.model.weights={ckpt}",
         f"--config.image={image}",
         "--config.question=How many cubes?",
@@ -42,6 +40,16 @@ def test_infer_prints_conclusion_and_writes_trace(tmp_path):
         f"--config.trace={trace}",
         f"--config.compilation_cache={tmp_path}/xla",
     ]
+    return cmd, trace
+
+
+def test_infer_prints_conclusion_and_writes_trace(tmp_path):
+    config = MllamaConfig.tiny()
+    ckpt = save_hf_checkpoint(build_hf_model(config), config, str(tmp_path / "ckpt"))
+    MllamaProcessor(
+        MllamaImageProcessor(size=config.vision.image_size, max_image_tiles=4), build_tiny_tokenizer()
+    ).save_pretrained(ckpt)
+    cmd, trace = infer_command(tmp_path, ckpt)
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(trace.read_text())
@@ -71,23 +79,7 @@ def test_infer_runs_a_llava_checkpoint(tmp_path):
     config = family.preset("llava15_tiny")
     ckpt = checkpoint.save_model(str(tmp_path / "ckpt"), family.model_class(config, rngs=nnx.Rngs(0)))
     family.built_in_processor(config).save_pretrained(ckpt)
-    image = tmp_path / "img.png"
-    PIL.Image.fromarray((np.random.default_rng(0).random((20, 40, 3)) * 255).astype(np.uint8)).save(image)
-    trace = tmp_path / "trace.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "llava_cot_jax.main",
-        f"--config={REPO}/configs/infer.py:runlocal",
-        "--config.model.family=llava",
-        f"--config.model.weights={ckpt}",
-        f"--config.image={image}",
-        "--config.question=How many cubes?",
-        "--config.search.stage_max_new_tokens=6",
-        "--config.search.judge_max_new_tokens=4",
-        f"--config.trace={trace}",
-        f"--config.compilation_cache={tmp_path}/xla",
-    ]
+    cmd, trace = infer_command(tmp_path, ckpt, "--config.model.family=llava")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(trace.read_text())["result"]
