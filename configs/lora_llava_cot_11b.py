@@ -23,6 +23,7 @@ def get_config(arg: str | None = None):
     c.model.preset = "11b"
     c.model.param_dtype = "bfloat16"  # the frozen base needs no float32 master copy
     c.model.quantize = "int8"
+    c.model.attention_chunk = 512  # attention scores 512 queries at a time (docs/lora.md, "Memory")
     c.train.lora.rank = 16
     c.train.lora.alpha = 32.0
     c.train.lora.dropout = 0.05

@@ -19,6 +19,9 @@ differs.
     model.scan_layers  decode with the text layers scanned (training always scans)
     model.remat        activation checkpointing per layer in training: none | full | dots
     model.loss_chunk   tokens per chunk of the training cross-entropy
+    model.attention_chunk
+                       queries per block of the text decoder's attention in training (0: all at once); long
+                       sequences then hold one block's score matrices at a time
     mesh.data, mesh.fsdp, mesh.tensor
                        the (data, fsdp, tensor) device mesh (sharding.mesh_from_config); -1 takes the devices left
                        over; tensor = 0 lets training choose (FSDP as wide as the batch allows, tensor parallelism
@@ -58,6 +61,7 @@ def model_group() -> ml_collections.ConfigDict:
     m.scan_layers = False
     m.remat = "full"
     m.loss_chunk = 512
+    m.attention_chunk = 0
     return m
 
 

@@ -58,12 +58,15 @@ def stored_config(model_cfg):
 
 
 def arch_config(model_cfg, *, training: bool = False):
-    """The architecture with the config's dtypes applied; training scans the layers and applies `remat`,
-    inference loads them unscanned (the decoder converts when `model.scan_layers` asks; see generate/)."""
+    """The architecture with the config's dtypes applied; training scans the layers and applies `remat` and
+    `attention_chunk`, inference loads them unscanned (the decoder converts when `model.scan_layers` asks; see
+    generate/)."""
     config = stored_config(model_cfg).replace(
         param_dtype=config_schema.param_dtype(model_cfg), dtype=model_cfg.dtype, scan_layers=training
     )
-    return config.replace(remat=model_cfg.remat) if training else config
+    if not training:
+        return config
+    return config.replace(remat=model_cfg.remat, attention_chunk=model_cfg.attention_chunk)
 
 
 def load_model(model_cfg, mesh=None):

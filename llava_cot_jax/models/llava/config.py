@@ -78,6 +78,7 @@ class LlavaConfig(ArchConfig):
     dtype: str = "float32"
     remat: str = "none"  # as MllamaConfig.remat
     scan_layers: bool = True  # as MllamaConfig.scan_layers
+    attention_chunk: int = 0  # as MllamaConfig.attention_chunk
 
     def __post_init__(self):
         if self.text.cross_attention_layers:

@@ -142,6 +142,9 @@ class MllamaConfig(ArchConfig):
     # what training wants). False: a Python loop over per-layer weights. Small-batch decoding wants False on
     # CPU: XLA copies a scanned layer's weight slice before each matmul, tripling the bytes read per token.
     scan_layers: bool = True
+    # Queries per block of the text decoder's attention (layers.query_chunked_attention): the score matrices of
+    # long training sequences exist one block at a time. 0: all queries at once.
+    attention_chunk: int = 0
 
     # ---------------------------------------------------------------------------------------------- presets
 

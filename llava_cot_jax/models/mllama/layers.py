@@ -145,24 +145,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, 
 
 def query_chunked_attention(q, k, v, bias, dtype, chunk: int) -> jax.Array:
     """`attention` over blocks of `chunk` queries, one at a time, each recomputed in the backward pass: the
-    [heads, queries, keys] scores exist for one block only. The vision encoder attends over every token of an
-    image (6432 for 4 tiles of 560 px: 2.6 GB of fp32 scores per image and layer at once); block by block it is a
-    quarter of that, with the same result. q [B, H, S, D] with S a multiple of `chunk`; bias [B, 1, 1, S, T]."""
+    [heads, queries, keys] scores exist for one block only, with the same result. The vision encoder attends over
+    every token of an image (6432 for 4 tiles of 560 px: 2.6 GB of fp32 scores per image and layer at once); the
+    text decoder's cross-attention over 2048 tokens and one such image holds 1.6 GB per layer, several times over
+    in the backward pass. q [B, H, S, D]; bias None or broadcastable to [B, 1, 1, S, T]. S that is not a multiple
+    of `chunk` is padded with queries whose rows are dropped; `chunk` <= 0 or >= S: plain `attention`."""
     b, h, s, d = q.shape
-    if s <= chunk or s % chunk:
+    if chunk <= 0 or s <= chunk:
         return attention(q, k, v, bias, dtype)
-    n = s // chunk
-    q_blocks = q.reshape(b, h, n, chunk, d).transpose(2, 0, 1, 3, 4)
-    bias_blocks = jnp.broadcast_to(bias, (b, 1, 1, s, bias.shape[-1])).reshape(b, 1, 1, n, chunk, -1)
-    bias_blocks = bias_blocks.transpose(3, 0, 1, 2, 4, 5)
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    q_blocks = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, h, n, chunk, d).transpose(2, 0, 1, 3, 4)
+    if bias is None:
+        bias_blocks = jnp.zeros((n,))  # a scanned placeholder: every block attends without a bias
+    else:
+        bias = jnp.broadcast_to(bias, (b, 1, 1, s, bias.shape[-1]))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+        bias_blocks = bias.reshape(b, 1, 1, n, chunk, -1).transpose(3, 0, 1, 2, 4, 5)
 
     @jax.checkpoint
     def block(_, xs):
         q_block, bias_block = xs
-        return None, attention(q_block, k, v, bias_block, dtype)
+        return None, attention(q_block, k, v, None if bias is None else bias_block, dtype)
 
     _, out = jax.lax.scan(block, None, (q_blocks, bias_blocks))  # [n, B, H, chunk, D]
-    return out.transpose(1, 2, 0, 3, 4).reshape(b, h, s, d)
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, h, n * chunk, d)[:, :, :s]
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: tuple[float, float, float, int] | None) -> np.ndarray:

@@ -29,13 +29,13 @@ from llava_cot_jax.models.mllama.layers import (
     GatedMLP,
     RMSNorm,
     apply_rope,
-    attention,
     attention_projections,
     heads_major,
     llama3_inv_freq,
     maybe_remat,
     param,
     project,
+    query_chunked_attention,
     rms_norm,
     rope_cos_sin,
     stack_layers,
@@ -55,6 +55,8 @@ class DecoderInputs:
     cache_index: jax.Array  # int32 cache slot of the first new token: a scalar (every row), or [B] (one per row)
     cross_bias: jax.Array | None  # [B, 1, 1, S, N_vision] or None (attend to every vision token)
     cross_rows: jax.Array | None  # [B, S, 1]: 0 where a token sees no image tile (gates the cross MLP)
+    # Queries per block of attention (layers.query_chunked_attention); 0: all at once.
+    attention_chunk: int = dataclasses.field(default=0, metadata={"static": True})
 
 
 class SelfAttentionLayer(nnx.Module):
@@ -75,7 +77,7 @@ class SelfAttentionLayer(nnx.Module):
         if cache_kv is not None:
             k, v = (write_cache(c, new.astype(c.dtype), inputs.cache_index) for c, new in zip(cache_kv, (k, v)))
             cache_kv = (k, v)
-        out = attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt)
+        out = query_chunked_attention(q, k.astype(dt), v.astype(dt), inputs.self_bias, dt, inputs.attention_chunk)
         x = x + project("bhsk,hkd->bsd", out, self.o_proj[...])
         return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL_AXES), cache_kv
 
@@ -113,7 +115,9 @@ class CrossAttentionLayer(nnx.Module):
         dt = x.dtype
         h = self.input_layernorm(x)
         q = rms_norm(heads_major(h, self.q_proj[...]), self.q_norm[...], self.eps)
-        out = attention(q, kv[0].astype(dt), kv[1].astype(dt), inputs.cross_bias, dt)
+        out = query_chunked_attention(
+            q, kv[0].astype(dt), kv[1].astype(dt), inputs.cross_bias, dt, inputs.attention_chunk
+        )
         out = project("bhsk,hkd->bsd", out, self.o_proj[...])
         x = x + jnp.tanh(self.cross_attn_attn_gate[...].astype(dt)) * out
         out = self.mlp(self.post_attention_layernorm(x))
@@ -147,8 +151,16 @@ def layer_schedule(cfg: TextConfig):
 
 
 class TextModel(nnx.Module):
-    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs, remat: str = "none", scan_layers: bool = True):
-        self.cfg, self.remat, self.scan_layers = cfg, remat, scan_layers
+    def __init__(
+        self,
+        cfg: TextConfig,
+        dtype,
+        rngs: nnx.Rngs,
+        remat: str = "none",
+        scan_layers: bool = True,
+        attention_chunk: int = 0,
+    ):
+        self.cfg, self.remat, self.scan_layers, self.attention_chunk = cfg, remat, scan_layers, attention_chunk
         d = cfg.hidden_size
         self.embed_tokens = param(rngs, (cfg.embedding_rows, d), ("vocab", "embed"), dtype)
 
@@ -209,6 +221,7 @@ class TextModel(nnx.Module):
             cache_index=cache_index,
             cross_bias=cross_bias,
             cross_rows=cross_rows,
+            attention_chunk=self.attention_chunk,
         )
 
         x = self.embed(input_ids) if embeddings is None else embeddings
@@ -234,11 +247,13 @@ class TextModel(nnx.Module):
 
         def self_step(stack, carry, xs):
             # The layer's weights are indexed out of `stack` here, inside the (rematerialised) step, not sliced
-            # before the scan: under a gradient a slice is a new array that the backward pass keeps, per block
-            # of the periodic scan, as a second copy of the decoder's weights (7 GiB for 11B in int8).
+            # before it: under a gradient a slice is a new array that the backward pass keeps (per block of the
+            # periodic scan, that was a second copy of the decoder's weights: 7 GiB for 11B in int8). Float
+            # leaves of `stack` may be one block's layers (row `index`); integer leaves are always the whole
+            # stack (row `layer_id`, see `block`).
             h, kv_cache = carry
             index, layer_id = xs
-            layer = nnx.merge(self_graph, jax.tree.map(lambda a: a[index], stack))
+            layer = nnx.merge(self_graph, jax.tree.map(lambda a: a[layer_id if is_integer(a) else index], stack))
             if kv_cache is None:
                 h, _ = layer(h, inputs, None)
                 return (h, None), None
@@ -251,7 +266,7 @@ class TextModel(nnx.Module):
         cross_step = maybe_remat(lambda h, p, kv: nnx.merge(cross_graph, p)(h, inputs, kv), self.remat)
 
         def run_self(h, kv_cache, stack, start, stop, ids):
-            """Self-attention layers stack[start:stop], whose cache rows are `ids`."""
+            """Self-attention layers stack[start:stop], whose cache rows are `ids`, scanned."""
             if stop == start:
                 return h, kv_cache
             step = lambda carry, xs: self_step(stack, carry, xs)
@@ -261,16 +276,25 @@ class TextModel(nnx.Module):
         if schedule[0] == "periodic":
             _, before, period, blocks = schedule
             per_block = period - 1
-            block_self = jax.tree.map(lambda a: a.reshape(blocks, per_block, *a.shape[1:]), self_params)
+            # Float weights enter the scan one block at a time. Integer ones (int8 values: frozen, they have no
+            # gradient to accumulate) stay whole and each layer indexes its own: a block's slice would be written
+            # out as a new array (0.9 GiB for 11B).
+            block_self = jax.tree.map(
+                lambda a: None if is_integer(a) else a.reshape(blocks, per_block, *a.shape[1:]), self_params
+            )
 
             def block(carry, xs):
-                h, kv_cache = carry
-                self_p, cross_p, ids, kv = xs
-                h, kv_cache = run_self(h, kv_cache, self_p, 0, before, ids[:before])
+                # The block's few layers are unrolled, not scanned: an inner scan would take the block's slice of
+                # the stack as one operand, written out whole.
+                block_p, cross_p, ids, kv = xs
+                self_p = jax.tree.map(lambda b, a: a if b is None else b, block_p, self_params, is_leaf=is_none)
+                for i in range(before):
+                    carry, _ = self_step(self_p, carry, (i, ids[i]))
                 if cross_kv is not None:
-                    h = cross_step(h, cross_p, (kv["k"], kv["v"]))
-                h, kv_cache = run_self(h, kv_cache, self_p, before, per_block, ids[before:])
-                return (h, kv_cache), None
+                    carry = (cross_step(carry[0], cross_p, (kv["k"], kv["v"])), carry[1])
+                for i in range(before, per_block):
+                    carry, _ = self_step(self_p, carry, (i, ids[i]))
+                return carry, None
 
             xs = (block_self, cross_params, layer_ids.reshape(blocks, per_block), cross_kv)
             return jax.lax.scan(block, (x, cache), xs)[0]
@@ -301,6 +325,14 @@ class TextModel(nnx.Module):
                 new_v.append(kv[1])
             self_index += 1
         return x, (None if cache is None else {"k": tuple(new_k), "v": tuple(new_v)})
+
+
+def is_integer(a) -> bool:
+    return not jnp.issubdtype(a.dtype, jnp.inexact)
+
+
+def is_none(a) -> bool:
+    return a is None
 
 
 def cross_attention_bias(cross_attention_mask: jax.Array, tokens_per_tile: int):
