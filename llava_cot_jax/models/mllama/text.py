@@ -248,7 +248,7 @@ class TextModel(nnx.Module):
         def self_step(stack, carry, xs):
             # The layer's weights are indexed out of `stack` here, inside the (rematerialised) step, not sliced
             # before it: under a gradient a slice is a new array that the backward pass keeps (per block of the
-            # periodic scan, that was a second copy of the decoder's weights: 7 GiB for 11B in int8). Float
+            # periodic scan, that was a second copy of the decoder's weights: 5.5 GiB for 11B in int8). Float
             # leaves of `stack` may be one block's layers (row `index`); integer leaves are always the whole
             # stack (row `layer_id`, see `block`).
             h, kv_cache = carry
