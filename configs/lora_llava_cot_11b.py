@@ -11,7 +11,7 @@ to 2048 tokens with one 4-tile image per sample; the learning rate is llama-reci
 
 Args (`--config configs/lora_llava_cot_11b.py:ARG`):
   chip (default)  one accelerator (aimed at a 16 GB Colab v5e-1 or a 24 GB GPU; at 2048 tokens the step needs
-                  about 31 GiB until attention stops materialising its scores; see docs/lora.md, "Memory")
+                  about 16 GiB, 140 MiB more than a v5e-1 holds; see docs/lora.md, "Memory")
   runlocal        a few CPU steps of the tiny architecture on synthetic data (a smoke test of this file)
 """
 
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     c.model.preset = "11b"
     c.model.param_dtype = "bfloat16"  # the frozen base needs no float32 master copy
     c.model.quantize = "int8"
-    c.model.attention_chunk = 512  # attention scores 512 queries at a time (docs/lora.md, "Memory")
+    c.model.attention_chunk = 256  # attention scores 256 queries at a time (docs/lora.md, "Memory")
     c.train.lora.rank = 16
     c.train.lora.alpha = 32.0
     c.train.lora.dropout = 0.05
