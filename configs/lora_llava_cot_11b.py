@@ -11,7 +11,8 @@ to 2048 tokens with one 4-tile image per sample; the learning rate is llama-reci
 
 Args (`--config configs/lora_llava_cot_11b.py:ARG`):
   chip (default)  one accelerator (aimed at a 16 GB Colab v5e-1 or a 24 GB GPU; at 2048 tokens the step needs
-                  about 16 GiB, 140 MiB more than a v5e-1 holds; see docs/lora.md, "Memory")
+                  about 16 GiB, 140 MiB more than a v5e-1 holds; at 1024 tokens, --config.data.seq_buckets="(1024,)",
+                  it fits: 15.47 GiB; see docs/lora.md, "Memory")
   runlocal        a few CPU steps of the tiny architecture on synthetic data (a smoke test of this file)
 """
 
