@@ -52,14 +52,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         pdt = config.jnp_param_dtype
         self.vision_tower = ClipVisionModel(config.vision, pdt, rngs)
         self.multi_modal_projector = Projector(config.vision.hidden_size, config.text.hidden_size, pdt, rngs)
-        self.language_model = TextModel(
-            config.text,
-            pdt,
-            rngs,
-            remat=config.remat,
-            scan_layers=config.scan_layers,
-            attention_chunk=config.attention_chunk,
-        )
+        self.language_model = TextModel.of(config, rngs)
 
     def encode_images(self, pixel_values) -> jax.Array:
         """[N, 3, H, W] pixels -> projected image features [N, image_tokens, text hidden]."""

@@ -40,14 +40,7 @@ class MllamaForConditionalGeneration(nnx.Module):
             rngs, (config.vision.vision_output_dim, config.text.hidden_size), ("vision_out", "embed"), pdt
         )
         self.multi_modal_projector_bias = param(rngs, (config.text.hidden_size,), ("embed",), pdt, init="zeros")
-        self.language_model = TextModel(
-            config.text,
-            pdt,
-            rngs,
-            remat=config.remat,
-            scan_layers=config.scan_layers,
-            attention_chunk=config.attention_chunk,
-        )
+        self.language_model = TextModel.of(config, rngs)
 
     # ------------------------------------------------------------------------------------------ inference
 

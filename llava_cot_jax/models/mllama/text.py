@@ -174,6 +174,18 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs)
         self.lm_head = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), dtype)
 
+    @classmethod
+    def of(cls, config, rngs: nnx.Rngs) -> TextModel:
+        """The decoder of a family's architecture config: its `text`, parameter dtype and training switches."""
+        return cls(
+            config.text,
+            config.jnp_param_dtype,
+            rngs,
+            remat=config.remat,
+            scan_layers=config.scan_layers,
+            attention_chunk=config.attention_chunk,
+        )
+
     def cross_kv(self, vision_states: jax.Array) -> dict:
         """Keys/values of every cross-attention layer: {'k', 'v'} of [layers, B, K, N, hd] when the layers are
         scanned; unscanned, a tuple of [B, K, N, hd] per layer (a slice of a stacked array would be copied at
